@@ -1,0 +1,226 @@
+"""Self-describing checkpoints: atomic writes, and loading of our own files or raw official state dicts.
+
+A checkpoint written here is a dict::
+
+    {"format": "agmm-deploy/1", "model": state_dict, "model_config": ModelConfig.to_dict(),
+     "meta": ModelMeta.to_dict(), "epoch": ..., "step": ..., "optimizer": ..., "scheduler": ..., "scaler": ...,
+     "args": {...}, ...}
+
+Export and serving rebuild the model from it alone. A raw state dict written by the official AGMM code
+(``torch.save(model.module.state_dict())``) has no config, so the caller names backbone and classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from agmm_deploy.meta import ModelMeta
+from agmm_deploy.model import DeepLabV3Plus, ModelConfig
+
+FORMAT = "agmm-deploy/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the requested model."""
+
+
+@dataclass
+class LoadedModel:
+    model: DeepLabV3Plus
+    config: ModelConfig
+    meta: ModelMeta
+    checkpoint: dict[str, Any]
+    path: Path
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _plain(value: Any) -> Any:
+    """Makes run args loadable with weights_only=True: paths and other objects become strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """Writes ``obj`` to ``path`` via a temporary file in the same folder and a rename.
+
+    A reader (or a run killed mid-write) sees either the old file or the complete new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, *,
+                    args: dict[str, Any] | None = None, **training_state: Any) -> Path:
+    """Saves model weights, its config and metadata, plus any training state, atomically.
+
+    Args:
+        model: the DeepLabV3Plus (possibly DDP-wrapped); its ``config`` is stored as a dict.
+        meta: classes, palette, input size and normalisation.
+        args: the run's arguments (stored as plain values).
+        training_state: e.g. epoch=, step=, optimizer=opt.state_dict(), scheduler=..., scaler=..., best_miou=.
+    Returns:
+        The path written.
+    """
+    net = unwrap(model)
+    state = {
+        "format": FORMAT,
+        "model": net.state_dict(),
+        "model_config": net.config.to_dict(),
+        "meta": meta.to_dict(),
+        "args": _plain(args or {}),
+        "versions": {"torch": str(torch.__version__)},  # TorchVersion is not weights_only-safe
+        **training_state,
+    }
+    return atomic_torch_save(state, path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads a checkpoint file (ours or a raw state dict) with ``weights_only=True``; clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; expected a .pt/.pth file written by training.run "
+                              "or a raw AGMM state dict")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle errors, unsafe globals
+        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+                      str(err).splitlines()[0] if str(err) else "")
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); "
+            "the file may be truncated or not a PyTorch checkpoint. Re-copy it or point to another file."
+        ) from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}; expected a dict (state dict or "
+                              "agmm-deploy checkpoint)")
+    return data
+
+
+def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)})"
+                  for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}"
+                     f"{' ...' if len(unexpected) > 10 else ''}")
+    if mismatched:
+        parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:6])}")
+    cfg = model.config
+    raise CheckpointError(
+        f"{source} does not match DeepLabV3+ {cfg.backbone} (stem={cfg.stem}, num_classes={cfg.num_classes}): "
+        + "; ".join(parts)
+        + ". Check --backbone, --num-classes and the stem (deep vs torchvision) against the file."
+    )
+
+
+def _infer_stem(state: dict[str, torch.Tensor]) -> str:
+    return "deep" if "backbone.conv1.0.weight" in state else "torchvision"
+
+
+def load_model(path: str | Path, *, backbone: str | None = None, num_classes: int | None = None,
+               dataset: str | None = None, input_size: tuple[int, int] | None = None,
+               classes: tuple[str, ...] | None = None) -> LoadedModel:
+    """Rebuilds the model (in eval mode) from a checkpoint alone, or from a raw official state dict.
+
+    Args:
+        path: our checkpoint, or a raw state dict (keys ``backbone.*``, ``head.*``, ``reduce.*``, ``fuse.*``,
+            ``classifier.*``, optionally prefixed by ``module.``).
+        backbone, num_classes, dataset: required for raw state dicts only; ``dataset`` (cityscapes | pascal)
+            selects the ASPP rates and multi-grid of the paper's preset and the class names.
+        input_size, classes: optional metadata for raw state dicts (default: the preset's crop, class_0..).
+    Returns:
+        LoadedModel with the model in eval mode on the CPU.
+    """
+    path = Path(path)
+    data = read_checkpoint(path)
+    if "model_config" in data:
+        if data.get("format") != FORMAT:
+            raise CheckpointError(f"{path} has format {data.get('format')!r}; this version reads {FORMAT!r}")
+        try:
+            config = ModelConfig.from_dict(data["model_config"])
+            meta = ModelMeta.from_dict(data["meta"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path} has an invalid model_config/meta: {err}") from err
+        if num_classes is not None and num_classes != config.num_classes:
+            raise CheckpointError(f"--num-classes {num_classes} contradicts {path}, which was trained with "
+                                  f"num_classes={config.num_classes}; drop the flag or use the right checkpoint")
+        state = data["model"]
+        checkpoint = data
+    else:
+        state = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        if not state:
+            raise CheckpointError(f"{path} holds no tensors; expected a state dict or an agmm-deploy checkpoint")
+        if backbone is None or num_classes is None:
+            raise CheckpointError(
+                f"{path} is a raw state dict without a model config; pass --backbone (e.g. resnet101) and "
+                "--num-classes (e.g. 21), and --dataset cityscapes|pascal for the ASPP rates"
+            )
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        dataset = dataset or "cityscapes"
+        try:
+            config = ModelConfig.for_dataset(dataset, backbone=backbone, num_classes=num_classes,
+                                             stem=_infer_stem(state))
+        except ValueError as err:
+            raise CheckpointError(f"cannot build a model for {path}: {err}") from err
+        size = input_size or ((721, 721) if dataset == "cityscapes" else (321, 321))
+        if classes is None and dataset in ("cityscapes", "pascal"):
+            meta = ModelMeta.for_dataset(dataset, size)
+        else:
+            meta = ModelMeta.for_dataset("folder", size, classes or tuple(f"class_{i}" for i in range(num_classes)))
+        if meta.num_classes != num_classes:
+            raise CheckpointError(f"--num-classes {num_classes} does not match the {meta.num_classes} classes of "
+                                  f"dataset {dataset!r}; use --dataset folder with a class list")
+        checkpoint = {"model": state, "model_config": config.to_dict(), "meta": meta.to_dict(), "raw": True}
+    model = DeepLabV3Plus(config)
+    _check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return LoadedModel(model=model, config=config, meta=meta, checkpoint=checkpoint, path=path)

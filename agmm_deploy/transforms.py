@@ -1,0 +1,169 @@
+"""Pre- and post-processing shared by evaluation, parity checks, agmm-predict and serving.
+
+Images travel as uint8 RGB arrays (H, W, 3). The network sees float32 NCHW normalised by the model's
+metadata (mean/std); nothing here hard-codes a dataset.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own bomb guard (about 89 Mpx) stays on; callers may pass a tighter max_pixels.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes or file are not a decodable image, or the image is larger than allowed."""
+
+
+def to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    """Any PIL image (RGB, RGBA, L, LA, P, I;16, I, F, CMYK) as uint8 RGB (H, W, 3), EXIF orientation applied."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / 32-bit single channel: scale the full value range to 0..255 (what a viewer would show).
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        array = np.zeros_like(array) if hi <= lo else (array - lo) * (255.0 / (hi - lo))
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency over black, as the network never saw alpha.
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
+    """Decodes JPEG/PNG/WebP/TIFF/... bytes to uint8 RGB (H, W, 3).
+
+    Raises:
+        ImageDecodeError: empty or non-image bytes, truncated data, or more than ``max_pixels`` pixels
+            (checked from the header, before the pixels are decoded).
+    """
+    if not data:
+        raise ImageDecodeError(f"{name} is empty; expected the bytes of a JPEG, PNG, WebP or TIFF image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{name} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}. "
+                    "Downscale it before sending."
+                )
+            image.load()
+            return to_rgb_uint8(image)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"{name} was refused as a decompression bomb: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise ImageDecodeError(f"{name} could not be decoded as an image ({err}); expected a complete "
+                               "JPEG, PNG, WebP or TIFF file") from err
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Reads an image file as uint8 RGB (H, W, 3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    return decode_image(path.read_bytes(), max_pixels=max_pixels, name=str(path))
+
+
+def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 RGB (H, W, 3) or (N, H, W, 3) -> float32 (N, 3, H, W): (x / 255 - mean) / std."""
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB images shaped (H, W, 3) or (N, H, W, 3); got {images.shape}")
+    scale = np.float32(1.0 / 255.0)
+    mean_arr = np.asarray(mean, dtype=np.float32)
+    std_arr = np.asarray(std, dtype=np.float32)
+    out = (images.astype(np.float32) * scale - mean_arr) / std_arr
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image of ``original`` (H, W) sits inside the model input: resized to ``resized``, top-left."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    canvas: tuple[int, int]
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int],
+              fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, Letterbox]:
+    """Resizes ``image`` (H, W, 3) to fit ``size`` keeping its aspect ratio and pads bottom/right with ``fill``.
+
+    Pass ``fill=pad_value(meta.mean)`` so that padding normalises to (almost exactly) zero.
+    Returns:
+        (canvas uint8 (size_h, size_w, 3), Letterbox to map predictions back with ``unletterbox``).
+    """
+    h, w = image.shape[:2]
+    th, tw = size
+    scale = min(th / h, tw / w)
+    rh, rw = max(1, min(th, round(h * scale))), max(1, min(tw, round(w * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = image if (rh, rw) == (h, w) else cv2.resize(image, (rw, rh), interpolation=interp)
+    canvas = np.empty((th, tw, 3), dtype=np.uint8)
+    canvas[:] = np.asarray(fill, dtype=np.uint8)
+    canvas[:rh, :rw] = resized
+    return canvas, Letterbox(original=(h, w), resized=(rh, rw), canvas=(th, tw))
+
+
+def pad_value(mean: tuple[float, ...]) -> tuple[int, int, int]:
+    """The uint8 colour that normalises to zero (used to fill letterbox padding)."""
+    return tuple(int(round(m * 255)) for m in mean)
+
+
+def unletterbox(logits: np.ndarray, box: Letterbox) -> np.ndarray:
+    """Model logits (K, canvas_h, canvas_w) -> logits (K, H, W) at the original image size."""
+    rh, rw = box.resized
+    valid = logits[:, :rh, :rw]
+    h, w = box.original
+    if (rh, rw) == (h, w):
+        return np.ascontiguousarray(valid)
+    # cv2.resize handles at most 512 channels in one call and wants (H, W, C).
+    hwc = np.ascontiguousarray(valid.transpose(1, 2, 0))
+    out = np.concatenate(
+        [cv2.resize(hwc[:, :, i:i + 512], (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
+         for i in range(0, hwc.shape[2], 512)], axis=2)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def colorize(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """Label map (H, W) -> RGB (H, W, 3); labels outside the palette (e.g. 255) are black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    return lut[labels.astype(np.uint8)]
+
+
+def palette_png(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> bytes:
+    """Label map (H, W) as an indexed ("P" mode) PNG: pixel values are class ids, colours from the palette."""
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    flat = [v for color in palette for v in color]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: tuple[tuple[int, int, int], ...],
+            alpha: float = 0.5) -> np.ndarray:
+    """Blends the colourised labels over the RGB image: (1 - alpha) * image + alpha * colours."""
+    colors = colorize(labels, palette)
+    blended = image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()

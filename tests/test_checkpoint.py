@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from agmm_deploy.checkpoint import CheckpointError, load_model, save_checkpoint, sha256_file
+from agmm_deploy.meta import ModelMeta
+from agmm_deploy.model import DeepLabV3Plus, ModelConfig
+
+TINY = ModelConfig(backbone="resnet18", num_classes=19, multi_grid=True)
+
+
+def _official_state_dict(config: ModelConfig, prefix: str = "") -> dict:
+    """What the official code writes: torch.save(model.module.state_dict()), keys with or without 'module.'."""
+    model = DeepLabV3Plus(config)
+    for p in model.parameters():  # non-default values so a load that silently skips keys is caught
+        p.data.normal_()
+    return {prefix + k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_save_load_rebuilds_identical_model(tmp_path):
+    model = DeepLabV3Plus(TINY)
+    model.train()
+    model(torch.randn(2, 3, 64, 64))  # move BN running stats away from their defaults
+    model.eval()
+    meta = ModelMeta.for_dataset("cityscapes", (64, 64))
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, meta, args={"out": tmp_path, "lr": 0.01}, epoch=3)
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
+
+    loaded = load_model(path)
+    assert loaded.config == TINY
+    assert loaded.meta == meta
+    assert loaded.checkpoint["epoch"] == 3
+    assert loaded.checkpoint["args"]["out"] == str(tmp_path)
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_official_raw_state_dict_loads_strictly(tmp_path, prefix):
+    config = ModelConfig.pascal(backbone="resnet18")
+    state = _official_state_dict(config, prefix)
+    path = tmp_path / "resnet18_71.00.pth"
+    torch.save(state, path)
+    loaded = load_model(path, backbone="resnet18", num_classes=21, dataset="pascal")
+    assert loaded.config.aspp_rates == (6, 12, 18) and loaded.config.stem == "deep"
+    assert loaded.meta.classes[15] == "person"
+    key = "head.b1.0.weight"
+    torch.testing.assert_close(loaded.model.state_dict()[key], state[prefix + key])
+
+
+def test_corrupted_state_dict_names_the_keys(tmp_path):
+    state = _official_state_dict(ModelConfig.cityscapes(backbone="resnet18"))
+    del state["fuse.3.weight"]
+    state["aux_classifier.weight"] = torch.zeros(3)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path, backbone="resnet18", num_classes=19, dataset="cityscapes")
+    message = str(err.value)
+    assert "broken.pth" in message
+    assert "missing keys (1): fuse.3.weight" in message
+    assert "unexpected keys (1): aux_classifier.weight" in message
+
+
+def test_wrong_num_classes_names_the_shapes(tmp_path):
+    path = tmp_path / "city.pth"
+    torch.save(_official_state_dict(ModelConfig.cityscapes(backbone="resnet18")), path)
+    with pytest.raises(CheckpointError, match=r"classifier.weight \(checkpoint \(19, 256, 1, 1\), model \(21, 256"):
+        load_model(path, backbone="resnet18", num_classes=21, dataset="pascal")
+
+
+def test_raw_state_dict_needs_backbone_and_classes(tmp_path):
+    path = tmp_path / "raw.pth"
+    torch.save(_official_state_dict(TINY), path)
+    with pytest.raises(CheckpointError, match="pass --backbone .* --num-classes"):
+        load_model(path)
+
+
+def test_truncated_and_missing_files(tmp_path):
+    path = save_checkpoint(tmp_path / "ok.pt", DeepLabV3Plus(TINY), ModelMeta.for_dataset("cityscapes", (64, 64)))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt cannot be read"):
+        load_model(truncated)
+    with pytest.raises(CheckpointError, match="missing.pt does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_num_classes_flag_contradicting_checkpoint(tmp_path):
+    path = save_checkpoint(tmp_path / "ok.pt", DeepLabV3Plus(TINY), ModelMeta.for_dataset("cityscapes", (64, 64)))
+    with pytest.raises(CheckpointError, match="--num-classes 21 contradicts"):
+        load_model(path, num_classes=21)
+    assert len(sha256_file(path)) == 64
+
+
+def test_meta_validation():
+    with pytest.raises(ValueError, match="palette has 2 colours for 3 classes"):
+        ModelMeta(("a", "b", "c"), ((0, 0, 0), (1, 1, 1)), (64, 64))
+    meta = ModelMeta.for_dataset("folder", (32, 48), ("sky", "grass", "cow"))
+    assert ModelMeta.from_dict(meta.to_dict()) == meta
