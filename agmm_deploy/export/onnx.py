@@ -1,0 +1,130 @@
+"""PyTorch -> ONNX: one self-contained file, input ``image``, output ``logits``, metadata in ``metadata_props``.
+
+Uses the dynamo-based ``torch.onnx.export`` (torch.export + onnxscript). That exporter emits opset 18 at the
+least; asking for 17 is converted up to 18, so the opset recorded in the result and the metadata is the one
+the file really has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from agmm_deploy.checkpoint import unwrap
+from agmm_deploy.export.metadata import library_versions, write_onnx_metadata
+from agmm_deploy.meta import ModelMeta
+
+INPUT_NAME = "image"
+LOGITS_NAME = "logits"
+LABELS_NAME = "labels"
+# Bounds of the symbolic dimensions; TensorRT profiles narrow them further at build time.
+MAX_DYNAMIC_BATCH = 1024
+MIN_DYNAMIC_SIDE, MAX_DYNAMIC_SIDE = 32, 8192
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What export_onnx wrote."""
+
+    path: Path
+    opset: int
+    input_size: tuple[int, int]
+    dynamic_batch: bool
+    dynamic_hw: bool
+    argmax: bool
+    simplified: bool
+    precision: str
+    outputs: tuple[str, ...]
+    size_bytes: int
+    seconds: float
+
+
+class _LogitsAndLabels(nn.Module):
+    """Adds the in-graph argmax that serving uses to avoid shipping K x H x W floats per image."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)  # (N, K, H, W)
+        # uint8 is enough: ModelConfig caps K at 254 because label 255 means "no supervision".
+        return logits, logits.argmax(dim=1).to(torch.uint8)  # (N, H, W)
+
+
+def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: int, width: int,
+                opset: int = 18, dynamic_batch: bool = True, dynamic_hw: bool = False, argmax: bool = False,
+                simplify: bool = False, checkpoint_sha256: str | None = None, precision: str = "fp32",
+                max_batch: int = 8) -> OnnxExport:
+    """Exports the model's ``forward`` (logits) to one ONNX file and checks it with ``onnx.checker``.
+
+    Args:
+        model: the DeepLabV3Plus (any wrapper is removed); it is put in eval mode.
+        meta: classes, palette, mean/std; stored in ``metadata_props`` with ``input_size=(height, width)``.
+        path: the .onnx file to write (parent folders are created; the write is atomic).
+        height, width: the example input size, and the fixed input size unless ``dynamic_hw``.
+        opset: requested ONNX opset (the dynamo exporter emits >= 18; the real one is recorded).
+        dynamic_batch: symbolic batch dimension ``batch``; otherwise the graph takes exactly one image.
+        dynamic_hw: symbolic ``height``/``width`` too.
+        argmax: add a second output ``labels`` (N, H, W) uint8 = argmax over classes.
+        simplify: run onnxslim over the graph.
+        checkpoint_sha256: sha256 of the source checkpoint, recorded for traceability.
+        precision: recorded in the metadata (the graph itself is float32).
+        max_batch: the largest batch the artifact is meant for (recorded; runners split bigger batches).
+    Returns:
+        OnnxExport describing the file.
+    Shape:
+        image: (N, 3, H, W) float32 normalised RGB. logits: (N, K, H, W) float32.
+    """
+    import onnx
+
+    start = time.perf_counter()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = unwrap(model).eval()
+    outputs = (LOGITS_NAME, LABELS_NAME) if argmax else (LOGITS_NAME,)
+    graph_module = (_LogitsAndLabels(net) if argmax else net).eval()
+
+    # An example batch of 2: torch.export specialises dimensions whose example value is 1.
+    example = torch.zeros(2 if dynamic_batch else 1, 3, height, width)
+    dims = {}
+    if dynamic_batch:
+        dims[0] = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+    if dynamic_hw:
+        dims[2] = torch.export.Dim("height", min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE)
+        dims[3] = torch.export.Dim("width", min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph_module, (example,), None, input_names=[INPUT_NAME], output_names=list(outputs),
+            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            dynamic_shapes=({"x": dims} if dims else None),
+        )
+    proto = program.model_proto
+    del program, example  # the exported program holds a copy of the weights; free it before serialising
+    if simplify:
+        import onnxslim
+
+        proto = onnxslim.slim(proto)
+    real_opset = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+    meta = ModelMeta(**{**meta.to_dict(), "input_size": (height, width)})
+    write_onnx_metadata(
+        proto, meta, opset=real_opset, precision=precision, versions=library_versions(),
+        checkpoint_sha256=checkpoint_sha256, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
+        max_batch=(max_batch if dynamic_batch else 1), input=INPUT_NAME, outputs=list(outputs),
+    )
+    onnx.checker.check_model(proto, full_check=True)
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return OnnxExport(path=path, opset=real_opset, input_size=(height, width), dynamic_batch=dynamic_batch,
+                      dynamic_hw=dynamic_hw, argmax=argmax, simplified=simplify, precision=precision,
+                      outputs=outputs, size_bytes=path.stat().st_size, seconds=time.perf_counter() - start)
