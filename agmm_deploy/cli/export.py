@@ -1,0 +1,176 @@
+"""agmm-export CKPT: checkpoint -> model.onnx (+ model.engine) -> parity against PyTorch -> parity.json.
+
+Exit codes: 0 exported and every parity gate held; 1 a parity gate failed; 2 bad checkpoint or arguments;
+3 ``--trt`` asked for but TensorRT or a CUDA GPU is missing (the ONNX model is still written and checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT = 0, 1, 2, 3
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "agmm-export", description="Export a checkpoint to ONNX (and TensorRT) and check parity with PyTorch.")
+    parser.add_argument("checkpoint", type=Path, help="our .pt checkpoint, or a raw official AGMM state dict")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: <checkpoint folder>/<checkpoint stem>_export)")
+    parser.add_argument("--onnx", action="store_true", help="write the ONNX model (always done; kept for clarity)")
+    parser.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="TensorRT engine in fp16")
+    precision.add_argument("--int8", action="store_true", help="TensorRT engine in int8 (needs --calib-images)")
+    parser.add_argument("--calib-images", type=Path, default=None, help="folder of images for int8 calibration")
+    parser.add_argument("--calib-count", type=int, default=64, help="at most this many calibration images")
+    parser.add_argument("--height", type=int, default=None, help="input height (default: the training crop)")
+    parser.add_argument("--width", type=int, default=None, help="input width (default: the training crop)")
+    parser.add_argument("--max-batch", type=int, default=8, help="largest batch of the TensorRT profile / runners")
+    parser.add_argument("--no-dynamic-batch", action="store_true", help="fix the batch dimension to 1")
+    parser.add_argument("--dynamic-hw", action="store_true", help="symbolic height/width in the ONNX and engine")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (the exporter emits at least 18)")
+    parser.add_argument("--argmax", action="store_true", help="add an in-graph argmax output 'labels' (N, H, W)")
+    parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    parser.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace")
+
+    parity = parser.add_argument_group("parity")
+    parity.add_argument("--parity-images", type=Path, default=None,
+                        help="folder of images (DIR or DIR/images) with optional labels DIR/labels/<stem>.png")
+    parity.add_argument("--parity-count", type=int, default=2, help="images to compare (generated or from DIR)")
+    parity.add_argument("--parity-batch", type=int, default=None, help="batch size of the parity runs "
+                        "(default: 2 with a dynamic batch, so the symbolic dimension is exercised)")
+    parity.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
+    parity.add_argument("--atol", type=float, default=None, help="override the logits atol gate")
+    parity.add_argument("--rtol", type=float, default=None, help="override the logits rtol gate")
+    parity.add_argument("--min-agreement", type=float, default=None,
+                        help="override the argmax agreement gate (a fraction, e.g. 0.999)")
+    parity.add_argument("--max-miou-delta", type=float, default=None, help="override the mIoU delta gate (points)")
+    parity.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where PyTorch and ONNX Runtime run the parity check")
+
+    raw = parser.add_argument_group("raw official state dicts")
+    raw.add_argument("--backbone", default=None, help="e.g. resnet101")
+    raw.add_argument("--num-classes", type=int, default=None, help="e.g. 21")
+    raw.add_argument("--dataset", default=None, choices=("cityscapes", "pascal", "folder"),
+                     help="selects ASPP rates/multi-grid and class names")
+    return parser
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # Linux reports KiB
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"agmm-export: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    import torch
+
+    from agmm_deploy.checkpoint import CheckpointError, load_model, sha256_file
+    from agmm_deploy.export.onnx import export_onnx
+    from agmm_deploy.export.parity import (check_parity, gates_for, generated_images, load_parity_images)
+    from agmm_deploy.export.tensorrt import tensorrt_missing
+    from agmm_deploy.runners import OnnxRunner, TensorRTRunner, TorchRunner
+    from agmm_deploy.transforms import normalize
+
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    if precision != "fp32" and not args.trt:
+        return _fail(f"--{precision} applies to the TensorRT engine (the ONNX model is fp32); add --trt", EXIT_USAGE)
+    if args.int8 and args.calib_images is None:
+        return _fail("--int8 needs --calib-images DIR (a few dozen representative images)", EXIT_USAGE)
+
+    try:
+        loaded = load_model(args.checkpoint, backbone=args.backbone, num_classes=args.num_classes,
+                            dataset=args.dataset)
+    except CheckpointError as err:
+        return _fail(str(err), EXIT_USAGE)
+    meta, config = loaded.meta, loaded.config
+    height = args.height or meta.input_size[0]
+    width = args.width or meta.input_size[1]
+    out = args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export"
+    out.mkdir(parents=True, exist_ok=True)
+    sha = sha256_file(args.checkpoint)
+    print(f"agmm-export: {args.checkpoint} (sha256 {sha[:12]}): DeepLabV3+ {config.backbone} ({config.stem} stem, "
+          f"OS {config.output_stride}), {meta.num_classes} classes, input {height}x{width}")
+    trt_missing = tensorrt_missing() if args.trt else None
+
+    steps = 2 + (args.trt and not trt_missing) + (not args.no_parity)
+    step = 1
+    print(f"[{step}/{steps}] exporting ONNX (opset {args.opset}, dynamic batch "
+          f"{'no' if args.no_dynamic_batch else 'yes'}, dynamic H/W {'yes' if args.dynamic_hw else 'no'})", flush=True)
+    exported = export_onnx(loaded.model, meta, out / "model.onnx", height=height, width=width, opset=args.opset,
+                           dynamic_batch=not args.no_dynamic_batch, dynamic_hw=args.dynamic_hw, argmax=args.argmax,
+                           simplify=args.simplify, checkpoint_sha256=sha, max_batch=args.max_batch)
+    batch_dim = "1" if args.no_dynamic_batch else "batch"
+    hw = "height,width" if args.dynamic_hw else f"{height},{width}"
+    print(f"      wrote {exported.path} ({exported.size_bytes / 1e6:.1f} MB, opset {exported.opset}, "
+          f"image ({batch_dim},3,{hw}) -> {' + '.join(exported.outputs)}, onnx.checker OK) in "
+          f"{exported.seconds:.1f} s")
+
+    engine = None
+    if args.trt and not trt_missing:
+        from agmm_deploy.export.tensorrt import build_engine
+
+        step += 1
+        print(f"[{step}/{steps}] building TensorRT engine ({precision}, max batch {args.max_batch})", flush=True)
+        calib = None
+        if args.int8:
+            calib, _, _ = load_parity_images(args.calib_images, meta, (height, width), limit=args.calib_count)
+        engine = build_engine(exported.path, out / "model.engine", precision=precision, max_batch=args.max_batch,
+                              dynamic_hw=args.dynamic_hw, calib_images=calib,
+                              calib_cache=(out / "calibration.cache") if args.int8 else None,
+                              workspace_gb=args.workspace_gb)
+        print(f"      wrote {engine.path} ({engine.size_bytes / 1e6:.1f} MB) and {engine.sidecar.name} in "
+              f"{engine.seconds:.1f} s")
+
+    code = EXIT_OK
+    if not args.no_parity:
+        step += 1
+        if args.parity_images is not None:
+            images, labels, paths = load_parity_images(args.parity_images, meta, (height, width),
+                                                       limit=args.parity_count)
+            source = f"{args.parity_images}{' labelled' if labels is not None else ''}"
+        else:
+            images = normalize(generated_images(meta, args.parity_count, (height, width)), meta.mean, meta.std)
+            labels, source = None, "generated (seed 0)"
+        batch = args.parity_batch or (1 if args.no_dynamic_batch else min(2, args.max_batch))
+        print(f"[{step}/{steps}] parity on {len(images)} image(s), batch {batch}", flush=True)
+        # The exported program and the ONNX proto are gone; collect before ONNX Runtime allocates its arena.
+        gc.collect()
+        reference = TorchRunner(args.checkpoint, args.device, model=loaded.model, meta=meta)
+        candidates = [OnnxRunner(exported.path, args.device)]
+        if engine is not None:
+            candidates.append(TensorRTRunner(engine.path))
+        overrides = dict(atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
+                         max_miou_delta=args.max_miou_delta)
+        gates = {p: gates_for(p, **overrides) for p in ("fp32", "fp16", "int8")}
+        result = check_parity(reference, candidates, images, labels, gates=gates, batch_size=batch,
+                              source=source, progress=True)
+        print(result.table())
+        result.write_json(out / "parity.json")
+        print(f"      wrote {out / 'parity.json'}")
+        if not result.passed:
+            code = EXIT_PARITY
+    step += 1
+    print(f"[{step}/{steps}] done: {out} (peak RSS {_peak_rss_gb():.2f} GB)")
+    if trt_missing:
+        print(f"agmm-export: {trt_missing}", file=sys.stderr)
+        return EXIT_NO_TRT if code == EXIT_OK else code
+    if code == EXIT_PARITY:
+        print("agmm-export: parity FAILED: the exported model does not match PyTorch within the gates above",
+              file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

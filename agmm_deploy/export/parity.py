@@ -1,0 +1,305 @@
+"""Parity of exported artifacts with PyTorch: logit differences, argmax agreement and, on labelled images, mIoU.
+
+Gates by precision (issue 4; SPEC.md "Reference figures"; each is overridable):
+
+=========  ==========================  ===================  ===============
+precision  logits allclose             argmax agreement     mIoU delta
+=========  ==========================  ===================  ===============
+fp32       rtol 1e-3, atol 1e-4        >= 99.9 %            <= 0.1 (labels)
+fp16       -                           >= 99 %              <= 0.1 (labels)
+int8       -                           -                    <= 1.0 (labels)
+=========  ==========================  ===================  ===============
+
+A gate that needs labels is reported as "not checked" when only generated inputs are available.
+
+``--parity-images DIR`` layout: image files (.png/.jpg/.jpeg/.bmp/.webp) in ``DIR`` or ``DIR/images``; optional
+labels as ``DIR/labels/<image stem>.png`` holding class ids (255 = ignore, e.g. gtFine labelTrainIds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from agmm_deploy.constants import IGNORE_INDEX
+from agmm_deploy.export.metadata import write_json_atomic
+from agmm_deploy.meta import ModelMeta
+from agmm_deploy.transforms import letterbox, normalize, pad_value, read_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds one backend must meet; None = not checked."""
+
+    rtol: float | None = None
+    atol: float | None = None
+    min_agreement: float | None = None  # fraction of pixels whose argmax equals PyTorch's
+    max_miou_delta: float | None = None  # |mIoU(backend) - mIoU(pytorch)| in points (0..100)
+
+    def override(self, **values: float | None) -> "Gates":
+        """These gates with the given non-None values replacing theirs (an atol alone brings rtol=0 along)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if "atol" in values and "rtol" not in values and self.rtol is None:
+            values["rtol"] = 0.0
+        if "rtol" in values and "atol" not in values and self.atol is None:
+            values["atol"] = 0.0
+        return dataclasses.replace(self, **values)
+
+
+DEFAULT_GATES = {
+    "fp32": Gates(rtol=1e-3, atol=1e-4, min_agreement=0.999, max_miou_delta=0.1),
+    "fp16": Gates(min_agreement=0.99, max_miou_delta=0.1),
+    "int8": Gates(max_miou_delta=1.0),
+}
+
+
+def gates_for(precision: str, **overrides: float | None) -> Gates:
+    if precision not in DEFAULT_GATES:
+        raise ValueError(f"precision={precision!r} has no parity gates; expected one of {sorted(DEFAULT_GATES)}")
+    return DEFAULT_GATES[precision].override(**overrides)
+
+
+@dataclass
+class BackendParity:
+    """One backend compared with the PyTorch reference."""
+
+    backend: str
+    precision: str
+    artifact: str
+    gates: Gates
+    max_abs_diff: float = 0.0
+    mean_abs_diff: float = 0.0
+    allclose: bool | None = None
+    argmax_agreement: float = 0.0
+    miou: float | None = None
+    miou_delta: float | None = None
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class ParityResult:
+    """All backends against PyTorch on the same inputs."""
+
+    reference: str
+    source: str
+    num_images: int
+    input_size: tuple[int, int]
+    labelled: bool
+    reference_miou: float | None
+    reference_seconds: float
+    backends: list[BackendParity]
+
+    @property
+    def passed(self) -> bool:
+        return all(b.passed for b in self.backends)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["passed"] = self.passed
+        for entry, backend in zip(data["backends"], self.backends):
+            entry["passed"] = backend.passed
+        return data
+
+    def write_json(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    def table(self) -> str:
+        """The parity table printed by agmm-export."""
+        h, w = self.input_size
+        lines = [f"Parity on {self.num_images} {self.source} image(s) at {h}x{w} against {self.reference} "
+                 f"({self.reference_seconds:.1f} s)"]
+        header = (f"{'backend':<18} {'precision':<9} {'max|diff|':>10} {'mean|diff|':>10} {'allclose':>8} "
+                  f"{'argmax agree':>12} {'mIoU':>7} {'ΔmIoU':>7} {'time s':>7}  result")
+        lines += [header, "-" * len(header)]
+        ref_miou = _fmt(self.reference_miou, "{:.2f}")
+        lines.append(f"{self.reference:<18} {'fp32':<9} {'-':>10} {'-':>10} {'-':>8} {'-':>12} {ref_miou:>7} "
+                     f"{'-':>7} {self.reference_seconds:>7.1f}  reference")
+        for b in self.backends:
+            allclose = "-" if b.allclose is None else ("yes" if b.allclose else "NO")
+            lines.append(
+                f"{b.backend:<18} {b.precision:<9} {b.max_abs_diff:>10.2e} {b.mean_abs_diff:>10.2e} {allclose:>8} "
+                f"{100 * b.argmax_agreement:>11.3f}% {_fmt(b.miou, '{:.2f}'):>7} "
+                f"{_fmt(b.miou_delta, '{:+.2f}'):>7} {b.seconds:>7.1f}  {'PASS' if b.passed else 'FAIL'}")
+        for b in self.backends:
+            for failure in b.failures:
+                lines.append(f"  FAIL {b.backend} {b.precision}: {failure}")
+            for unchecked in b.unchecked:
+                lines.append(f"  not checked {b.backend} {b.precision}: {unchecked}")
+        lines.append(f"parity {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts of (label, prediction) over pixels with a label < K (255 and K are ignored)."""
+    keep = label < num_classes
+    index = label[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def mean_iou(confusion: np.ndarray) -> float:
+    """mIoU in points (0..100) over classes that occur in labels or predictions."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = union > 0
+    return float(100.0 * (tp[present] / union[present]).mean()) if present.any() else 0.0
+
+
+def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
+                 labels: np.ndarray | None = None, *, gates: dict[str, Gates] | None = None,
+                 batch_size: int = 1, source: str = "generated", progress: bool = False) -> ParityResult:
+    """Runs every runner on the same images, chunk by chunk, and checks each candidate against the reference.
+
+    Only running statistics are kept (no full logit tensors), so memory stays at one chunk per backend.
+
+    Args:
+        reference: the PyTorch runner (any callable runner with ``backend``/``meta``).
+        candidates: runners to check (ONNX Runtime, TensorRT); their ``precision`` selects the gates.
+        images: normalised float32 (N, 3, H, W).
+        labels: optional class ids (N, H, W) (255 = ignore); enables the mIoU columns and gates.
+        gates: per-precision gates (default DEFAULT_GATES).
+        batch_size: images per call (exercises a dynamic batch when > 1).
+        source: words for the table ("generated", the folder name).
+    Returns:
+        ParityResult; ``.passed`` says whether every gate held.
+    """
+    gates = {**DEFAULT_GATES, **(gates or {})}
+    num_classes = reference.meta.num_classes
+    results = [BackendParity(backend=c.backend, precision=c.precision, artifact=str(getattr(c, "path", "")),
+                             gates=gates[c.precision]) for c in candidates]
+    ref_confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    confusions = [np.zeros_like(ref_confusion) for _ in candidates]
+    within = [True] * len(candidates)
+    abs_sums = [0.0] * len(candidates)
+    agree = [0] * len(candidates)
+    ref_seconds = 0.0
+    chunks = range(0, len(images), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="parity", unit="batch", leave=False)
+    for start in chunks:
+        batch = images[start:start + batch_size]
+        t0 = time.perf_counter()
+        ref_logits = reference(batch)  # (B, K, H, W)
+        ref_seconds += time.perf_counter() - t0
+        ref_pred = ref_logits.argmax(1)
+        if labels is not None:
+            ref_confusion += confusion_matrix(ref_pred, labels[start:start + batch_size], num_classes)
+        for i, (candidate, result) in enumerate(zip(candidates, results)):
+            t0 = time.perf_counter()
+            logits = candidate(batch).astype(np.float32)
+            result.seconds += time.perf_counter() - t0
+            if logits.shape != ref_logits.shape:
+                raise ValueError(f"{candidate.backend} returned logits {logits.shape}; the reference returned "
+                                 f"{ref_logits.shape}")
+            diff = np.abs(logits - ref_logits)
+            result.max_abs_diff = max(result.max_abs_diff, float(diff.max()))
+            abs_sums[i] += float(diff.sum(dtype=np.float64))
+            g = result.gates
+            if g.rtol is not None and g.atol is not None:
+                within[i] &= bool(np.all(diff <= g.atol + g.rtol * np.abs(ref_logits)))
+            pred = logits.argmax(1)
+            agree[i] += int((pred == ref_pred).sum())
+            if labels is not None:
+                confusions[i] += confusion_matrix(pred, labels[start:start + batch_size], num_classes)
+    pixels = images.shape[0] * images.shape[2] * images.shape[3]
+    ref_miou = mean_iou(ref_confusion) if labels is not None else None
+    for i, result in enumerate(results):
+        g = result.gates
+        result.mean_abs_diff = abs_sums[i] / (pixels * num_classes)
+        result.argmax_agreement = agree[i] / pixels
+        if g.rtol is not None and g.atol is not None:
+            result.allclose = within[i]
+            if not within[i]:
+                result.failures.append(f"logits not allclose (rtol={g.rtol:g}, atol={g.atol:g}); "
+                                       f"max|diff| = {result.max_abs_diff:.3e}")
+        if g.min_agreement is not None and result.argmax_agreement < g.min_agreement:
+            result.failures.append(f"argmax agreement {100 * result.argmax_agreement:.3f}% < "
+                                   f"{100 * g.min_agreement:g}%")
+        if labels is not None:
+            result.miou = mean_iou(confusions[i])
+            result.miou_delta = result.miou - ref_miou
+            if g.max_miou_delta is not None and abs(result.miou_delta) > g.max_miou_delta:
+                result.failures.append(f"|mIoU delta| {abs(result.miou_delta):.3f} > {g.max_miou_delta:g} points")
+        elif g.max_miou_delta is not None:
+            result.unchecked.append(f"mIoU delta <= {g.max_miou_delta:g} needs labelled --parity-images")
+    return ParityResult(reference=reference.backend, source=source, num_images=int(images.shape[0]),
+                        input_size=(int(images.shape[2]), int(images.shape[3])), labelled=labels is not None,
+                        reference_miou=ref_miou, reference_seconds=ref_seconds, backends=results)
+
+
+def generated_images(meta: ModelMeta, count: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Seeded stand-ins for photos: smooth colour fields plus texture, as uint8 (N, H, W, 3).
+
+    Pure noise would put most logits near a tie and make argmax agreement meaningless; smooth regions give
+    the network structures to segment, as real images do.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = size
+    out = np.empty((count, h, w, 3), dtype=np.uint8)
+    for i in range(count):
+        coarse = rng.uniform(0, 255, size=(max(2, h // 32), max(2, w // 32), 3)).astype(np.float32)
+        smooth = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+        texture = rng.normal(0, 12, size=(h, w, 3)).astype(np.float32)
+        out[i] = np.clip(smooth + texture, 0, 255).astype(np.uint8)
+    return out
+
+
+def load_parity_images(folder: str | Path, meta: ModelMeta, size: tuple[int, int],
+                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[Path]]:
+    """Images (letterboxed to ``size`` and normalised) and, when every image has one, their labels.
+
+    Returns:
+        (images float32 (N, 3, H, W), labels uint8 (N, H, W) with 255 in the padding, or None, image paths).
+    """
+    folder = Path(folder)
+    image_dir = folder / "images" if (folder / "images").is_dir() else folder
+    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+        if image_dir.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"--parity-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                                f"{image_dir}; expected DIR/*.png|jpg or DIR/images/*, labels in DIR/labels/")
+    paths = paths[:limit] if limit else paths
+    label_dir = folder / "labels"
+    label_paths = [label_dir / f"{p.stem}.png" for p in paths]
+    have_labels = label_dir.is_dir() and all(p.is_file() for p in label_paths)
+    if label_dir.is_dir() and not have_labels:
+        missing = [p.name for p in label_paths if not p.is_file()]
+        raise FileNotFoundError(f"{label_dir} lacks labels for {len(missing)} image(s), e.g. {missing[:3]}; "
+                                "expected one <image stem>.png per image (or no labels folder at all)")
+    canvases, labels = [], []
+    for path, label_path in zip(paths, label_paths):
+        image = read_image(path)
+        canvas, box = letterbox(image, size, fill=pad_value(meta.mean))
+        canvases.append(canvas)
+        if have_labels:
+            label = np.asarray(Image.open(label_path))
+            if label.ndim != 2 or label.shape != image.shape[:2]:
+                raise ValueError(f"label {label_path} is {label.shape}; expected a single-channel map of the image "
+                                 f"size {image.shape[:2]}")
+            rh, rw = box.resized
+            resized = cv2.resize(label.astype(np.uint8), (rw, rh), interpolation=cv2.INTER_NEAREST)
+            padded = np.full(size, IGNORE_INDEX, dtype=np.uint8)
+            padded[:rh, :rw] = resized
+            labels.append(padded)
+    images = normalize(np.stack(canvases), meta.mean, meta.std)
+    return images, (np.stack(labels) if have_labels else None), paths
