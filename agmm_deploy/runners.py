@@ -245,4 +245,64 @@ def load_runner(path: str | Path, device: str = "auto", **kwargs: Any) -> _Runne
                      f"{', '.join(ENGINE_SUFFIXES)}, {', '.join(CHECKPOINT_SUFFIXES)}")
 
 
-__all__ = ["load_runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "cpu_session_options"]
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Top/left corners of tiles covering [0, length); the last tile is flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def image_scores(runner: _Runner, image: np.ndarray, *, overlap: float = 1 / 3) -> np.ndarray:
+    """Class probabilities (K, H, W) for one uint8 RGB image (H, W, 3) of any size.
+
+    Images that fit the model input are letterboxed (resized to fit, padded with the colour that normalises to 0)
+    and mapped back; larger ones are cut into input-size tiles overlapping by ``overlap``, and the softmax of the
+    tiles is averaged where they overlap (as in the official sliding-window evaluation).
+    """
+    from agmm_deploy.transforms import letterbox, normalize, pad_value, unletterbox
+
+    meta = runner.meta
+    th, tw = runner.input_size
+    h, w = image.shape[:2]
+    if h <= th and w <= tw:
+        canvas, box = letterbox(image, (th, tw), fill=pad_value(meta.mean))
+        logits = runner(normalize(canvas, meta.mean, meta.std))[0]  # (K, th, tw)
+        return _softmax(unletterbox(logits, box))
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1")
+    ph, pw = max(h, th), max(w, tw)
+    padded = np.empty((ph, pw, 3), dtype=np.uint8)
+    padded[:] = np.asarray(pad_value(meta.mean), dtype=np.uint8)
+    padded[:h, :w] = image
+    stride_h = max(1, int(np.ceil(th * (1 - overlap))))
+    stride_w = max(1, int(np.ceil(tw * (1 - overlap))))
+    corners = [(y, x) for y in _tile_starts(ph, th, stride_h) for x in _tile_starts(pw, tw, stride_w)]
+    scores = np.zeros((meta.num_classes, ph, pw), dtype=np.float32)
+    counts = np.zeros((ph, pw), dtype=np.float32)
+    for i in range(0, len(corners), runner.max_batch):
+        group = corners[i:i + runner.max_batch]
+        tiles = np.stack([padded[y:y + th, x:x + tw] for y, x in group])
+        probs = _softmax(runner(normalize(tiles, meta.mean, meta.std)), axis=1)  # (B, K, th, tw)
+        for (y, x), p in zip(group, probs):
+            scores[:, y:y + th, x:x + tw] += p
+            counts[y:y + th, x:x + tw] += 1
+    return scores[:, :h, :w] / counts[None, :h, :w]
+
+
+def segment_image(runner: _Runner, image: np.ndarray, *, overlap: float = 1 / 3) -> np.ndarray:
+    """Class ids (H, W) uint8 for one uint8 RGB image of any size (see image_scores)."""
+    return image_scores(runner, image, overlap=overlap).argmax(axis=0).astype(np.uint8)
+
+
+def _softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
+
+
+__all__ = ["load_runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "cpu_session_options", "image_scores",
+           "segment_image"]

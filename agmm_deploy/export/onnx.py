@@ -115,6 +115,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
         proto, meta, opset=real_opset, precision=precision, versions=library_versions(),
         checkpoint_sha256=checkpoint_sha256, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
         max_batch=(max_batch if dynamic_batch else 1), input=INPUT_NAME, outputs=list(outputs),
+        model_config=(net.config.to_dict() if hasattr(net, "config") else None),
     )
     onnx.checker.check_model(proto, full_check=True)
 

@@ -1,0 +1,219 @@
+"""agmm-bench MODEL...: latency and throughput of every backend at every batch size, in one table.
+
+MODEL is a checkpoint (PyTorch eager), an .onnx file (ONNX Runtime on the CPU, and on CUDA where a GPU is),
+an .engine (TensorRT), or an agmm-export output folder (its model.onnx and model.engine). A checkpoint given
+alone is exported to a temporary ONNX file first, so ``agmm-bench ckpt.pt`` compares eager with ONNX Runtime.
+
+Columns (after Ultralytics' ``benchmark``): p50/p90 latency per call, images per second, the speed-up over
+PyTorch eager at the same batch size (>1 = faster), and the achieved GFLOP/s (model FLOPs x images / p50) next
+to the machine's measured fp32 GEMM rate (torch.matmul), i.e. how much of the hardware the backend uses.
+Latency is end to end for the runner call: numpy in, numpy out (host<->device copies included on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("agmm-bench", description="Benchmark PyTorch eager vs ONNX Runtime vs "
+                                     "TensorRT on the same model and inputs.")
+    parser.add_argument("models", type=Path, nargs="+",
+                        help="checkpoints, .onnx files, .engine files, or agmm-export output folders")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, e.g. --batch 1 4")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per backend and batch size")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="stop timing a configuration after this long (at least 3 calls are kept)")
+    parser.add_argument("--height", type=int, default=None, help="input height (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="input width (default: the model's)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: CPU backends, plus CUDA ones where a GPU is")
+    parser.add_argument("--no-auto-onnx", action="store_true",
+                        help="do not export a checkpoint given alone to a temporary ONNX file")
+    return parser
+
+
+@dataclass
+class Row:
+    backend: str
+    artifact: str
+    precision: str
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    calls: int
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 * self.batch / self.p50_ms
+
+
+def measure_gemm_gflops(device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matrix-multiply rate: best of ``repeats`` n x n x n products, 2 n^3 FLOPs each."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.matmul(a, b)  # warm-up: thread pool, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def count_flops(config_dict: dict, height: int, width: int) -> float:
+    """FLOPs of one forward pass at (height, width), counted on the meta device (no memory, no compute)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from agmm_deploy.model import DeepLabV3Plus, ModelConfig
+
+    with torch.device("meta"):
+        model = DeepLabV3Plus(ModelConfig.from_dict(config_dict)).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.empty(1, 3, height, width))
+    return float(counter.get_total_flops())
+
+
+def _expand(models: list[Path]) -> list[Path]:
+    paths = []
+    for item in models:
+        if item.is_dir():
+            found = [item / name for name in ("model.onnx", "model.engine") if (item / name).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{item} holds neither model.onnx nor model.engine; pass files instead")
+            paths += found
+        else:
+            paths.append(item)
+    return paths
+
+
+def time_runner(runner, images: np.ndarray, iters: int, warmup: int, max_seconds: float) -> tuple[float, float, int]:
+    """(p50 ms, p90 ms, calls) of ``runner(images)``."""
+    for _ in range(warmup):
+        runner(images)
+    times = []
+    start = time.perf_counter()
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        runner(images)
+        times.append(1000 * (time.perf_counter() - t0))
+    return float(np.percentile(times, 50)), float(np.percentile(times, 90)), len(times)
+
+
+def format_table(rows: list[Row], flops: float | None, gemm: dict[str, float]) -> str:
+    eager = {r.batch: r.p50_ms for r in rows if r.backend == "pytorch"}
+    header = (f"{'Backend':<18} {'Format':<8} {'Precision':<9} {'Batch':>5} {'p50 ms':>9} {'p90 ms':>9} "
+              f"{'img/s':>7} {'vs eager':>8} {'GFLOP/s':>8} {'% GEMM':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        ratio = f"{eager[r.batch] / r.p50_ms:.2f}x" if r.batch in eager else "-"
+        gflops = flops * r.batch / (r.p50_ms / 1000) / 1e9 if flops else None
+        peak = gemm.get("cuda" if ("cuda" in r.backend or r.backend == "tensorrt") else "cpu")
+        share = f"{100 * gflops / peak:.0f}%" if gflops and peak else "-"
+        lines.append(f"{r.backend:<18} {r.artifact:<8} {r.precision:<9} {r.batch:>5} {r.p50_ms:>9.1f} "
+                     f"{r.p90_ms:>9.1f} {r.images_per_s:>7.2f} {ratio:>8} "
+                     f"{(f'{gflops:.1f}' if gflops else '-'):>8} {share:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    import torch
+
+    from agmm_deploy.checkpoint import CheckpointError
+    from agmm_deploy.runners import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, load_runner
+
+    try:
+        paths = _expand(args.models)
+    except FileNotFoundError as err:
+        print(f"agmm-bench: error: {err}", file=sys.stderr)
+        return 2
+    has_cuda = torch.cuda.is_available() and args.device != "cpu"
+    devices = ["cuda"] if args.device == "cuda" else (["cpu", "cuda"] if has_cuda else ["cpu"])
+    tmp = tempfile.TemporaryDirectory(prefix="agmm-bench-")
+    checkpoints = [p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]
+    if checkpoints and len(paths) == len(checkpoints) and not args.no_auto_onnx:
+        from agmm_deploy.checkpoint import load_model
+        from agmm_deploy.export.onnx import export_onnx
+
+        loaded = load_model(checkpoints[0])
+        h, w = args.height or loaded.meta.input_size[0], args.width or loaded.meta.input_size[1]
+        print(f"agmm-bench: exporting {checkpoints[0].name} to a temporary ONNX file at {h}x{w}", flush=True)
+        onnx_path = Path(tmp.name) / "model.onnx"
+        export_onnx(loaded.model, loaded.meta, onnx_path, height=h, width=w, max_batch=max(args.batch))
+        del loaded
+        gc.collect()
+        paths.append(onnx_path)
+
+    # (path, device) pairs in table order: eager first, then ONNX Runtime, then TensorRT.
+    order = {"ckpt": 0, "onnx": 1, "engine": 2}
+    plans = []
+    for path in paths:
+        suffix = path.suffix.lower()
+        kind = "ckpt" if suffix in CHECKPOINT_SUFFIXES else "engine" if suffix in ENGINE_SUFFIXES else "onnx"
+        for device in (devices if kind != "engine" else ["cuda"]):
+            if kind == "engine" and not has_cuda:
+                print(f"agmm-bench: skipping {path}: TensorRT engines need a CUDA GPU", file=sys.stderr)
+                continue
+            plans.append((order[kind], device != "cpu", path, device))
+    plans.sort(key=lambda p: (p[0], p[1]))
+
+    gemm = {d: measure_gemm_gflops(d) for d in devices}
+    rows: list[Row] = []
+    flops = None
+    header_done = False
+    for _, _, path, device in plans:
+        try:
+            runner = load_runner(path, device)
+        except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
+            print(f"agmm-bench: error: {err}", file=sys.stderr)
+            return 2
+        h = args.height or runner.input_size[0]
+        w = args.width or runner.input_size[1]
+        if not header_done:
+            config = (runner.model.config.to_dict() if hasattr(runner, "model")
+                      else getattr(runner, "fields", {}).get("model_config"))
+            flops = count_flops(config, h, w) if config else None
+            cpu = f"{gemm['cpu']:.0f} GFLOP/s on {torch.get_num_threads()} threads" if "cpu" in gemm else ""
+            gpu = f", {gemm['cuda']:.0f} GFLOP/s on {torch.cuda.get_device_name()}" if "cuda" in gemm else ""
+            print(f"agmm-bench: {runner.meta.num_classes} classes at {h}x{w}; "
+                  f"{(f'{flops / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')} per image (FlopCounterMode); "
+                  f"measured fp32 GEMM (torch.matmul 2048^3): {cpu}{gpu}")
+            header_done = True
+        for batch in args.batch:
+            images = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
+            saved = runner.max_batch
+            runner.max_batch = max(runner.max_batch, batch)  # one call per batch, not split
+            if getattr(runner, "fields", {}).get("dynamic_batch") is False and batch > 1:
+                runner.max_batch = saved
+            p50, p90, calls = time_runner(runner, images, args.iters, args.warmup, args.max_seconds)
+            runner.max_batch = saved
+            rows.append(Row(runner.backend, path.suffix.lstrip("."), runner.precision, batch, p50, p90, calls))
+            print(f"  {runner.backend:<18} batch {batch}: p50 {p50:.1f} ms over {calls} calls", flush=True)
+        del runner
+        gc.collect()
+    rows.sort(key=lambda r: r.batch)  # stable: backends stay in plan order within a batch size
+    print(format_table(rows, flops, gemm))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
