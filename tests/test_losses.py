@@ -1,0 +1,181 @@
+"""The vectorised AGMM loss against a straightforward per-image / per-class / per-pair loop (float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import losses
+from training.losses import AGMMLoss, agmm_losses, partial_ce_losses
+
+EPS = 1e-6
+
+
+def _masked_mean(values, where):
+    return values[where].mean() if where.any() else values.sum() * 0.0
+
+
+def reference_losses(feat, logits, mask, cls_label, k):
+    """The official formulas written out with loops, as plainly as possible."""
+    b, c, h, w = feat.shape
+    big_h, big_w = mask.shape[-2:]
+    p = torch.softmax(logits, 1)
+    labelled = mask < k
+    valid = mask != 255
+
+    log_p = torch.log_softmax(logits, 1)
+    seg_pix = -log_p.gather(1, mask.clamp(max=k - 1).unsqueeze(1))[:, 0]
+    seg = _masked_mean(seg_pix, labelled)
+
+    cls_pix = torch.zeros_like(mask, dtype=logits.dtype)
+    for cl in range(k):
+        cls_pix = cls_pix + (1 - cls_label[:, cl, None, None]) * -torch.log(1 - p[:, cl] + EPS)
+    cls = _masked_mean(cls_pix, valid)
+
+    feat_up = F.interpolate(feat, size=(big_h, big_w), mode="bilinear", align_corners=False)
+    protos = [[torch.zeros(c, dtype=feat.dtype) for _ in range(k)] for _ in range(b)]
+    present = torch.zeros(b, k, dtype=feat.dtype)
+    for i in range(b):
+        for cl in range(k):
+            m = mask[i] == cl
+            if m.any():
+                protos[i][cl] = feat_up[i][:, m].sum(1) / (m.sum().to(feat.dtype) + EPS)
+                present[i, cl] = 1
+    n_images = present.sum(0)
+    vecs = [sum(protos[i][cl] for i in range(b)) * n_images[cl] / (n_images[cl] + EPS) for cl in range(k)]
+    total, pairs = torch.zeros((), dtype=feat.dtype), 0
+    for i in range(k):
+        for j in range(i + 1, k):
+            if n_images[i] > 0 and n_images[j] > 0:
+                d = (vecs[i] - vecs[j]).abs().mean()
+                total = total + torch.exp(-d * d)
+                pairs += 1
+    proto = total / (pairs + EPS)
+
+    keep = F.interpolate((mask < 255).to(feat.dtype)[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    responses = []
+    for i in range(b):
+        per_class = []
+        for cl in range(k):
+            d = (feat[i] - protos[i][cl][:, None, None]).abs().mean(0) * present[i, cl] * keep[i, 0]
+            per_class.append(torch.exp(-d * d))
+        responses.append(torch.stack(per_class))
+    r = F.interpolate(torch.stack(responses), size=(big_h, big_w), mode="bilinear", align_corners=False)
+    r = r * present[:, :, None, None]
+
+    loss1_pix = torch.zeros_like(mask, dtype=logits.dtype)
+    loss2_pix = torch.zeros_like(mask, dtype=logits.dtype)
+    for i in range(b):
+        n_present = present[i].sum()
+        for cl in range(k):
+            bce1 = -r[i, cl] * torch.log(p[i, cl] + EPS) - (1 - r[i, cl]) * torch.log(1 - p[i, cl] + EPS)
+            target = (mask[i] == cl).to(logits.dtype)
+            bce2 = -target * torch.log(r[i, cl] + EPS) - (1 - target) * torch.log(1 - r[i, cl] + EPS)
+            loss1_pix[i] = loss1_pix[i] + present[i, cl] * bce1 / 2 / (n_present + EPS)
+            loss2_pix[i] = loss2_pix[i] + present[i, cl] * bce2 / 2 / (n_present + EPS)
+    gmm = _masked_mean(loss1_pix, valid) + _masked_mean(loss2_pix, labelled)
+    return {"seg": seg, "cls": cls, "proto": proto, "gmm": gmm, "total": seg + cls + proto + gmm}
+
+
+def make_case(seed, b=2, k=5, c=8, h=5, w=6, big=(19, 23), label_fraction=0.12, pad=True, no_labels=False):
+    g = torch.Generator().manual_seed(seed)
+    feat = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    logits = 2 * torch.randn(b, k, *big, generator=g, dtype=torch.float64)
+    classes = torch.randint(0, k, (b, *big), generator=g)
+    clicked = torch.rand(b, *big, generator=g) < label_fraction
+    mask = torch.where(clicked, classes, torch.full_like(classes, k))
+    if no_labels:
+        mask.fill_(k)
+    if pad:  # crop padding on the bottom rows of image 0 and the right columns of image 1
+        mask[0, -4:] = 255
+        mask[-1, :, -5:] = 255
+    # cls_label: classes in the crop plus, at random, classes clicked only outside the crop
+    cls_label = torch.zeros(b, k, dtype=torch.float64)
+    for i in range(b):
+        for cl in mask[i].unique().tolist():
+            if cl < k:
+                cls_label[i, cl] = 1
+    cls_label = torch.maximum(cls_label, (torch.rand(b, k, generator=g) < 0.3).to(torch.float64))
+    return feat, logits, mask, cls_label
+
+
+CASES = [
+    dict(seed=0),
+    dict(seed=1, b=3, k=7, c=16, h=7, w=9, big=(28, 36)),  # integer scale factor 4, as the model
+    dict(seed=2, label_fraction=0.02),  # few clicks: some classes present in one image only
+    dict(seed=3, pad=False, label_fraction=0.5),
+    dict(seed=4, b=1, k=3, label_fraction=0.01),  # possibly a single class: no prototype pairs
+    dict(seed=5, no_labels=True),  # no labelled pixel in the batch
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_loop_reference_values_and_gradients(case):
+    feat, logits, mask, cls_label = make_case(**case)
+    k = logits.shape[1]
+    feat_a, logits_a = feat.clone().requires_grad_(), logits.clone().requires_grad_()
+    feat_b, logits_b = feat.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = agmm_losses(feat_a, logits_a, mask, cls_label, k)
+    ref = reference_losses(feat_b, logits_b, mask, cls_label, k)
+    for key in ("seg", "cls", "proto", "gmm", "total"):
+        assert ours[key].shape == ()
+        assert torch.isfinite(ours[key]), key
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-10, atol=1e-12, msg=f"term {key}")
+    # gradients of a generic combination, so that every term's gradient is checked
+    weights = {"seg": 0.7, "cls": 1.3, "proto": 2.1, "gmm": 0.9}
+    sum(weights[key] * ours[key] for key in weights).backward()
+    sum(weights[key] * ref[key] for key in weights).backward()
+    torch.testing.assert_close(logits_a.grad, logits_b.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(feat_a.grad, feat_b.grad, rtol=1e-9, atol=1e-12)
+    assert feat_a.grad.abs().sum() > 0 or case.get("no_labels")
+
+
+def test_no_labelled_pixel_gives_finite_loss_and_zero_sparse_terms():
+    feat, logits, mask, cls_label = make_case(seed=5, no_labels=True)
+    feat.requires_grad_()
+    logits.requires_grad_()
+    out = agmm_losses(feat, logits, mask, cls_label, logits.shape[1])
+    assert out["seg"].item() == 0.0 and out["proto"].item() == 0.0 and out["gmm"].item() == 0.0
+    assert out["cls"].item() > 0  # unlabelled pixels still learn "not an absent class"
+    out["total"].backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(feat.grad).all()
+
+
+def test_distance_chunks_do_not_change_the_result(monkeypatch):
+    feat, logits, mask, cls_label = make_case(seed=1, b=3, k=7, c=16, h=7, w=9, big=(28, 36))
+    feat.requires_grad_()
+    whole = agmm_losses(feat, logits, mask, cls_label, 7)
+    (grad_whole,) = torch.autograd.grad(whole["total"], feat)
+    monkeypatch.setattr(losses, "DISTANCE_CHUNK_ELEMENTS", 3 * 7 * 16 * 5)  # 5 pixels per tile: 13 tiles
+    chunked = agmm_losses(feat, logits, mask, cls_label, 7)
+    (grad_chunked,) = torch.autograd.grad(chunked["total"], feat)
+    torch.testing.assert_close(chunked["total"], whole["total"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=1e-10, atol=1e-14)
+
+
+def test_seg_term_equals_partial_ce_baseline_and_module_wraps_function():
+    feat, logits, mask, cls_label = make_case(seed=0)
+    ours = AGMMLoss(5)(feat, logits, mask, cls_label)
+    ce = partial_ce_losses(logits, mask, 5)
+    torch.testing.assert_close(ours["seg"], ce["seg"])
+    torch.testing.assert_close(ce["total"], ce["seg"])
+    empty = partial_ce_losses(logits, torch.full_like(mask, 5), 5)
+    assert empty["seg"].item() == 0.0
+
+
+def test_float32_and_autocast_inputs_follow_float64():
+    feat, logits, mask, cls_label = make_case(seed=3, pad=False, label_fraction=0.5)
+    exact = agmm_losses(feat, logits, mask, cls_label, 5)
+    single = agmm_losses(feat.float(), logits.float(), mask, cls_label.float(), 5)
+    assert single["total"].dtype == torch.float32
+    torch.testing.assert_close(single["total"].double(), exact["total"], rtol=1e-5, atol=1e-6)
+    half = agmm_losses(feat.bfloat16(), logits.bfloat16(), mask, cls_label, 5)
+    assert half["total"].dtype == torch.float32  # computed in fp32 whatever the network's precision
+    torch.testing.assert_close(half["total"].double(), exact["total"], rtol=0.05, atol=0.05)
+
+
+def test_shape_errors_name_the_shapes():
+    feat, logits, mask, cls_label = make_case(seed=0)
+    with pytest.raises(ValueError, match="num_classes=6"):
+        agmm_losses(feat, logits, mask, cls_label, 6)
+    with pytest.raises(ValueError, match="sparse_mask"):
+        agmm_losses(feat, logits, mask[:, :-1], cls_label, 5)
