@@ -177,11 +177,13 @@ class TensorRTRunner(_Runner):
 
     def __init__(self, path: str | Path, device: str = "auto") -> None:
         from agmm_deploy.export.metadata import read_engine_sidecar
-        from agmm_deploy.export.tensorrt import import_tensorrt
+        from agmm_deploy.export.tensorrt import TensorRTUnavailable, import_tensorrt, tensorrt_missing
 
+        missing = tensorrt_missing(f"running the TensorRT engine {Path(path).name}")
+        if missing or device == "cpu":
+            raise TensorRTUnavailable((missing or f"{Path(path).name} is a TensorRT engine, which cannot run on "
+                                       "device='cpu'") + ".")
         trt = import_tensorrt()
-        if _resolve_device(device) != "cuda":
-            raise RuntimeError(f"TensorRT engine {Path(path).name} needs a CUDA GPU; none is available here")
         self.path = Path(path)
         self.meta, self.fields = read_engine_sidecar(self.path)
         self.logger = trt.Logger(trt.Logger.WARNING)

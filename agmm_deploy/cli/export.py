@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     step += 1
     print(f"[{step}/{steps}] done: {out} (peak RSS {_peak_rss_gb():.2f} GB)")
     if trt_missing:
-        print(f"agmm-export: {trt_missing}", file=sys.stderr)
+        print(f"agmm-export: {trt_missing}, so no engine was built (the ONNX model was written and checked).",
+              file=sys.stderr)
         return EXIT_NO_TRT if code == EXIT_OK else code
     if code == EXIT_PARITY:
         print("agmm-export: parity FAILED: the exported model does not match PyTorch within the gates above",

@@ -29,20 +29,18 @@ class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing; the message is one sentence saying which."""
 
 
-def tensorrt_missing() -> str | None:
-    """None when engines can be built here, else one sentence naming what is missing."""
+def tensorrt_missing(what: str = "--trt") -> str | None:
+    """None when engines can be built and run here, else one clause naming what is missing (no final period)."""
     has_trt = importlib.util.find_spec("tensorrt") is not None
     has_cuda = torch.cuda.is_available()
     if has_trt and has_cuda:
         return None
     if not has_trt and not has_cuda:
-        return ("--trt needs TensorRT and a CUDA GPU, and this machine has neither (the tensorrt package is not "
-                "installed and torch.cuda.is_available() is False), so no engine was built.")
+        return (f"{what} needs TensorRT and a CUDA GPU, and this machine has neither (the tensorrt package is not "
+                "installed and torch.cuda.is_available() is False)")
     if not has_trt:
-        return ("--trt needs the tensorrt package, which is not installed (pip install 'agmm-deploy[trt]'), so no "
-                "engine was built.")
-    return ("--trt needs a CUDA GPU and torch.cuda.is_available() is False on this machine, so no engine was "
-            "built.")
+        return f"{what} needs the tensorrt package, which is not installed (pip install 'agmm-deploy[trt]')"
+    return f"{what} needs a CUDA GPU, and torch.cuda.is_available() is False on this machine"
 
 
 def import_tensorrt() -> Any:
@@ -130,9 +128,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; expected one of {PRECISIONS}")
-    missing = tensorrt_missing()
+    missing = tensorrt_missing("building a TensorRT engine")
     if missing:
-        raise TensorRTUnavailable(missing)
+        raise TensorRTUnavailable(missing + ".")
     trt = import_tensorrt()
     start = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)

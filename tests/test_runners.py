@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from agmm_deploy.checkpoint import save_checkpoint
+from agmm_deploy.export.onnx import export_onnx
+from agmm_deploy.meta import ModelMeta
+from agmm_deploy.model import DeepLabV3Plus, ModelConfig
+from agmm_deploy.runners import OnnxRunner, TorchRunner, image_scores, load_runner, segment_image
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("runners")
+    model = DeepLabV3Plus(ModelConfig(backbone="resnet18", num_classes=5)).eval()
+    meta = ModelMeta.for_dataset("folder", (48, 64), classes=tuple("abcde"))
+    ckpt = save_checkpoint(folder / "tiny.pt", model, meta)
+    # A fixed batch of 1: the runner must split larger batches itself.
+    onnx_path = export_onnx(model, meta, folder / "model.onnx", height=48, width=64, dynamic_batch=False).path
+    return ckpt, onnx_path
+
+
+def test_load_runner_picks_the_backend_and_attributes_agree(artifacts):
+    ckpt, onnx_path = artifacts
+    torch_runner, onnx_runner = load_runner(ckpt), load_runner(onnx_path, device="cpu")
+    assert isinstance(torch_runner, TorchRunner) and isinstance(onnx_runner, OnnxRunner)
+    assert (torch_runner.backend, onnx_runner.backend) == ("pytorch", "onnxruntime-cpu")
+    assert onnx_runner.session.get_providers() == ["CPUExecutionProvider"]
+    assert torch_runner.meta == onnx_runner.meta
+    assert torch_runner.input_size == onnx_runner.input_size == (48, 64)
+    assert onnx_runner.precision == "fp32" and onnx_runner.max_batch == 1 and not onnx_runner.dynamic_hw
+
+
+def test_same_call_same_logits_with_batch_splitting(artifacts):
+    ckpt, onnx_path = artifacts
+    x = np.random.default_rng(0).standard_normal((3, 3, 48, 64)).astype(np.float32)
+    a, b = load_runner(ckpt)(x), load_runner(onnx_path)(x)
+    assert a.shape == b.shape == (3, 5, 48, 64) and b.dtype == np.float32
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_wrong_input_shapes_are_refused_with_the_fix(artifacts):
+    _, onnx_path = artifacts
+    runner = load_runner(onnx_path)
+    with pytest.raises(ValueError, match=r"exported for 48x64 inputs; got 64x64. Letterbox or tile"):
+        runner(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match=r"expects normalised float32 images shaped \(N, 3, H, W\); got \(48, 64, 3\)"):
+        runner(np.zeros((48, 64, 3), np.float32))
+
+
+def test_segment_image_letterboxes_small_and_tiles_large_images(artifacts):
+    _, onnx_path = artifacts
+    runner = load_runner(onnx_path)
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)
+    large = rng.integers(0, 255, (100, 150, 3), dtype=np.uint8)
+    labels = segment_image(runner, small)
+    assert labels.shape == (30, 20) and labels.dtype == np.uint8 and labels.max() < 5
+    scores = image_scores(runner, large)
+    assert scores.shape == (5, 100, 150)
+    np.testing.assert_allclose(scores.sum(0), 1.0, rtol=1e-5)  # averaged softmax stays a distribution
+    # A tile-sized image is one tile: sliding window and a direct call agree.
+    exact = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    from agmm_deploy.transforms import normalize
+
+    direct = runner(normalize(exact, runner.meta.mean, runner.meta.std))[0].argmax(0)
+    np.testing.assert_array_equal(segment_image(runner, exact), direct)
+
+
+def test_load_runner_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model .*missing.onnx does not exist"):
+        load_runner(tmp_path / "missing.onnx")
+    odd = tmp_path / "model.bin"
+    odd.write_bytes(b"x")
+    with pytest.raises(ValueError, match="cannot tell the format of .*model.bin from its suffix '.bin'"):
+        load_runner(odd)
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"x")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"running the TensorRT engine model.engine needs .*(TensorRT|GPU)"):
+            load_runner(engine)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cuda_asked_for_without_a_gpu(artifacts):
+    with pytest.raises(RuntimeError, match="device='cuda' was asked for, but torch.cuda.is_available\\(\\) is False"):
+        load_runner(artifacts[1], device="cuda")
