@@ -1,0 +1,106 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from agmm_deploy.checkpoint import save_checkpoint
+from agmm_deploy.cli.export import main
+from agmm_deploy.export.metadata import read_onnx_metadata
+from agmm_deploy.meta import ModelMeta
+from agmm_deploy.model import DeepLabV3Plus, ModelConfig
+
+TINY = ModelConfig(backbone="resnet18", num_classes=19)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(TINY)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))  # training-mode pass: non-trivial BN statistics
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", model.eval(),
+                           ModelMeta.for_dataset("cityscapes", (64, 64)))
+
+
+def test_export_passes_parity_and_writes_artifacts(checkpoint, capsys):
+    code = main([str(checkpoint), "--argmax"])
+    out = capsys.readouterr().out
+    folder = checkpoint.parent / "best_export"  # default: next to the checkpoint
+    assert code == 0, out
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "parity.json"]
+    onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
+    parity = json.loads((folder / "parity.json").read_text())
+    assert parity["passed"] and parity["backends"][0]["backend"] == "onnxruntime-cpu"
+    assert parity["backends"][0]["argmax_agreement"] >= 0.999 and parity["num_images"] == 2
+    assert "onnxruntime-cpu    fp32" in out and "parity PASSED" in out and "peak RSS" in out
+    meta, fields = read_onnx_metadata(folder / "model.onnx")
+    assert meta.input_size == (64, 64) and len(fields["checkpoint_sha256"]) == 64
+
+
+def test_forced_parity_failure_exits_non_zero_with_the_table(checkpoint, tmp_path, capsys):
+    code = main([str(checkpoint), "--out", str(tmp_path), "--atol", "0", "--rtol", "0", "--min-agreement", "1.01"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "FAIL onnxruntime-cpu fp32: logits not allclose (rtol=0, atol=0)" in captured.out
+    assert "argmax agreement" in captured.out and "parity FAILED" in captured.out
+    assert "parity FAILED" in captured.err
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] is False
+
+
+def test_raw_official_state_dict_exports(tmp_path, capsys):
+    config = ModelConfig.pascal(backbone="resnet18")
+    state = {f"module.{k}": v for k, v in DeepLabV3Plus(config).state_dict().items()}
+    raw = tmp_path / "resnet18_voc.pth"
+    torch.save(state, raw)
+    code = main([str(raw), "--backbone", "resnet18", "--num-classes", "21", "--dataset", "pascal",
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "out"), "--parity-count", "1"])
+    assert code == 0, capsys.readouterr().out
+    meta, _ = read_onnx_metadata(tmp_path / "out" / "model.onnx")
+    assert meta.classes[15] == "person" and meta.input_size == (64, 64)
+
+
+@pytest.mark.parametrize("case", ["truncated", "wrong_classes", "raw_wrong_classes", "raw_without_flags"])
+def test_bad_checkpoints_exit_2_with_a_clear_error(checkpoint, tmp_path, capsys, case):
+    if case == "truncated":
+        path = tmp_path / "cut.pt"
+        path.write_bytes(checkpoint.read_bytes()[:5000])
+        argv, expected = [str(path)], "cannot be read"
+    elif case == "wrong_classes":
+        argv, expected = [str(checkpoint), "--num-classes", "21"], "--num-classes 21 contradicts"
+    elif case == "raw_wrong_classes":
+        path = tmp_path / "raw.pth"
+        torch.save(DeepLabV3Plus(ModelConfig.pascal(backbone="resnet18")).state_dict(), path)
+        argv = [str(path), "--backbone", "resnet18", "--num-classes", "19", "--dataset", "cityscapes"]
+        expected = "classifier.weight (checkpoint (21, 256, 1, 1), model (19, 256, 1, 1))"
+    else:
+        path = tmp_path / "raw.pth"
+        torch.save(DeepLabV3Plus(TINY).state_dict(), path)
+        argv, expected = [str(path)], "pass --backbone"
+    assert main(argv + ["--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agmm-export: error: ") and expected in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_trt_without_tensorrt_writes_valid_onnx_then_exits_non_zero(checkpoint, tmp_path):
+    """The real console script, in a subprocess, on this machine (no TensorRT, no GPU)."""
+    from agmm_deploy.export.tensorrt import tensorrt_missing
+
+    if tensorrt_missing() is None:
+        pytest.skip("TensorRT and a GPU are present here; tests/test_tensorrt.py covers --trt")
+    script = Path(sys.executable).with_name("agmm-export")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([str(script), str(checkpoint), "--trt", "--out", str(tmp_path), "--parity-count", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] is True
+    assert not (tmp_path / "model.engine").exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("agmm-export: --trt needs") and last.count(". ") == 0 and last.endswith("checked).")
+    assert "Traceback" not in proc.stderr
