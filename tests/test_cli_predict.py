@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agmm_deploy.checkpoint import save_checkpoint
+from agmm_deploy.cli.predict import main
+from agmm_deploy.export.onnx import export_onnx
+from agmm_deploy.meta import ModelMeta
+from agmm_deploy.model import DeepLabV3Plus, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("predict")
+    model = DeepLabV3Plus(ModelConfig(backbone="resnet18", num_classes=21)).eval()
+    meta = ModelMeta.for_dataset("pascal", (64, 64))
+    ckpt = save_checkpoint(folder / "voc.pt", model, meta)
+    onnx_path = export_onnx(model, meta, folder / "model.onnx", height=64, width=64).path
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(images / "small.jpg")
+    Image.fromarray(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8)).save(images / "large.png")
+    Image.fromarray(rng.integers(0, 255, (30, 200), dtype=np.uint8), mode="L").save(images / "gray_wide.png")
+    return ckpt, onnx_path, images
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "onnx"])
+def test_writes_palette_labels_and_overlays_at_the_image_size(setup, tmp_path, capsys, which):
+    ckpt, onnx_path, images = setup
+    model = ckpt if which == "checkpoint" else onnx_path
+    assert main([str(model), str(images), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "small.jpg: 50x40 (letterbox)" in out and "large.png: 130x90 (sliding window)" in out
+    assert "gray_wide.png: 200x30 (sliding window)" in out
+    for stem, size in [("small", (50, 40)), ("large", (130, 90)), ("gray_wide", (200, 30))]:
+        label = Image.open(tmp_path / f"{stem}.png")
+        assert label.mode == "P" and label.size == size
+        assert label.getpalette()[:6] == [0, 0, 0, 128, 0, 0]  # VOC background, aeroplane
+        assert np.asarray(label).max() < 21
+        overlay = Image.open(tmp_path / f"{stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size == size
+
+
+def test_checkpoint_and_onnx_predict_the_same_labels(setup, tmp_path):
+    ckpt, onnx_path, images = setup
+    assert main([str(ckpt), str(images / "large.png"), "--out", str(tmp_path / "a")]) == 0
+    assert main([str(onnx_path), str(images / "large.png"), "--out", str(tmp_path / "b")]) == 0
+    a = np.asarray(Image.open(tmp_path / "a" / "large.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "large.png"))
+    assert (a == b).mean() > 0.999
+
+
+def test_bad_inputs(setup, tmp_path, capsys):
+    _, onnx_path, images = setup
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert main([str(onnx_path), str(images / "small.jpg"), str(broken), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "skipped" in err and "broken.jpg could not be decoded" in err
+    assert (tmp_path / "o" / "small.png").is_file()
+    assert main([str(tmp_path / "nope.onnx"), str(images), "--out", str(tmp_path)]) == 2
+    assert "nope.onnx does not exist" in capsys.readouterr().err
