@@ -163,6 +163,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     input_name = network.get_input(0).name
     profile.set_shape(input_name, min_shape, opt_shape, max_shape)
     config.add_optimization_profile(profile)
+    if precision == "fp32":
+        # TensorRT allows TF32 tensor-core kernels by default (10-bit mantissa); fp32 means fp32 here.
+        config.clear_flag(trt.BuilderFlag.TF32)
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
