@@ -1,0 +1,74 @@
+"""torchrun integration: one process when RANK is absent, otherwise one process per device.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; ``init_distributed`` reads them,
+picks nccl on CUDA and gloo on CPU, and returns where this process runs. Every side effect (files, logs,
+TensorBoard, progress bars) is guarded by ``DistInfo.is_main``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda:<local_rank> when CUDA is available, else cpu; ``cuda`` -> cuda:<local_rank>."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name} was requested but torch.cuda.is_available() is False on this "
+                               "machine; use --device cpu")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name != "cpu":
+        raise ValueError(f"--device {name!r} is not understood; expected auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Joins the torchrun process group if RANK is set (nccl on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return DistInfo(rank=0, local_rank=0, world_size=1, device=resolve_device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ["WORLD_SIZE"])
+    target = resolve_device(device, local_rank)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    if not dist.is_initialized():
+        backend = "nccl" if target.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=target if target.type == "cuda" else None)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=target)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over ranks (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values

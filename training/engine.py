@@ -1,0 +1,232 @@
+"""One epoch of training and one pass of evaluation; ``training.run`` strings them together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from agmm_deploy.transforms import palette_png
+from training.distributed import all_reduce_mean
+from training.metrics import ConfusionMatrix
+
+EVAL_MODES = ("center", "sliding", "multiscale", "whole")
+# Official multi-scale test (util/utils.py ms_test): 7 scales, each with a horizontal flip, logits averaged.
+MULTISCALE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+SLIDING_OVERLAP = 2 / 3
+
+
+class TrainForward(nn.Module):
+    """Routes DDP's forward to ``forward_train`` so that DDP's gradient hooks see the training outputs.
+
+    Calling ``ddp.module.forward_train`` directly would skip DDP's forward and leave gradients unsynchronised.
+    The attribute is named ``module`` so that ``agmm_deploy.checkpoint.unwrap`` reaches the network.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module.forward_train(images)
+
+
+def poly_factor(step: int, total_steps: int, power: float = 0.9) -> float:
+    """The official poly schedule: lr(step) = base_lr * (1 - step / total)^power, 0 from the last step on."""
+    return max(0.0, 1.0 - step / max(1, total_steps)) ** power
+
+
+@dataclass
+class EpochResult:
+    step: int  # global step after the epoch
+    losses: dict[str, float] = field(default_factory=dict)  # means over the epoch's steps (all ranks)
+    steps_run: int = 0
+    seconds: float = 0.0
+
+
+def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loader: Iterable, *, device: torch.device,
+                    epoch: int, step: int, total_steps: int, amp_dtype: torch.dtype | None = None,
+                    scaler: torch.amp.GradScaler | None = None, is_main: bool = True, writer=None,
+                    metrics_path: Path | None = None, logger: logging.Logger | None = None,
+                    log_every: int = 10) -> EpochResult:
+    """Runs the epoch's steps (stopping at ``total_steps``); the scheduler steps once per optimiser step.
+
+    Args:
+        model: DDP(TrainForward(net)) or TrainForward(net): returns (feat, logits).
+        loss_fn: (feat, logits, mask, cls_label) -> dict with ``total`` and the terms to log.
+        step: global step at the start of the epoch (the LR schedule's position).
+    Returns:
+        EpochResult with the new global step and the epoch's mean loss terms.
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    steps_run = 0
+    start = time.perf_counter()
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True, leave=False)
+    for images, masks, cls_label, _ in bar:
+        if step >= total_steps:
+            break
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        cls_label = cls_label.to(device, non_blocking=True)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        with autocast:
+            feat, logits = model(images)
+        losses = loss_fn(feat, logits, masks, cls_label)  # computed in fp32 whatever the autocast
+        total = losses["total"]
+        if not torch.isfinite(total):
+            values = {k: float(v) for k, v in losses.items()}
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {values}; lower --lr or "
+                                     "use --amp none/bf16 instead of fp16")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total.backward()
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        steps_run += 1
+
+        keys = list(losses)
+        logged = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys])).tolist()
+        record = dict(zip(keys, logged))
+        for key, value in record.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if is_main:
+            bar.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lrs[0]:.2e}")
+            if writer is not None:
+                for key, value in record.items():
+                    writer.add_scalar(f"loss/{key}", value, step)
+                writer.add_scalar("lr/backbone", lrs[0], step)
+                if len(lrs) > 1:
+                    writer.add_scalar("lr/head", lrs[-1], step)
+            if metrics_path is not None:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "lr": lrs[0], **record}) + "\n")
+            if logger is not None and (step % log_every == 0 or steps_run == 1):
+                terms = " ".join(f"{k}={v:.4f}" for k, v in record.items())
+                logger.info(f"epoch {epoch} step {step}/{total_steps} lr {lrs[0]:.3e} {terms}")
+    bar.close()
+    means = {k: v / max(1, steps_run) for k, v in sums.items()}
+    return EpochResult(step=step, losses=means, steps_run=steps_run, seconds=time.perf_counter() - start)
+
+
+def _forward_logits(net: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    if amp_dtype is None:
+        return net(images).float()
+    with torch.autocast(images.device.type, dtype=amp_dtype):
+        return net(images).float()
+
+
+def sliding_window_tiles(height: int, width: int, tile: int, overlap: float = SLIDING_OVERLAP) -> list[tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of the official sliding window: stride ceil(tile * (1 - overlap)), last tile flush
+    with the border. Each window appears once (the official loop ran every tile twice)."""
+    stride = math.ceil(tile * (1 - overlap))
+    rows = max(1, math.ceil((height - tile) / stride) + 1)
+    cols = max(1, math.ceil((width - tile) / stride) + 1)
+    tiles = []
+    for row in range(rows):
+        for col in range(cols):
+            y2, x2 = min(row * stride + tile, height), min(col * stride + tile, width)
+            y1, x1 = max(y2 - tile, 0), max(x2 - tile, 0)
+            if (y1, y2, x1, x2) not in tiles:
+                tiles.append((y1, y2, x1, x2))
+    return tiles
+
+
+@torch.no_grad()
+def predict_sliding(net: nn.Module, image: torch.Tensor, num_classes: int, tile: int,
+                    amp_dtype: torch.dtype | None = None, tiles_per_batch: int = 4) -> torch.Tensor:
+    """Softmax averaged over overlapping tiles (tile = crop size, overlap 2/3). image (1, 3, H, W) -> (1, K, H, W)."""
+    _, _, h, w = image.shape
+    probs = image.new_zeros((1, num_classes, h, w))
+    counts = image.new_zeros((1, 1, h, w))
+    windows = sliding_window_tiles(h, w, tile)
+    for i in range(0, len(windows), tiles_per_batch):
+        batch_windows = windows[i:i + tiles_per_batch]
+        crops = []
+        for y1, y2, x1, x2 in batch_windows:  # pad bottom/right to the tile when the image is smaller
+            crop = image[:, :, y1:y2, x1:x2]
+            crops.append(F.pad(crop, (0, tile - crop.shape[-1], 0, tile - crop.shape[-2])))
+        out = torch.softmax(_forward_logits(net, torch.cat(crops), amp_dtype), dim=1)
+        for j, (y1, y2, x1, x2) in enumerate(batch_windows):
+            probs[:, :, y1:y2, x1:x2] += out[j:j + 1, :, :y2 - y1, :x2 - x1]
+            counts[:, :, y1:y2, x1:x2] += 1
+    return probs / counts
+
+
+@torch.no_grad()
+def predict_multiscale(net: nn.Module, image: torch.Tensor, amp_dtype: torch.dtype | None = None,
+                       scales: tuple[float, ...] = MULTISCALE_SCALES) -> torch.Tensor:
+    """Logits averaged over scales and horizontal flips (official ms_test, align_corners=True)."""
+    _, _, h, w = image.shape
+    total = None
+    for scale in scales:
+        resized = F.interpolate(image, size=(int(h * scale), int(w * scale)), mode="bilinear", align_corners=True)
+        both = torch.cat([resized, resized.flip(3)])
+        out = _forward_logits(net, both, amp_dtype)
+        out = torch.cat([out[:1], out[1:].flip(3)])
+        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True).sum(0, keepdim=True)
+        total = out if total is None else total + out
+    return total / (2 * len(scales))
+
+
+def center_crop(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official in-training validation crop: the central size x size window (whole axis if smaller)."""
+    h, w = image.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return (image[..., top:top + size, left:left + size], label[..., top:top + size, left:left + size])
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader: Iterable, *, device: torch.device, num_classes: int, mode: str,
+             crop_size: int, amp_dtype: torch.dtype | None = None, is_main: bool = True,
+             save_dir: Path | None = None, palette: tuple[tuple[int, int, int], ...] | None = None,
+             name_of: Callable[[int], str] | None = None) -> ConfusionMatrix:
+    """Predicts every image of ``loader`` (batch size 1) and returns the confusion matrix summed over ranks.
+
+    Args:
+        net: the plain network (not DDP); put in eval mode here.
+        mode: center | sliding | multiscale | whole (see EVAL_MODES).
+        save_dir, palette, name_of: when given, writes each prediction as an indexed PNG named name_of(index).
+    """
+    if mode not in EVAL_MODES:
+        raise ValueError(f"evaluation mode {mode!r} is not supported; expected one of {EVAL_MODES}")
+    net.eval()
+    matrix = ConfusionMatrix(num_classes, device=device)
+    for images, labels, indices in tqdm(loader, desc=f"eval ({mode})", disable=not is_main, dynamic_ncols=True,
+                                        leave=False):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if mode == "center":
+            images, labels = center_crop(images, labels, crop_size)
+            scores = _forward_logits(net, images, amp_dtype)
+        elif mode == "whole":
+            scores = _forward_logits(net, images, amp_dtype)
+        elif mode == "sliding":
+            scores = torch.cat([predict_sliding(net, img[None], num_classes, crop_size, amp_dtype) for img in images])
+        else:
+            scores = torch.cat([predict_multiscale(net, img[None], amp_dtype) for img in images])
+        prediction = scores.argmax(1)
+        matrix.update(labels, prediction)
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            for pred, index in zip(prediction.cpu().numpy(), indices.tolist()):
+                name = name_of(index) if name_of is not None else f"{index:06d}.png"
+                (save_dir / name).write_bytes(palette_png(pred, palette))
+    matrix.reduce_from_all_processes()
+    return matrix
