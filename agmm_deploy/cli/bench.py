@@ -8,6 +8,8 @@ Columns (after Ultralytics' ``benchmark``): p50/p90 latency per call, images per
 PyTorch eager at the same batch size (>1 = faster), and the achieved GFLOP/s (model FLOPs x images / p50) next
 to the machine's measured fp32 GEMM rate (torch.matmul), i.e. how much of the hardware the backend uses.
 Latency is end to end for the runner call: numpy in, numpy out (host<->device copies included on GPUs).
+Backends are timed round-robin (one call each in turn), so load from other processes on a shared machine
+falls on all of them alike and the ratios stay fair; the absolute numbers still move with that load.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=10, help="timed calls per backend and batch size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="stop timing a configuration after this long (at least 3 calls are kept)")
+                        help="time budget per backend and batch size (at least 3 calls each are kept)")
     parser.add_argument("--height", type=int, default=None, help="input height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="input width (default: the model's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -91,6 +93,17 @@ def count_flops(config_dict: dict, height: int, width: int) -> float:
     return float(counter.get_total_flops())
 
 
+def _model_config(runner) -> dict | None:
+    """The architecture, to count FLOPs: from the checkpoint, or recorded in ONNX/engine metadata by the export."""
+    if hasattr(runner, "model"):
+        return runner.model.config.to_dict()
+    return getattr(runner, "fields", {}).get("model_config")
+
+
+def _on_gpu(backend: str) -> bool:
+    return backend.endswith("-cuda") or backend == "tensorrt"
+
+
 def _expand(models: list[Path]) -> list[Path]:
     paths = []
     for item in models:
@@ -104,28 +117,38 @@ def _expand(models: list[Path]) -> list[Path]:
     return paths
 
 
-def time_runner(runner, images: np.ndarray, iters: int, warmup: int, max_seconds: float) -> tuple[float, float, int]:
-    """(p50 ms, p90 ms, calls) of ``runner(images)``."""
-    for _ in range(warmup):
-        runner(images)
-    times = []
+def time_interleaved(runners: list, images: np.ndarray, iters: int, warmup: int,
+                     max_seconds: float) -> list[tuple[float, float, int]]:
+    """(p50 ms, p90 ms, calls) of each ``runner(images)``, timed round-robin.
+
+    One call of each backend in turn, rather than all calls of one backend then the next, so that other load on
+    a shared machine (or CPU frequency drift) falls on every backend alike and the ratios stay fair.
+    """
+    for runner in runners:
+        for _ in range(warmup):
+            runner(images)
+    times: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
-    while len(times) < iters and (len(times) < 3 or time.perf_counter() - start < max_seconds):
-        t0 = time.perf_counter()
-        runner(images)
-        times.append(1000 * (time.perf_counter() - t0))
-    return float(np.percentile(times, 50)), float(np.percentile(times, 90)), len(times)
+    budget = max_seconds * len(runners)
+    while len(times[0]) < iters and (len(times[0]) < 3 or time.perf_counter() - start < budget):
+        for runner, samples in zip(runners, times):
+            t0 = time.perf_counter()
+            runner(images)
+            samples.append(1000 * (time.perf_counter() - t0))
+    return [(float(np.percentile(t, 50)), float(np.percentile(t, 90)), len(t)) for t in times]
 
 
 def format_table(rows: list[Row], flops: float | None, gemm: dict[str, float]) -> str:
-    eager = {r.batch: r.p50_ms for r in rows if r.backend == "pytorch"}
+    # Each backend is compared with PyTorch eager on the same kind of device where that was timed.
+    eager = {(r.batch, _on_gpu(r.backend)): r.p50_ms for r in rows if r.backend.startswith("pytorch")}
     header = (f"{'Backend':<18} {'Format':<8} {'Precision':<9} {'Batch':>5} {'p50 ms':>9} {'p90 ms':>9} "
               f"{'img/s':>7} {'vs eager':>8} {'GFLOP/s':>8} {'% GEMM':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        ratio = f"{eager[r.batch] / r.p50_ms:.2f}x" if r.batch in eager else "-"
+        reference = eager.get((r.batch, _on_gpu(r.backend)), eager.get((r.batch, False)))
+        ratio = f"{reference / r.p50_ms:.2f}x" if reference else "-"
         gflops = flops * r.batch / (r.p50_ms / 1000) / 1e9 if flops else None
-        peak = gemm.get("cuda" if ("cuda" in r.backend or r.backend == "tensorrt") else "cpu")
+        peak = gemm.get("cuda" if _on_gpu(r.backend) else "cpu")
         share = f"{100 * gflops / peak:.0f}%" if gflops and peak else "-"
         lines.append(f"{r.backend:<18} {r.artifact:<8} {r.precision:<9} {r.batch:>5} {r.p50_ms:>9.1f} "
                      f"{r.p90_ms:>9.1f} {r.images_per_s:>7.2f} {ratio:>8} "
@@ -175,41 +198,42 @@ def main(argv: list[str] | None = None) -> int:
             plans.append((order[kind], device != "cpu", path, device))
     plans.sort(key=lambda p: (p[0], p[1]))
 
-    gemm = {d: measure_gemm_gflops(d) for d in devices}
-    rows: list[Row] = []
-    flops = None
-    header_done = False
+    runners = []
     for _, _, path, device in plans:
         try:
-            runner = load_runner(path, device)
+            runners.append((path, load_runner(path, device)))
         except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
             print(f"agmm-bench: error: {err}", file=sys.stderr)
             return 2
-        h = args.height or runner.input_size[0]
-        w = args.width or runner.input_size[1]
-        if not header_done:
-            config = (runner.model.config.to_dict() if hasattr(runner, "model")
-                      else getattr(runner, "fields", {}).get("model_config"))
-            flops = count_flops(config, h, w) if config else None
-            cpu = f"{gemm['cpu']:.0f} GFLOP/s on {torch.get_num_threads()} threads" if "cpu" in gemm else ""
-            gpu = f", {gemm['cuda']:.0f} GFLOP/s on {torch.cuda.get_device_name()}" if "cuda" in gemm else ""
-            print(f"agmm-bench: {runner.meta.num_classes} classes at {h}x{w}; "
-                  f"{(f'{flops / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')} per image (FlopCounterMode); "
-                  f"measured fp32 GEMM (torch.matmul 2048^3): {cpu}{gpu}")
-            header_done = True
-        for batch in args.batch:
-            images = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
-            saved = runner.max_batch
-            runner.max_batch = max(runner.max_batch, batch)  # one call per batch, not split
-            if getattr(runner, "fields", {}).get("dynamic_batch") is False and batch > 1:
-                runner.max_batch = saved
-            p50, p90, calls = time_runner(runner, images, args.iters, args.warmup, args.max_seconds)
-            runner.max_batch = saved
-            rows.append(Row(runner.backend, path.suffix.lstrip("."), runner.precision, batch, p50, p90, calls))
-            print(f"  {runner.backend:<18} batch {batch}: p50 {p50:.1f} ms over {calls} calls", flush=True)
-        del runner
-        gc.collect()
-    rows.sort(key=lambda r: r.batch)  # stable: backends stay in plan order within a batch size
+    first = runners[0][1]
+    h = args.height or first.input_size[0]
+    w = args.width or first.input_size[1]
+    config = next((c for c in (_model_config(r) for _, r in runners) if c), None)
+    flops = count_flops(config, h, w) if config else None
+    gemm = {d: measure_gemm_gflops(d) for d in devices}
+    cpu = f"{gemm['cpu']:.0f} GFLOP/s on {torch.get_num_threads()} threads" if "cpu" in gemm else ""
+    gpu = f", {gemm['cuda']:.0f} GFLOP/s on {torch.cuda.get_device_name()}" if "cuda" in gemm else ""
+    print(f"agmm-bench: {first.meta.num_classes} classes at {h}x{w}; "
+          f"{(f'{flops / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')} per image (FlopCounterMode); "
+          f"measured fp32 GEMM (torch.matmul 2048^3): {cpu}{gpu}; backends timed round-robin", flush=True)
+
+    rows: list[Row] = []
+    for batch in args.batch:
+        images = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
+        # One call per batch (not split by max_batch), except for graphs with a fixed batch of 1.
+        saved = [r.max_batch for _, r in runners]
+        for _, r in runners:
+            if getattr(r, "fields", {}).get("dynamic_batch") is not False:
+                r.max_batch = max(r.max_batch, batch)
+        results = time_interleaved([r for _, r in runners], images, args.iters, args.warmup, args.max_seconds)
+        for (path, r), previous, (p50, p90, calls) in zip(runners, saved, results):
+            r.max_batch = previous
+            rows.append(Row(r.backend, path.suffix.lstrip("."), r.precision, batch, p50, p90, calls))
+            print(f"  {r.backend:<18} batch {batch}: p50 {p50:.1f} ms over {calls} calls", flush=True)
+    # The GEMM rate again at the end; the better of the two is the machine's (the other may have met other load).
+    gemm = {d: max(rate, measure_gemm_gflops(d)) for d, rate in gemm.items()}
+    print(f"fp32 GEMM, best of start and end: "
+          + ", ".join(f"{d} {rate:.0f} GFLOP/s" for d, rate in gemm.items()))
     print(format_table(rows, flops, gemm))
     tmp.cleanup()
     return 0

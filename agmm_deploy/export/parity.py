@@ -103,6 +103,7 @@ class ParityResult:
     reference_miou: float | None
     reference_seconds: float
     backends: list[BackendParity]
+    reference_abs_max: float = 0.0  # the logits' scale: allclose's atol is absolute, rtol per element
 
     @property
     def passed(self) -> bool:
@@ -122,7 +123,7 @@ class ParityResult:
         """The parity table printed by agmm-export."""
         h, w = self.input_size
         lines = [f"Parity on {self.num_images} {self.source} image(s) at {h}x{w} against {self.reference} "
-                 f"({self.reference_seconds:.1f} s)"]
+                 f"(logits up to |{self.reference_abs_max:.3g}|)"]
         header = (f"{'backend':<18} {'precision':<9} {'max|diff|':>10} {'mean|diff|':>10} {'allclose':>8} "
                   f"{'argmax agree':>12} {'mIoU':>7} {'ΔmIoU':>7} {'time s':>7}  result")
         lines += [header, "-" * len(header)]
@@ -190,7 +191,7 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
     within = [True] * len(candidates)
     abs_sums = [0.0] * len(candidates)
     agree = [0] * len(candidates)
-    ref_seconds = 0.0
+    ref_seconds, ref_abs_max = 0.0, 0.0
     chunks = range(0, len(images), batch_size)
     if progress:
         from tqdm import tqdm
@@ -202,6 +203,7 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
         ref_logits = reference(batch)  # (B, K, H, W)
         ref_seconds += time.perf_counter() - t0
         ref_pred = ref_logits.argmax(1)
+        ref_abs_max = max(ref_abs_max, float(np.abs(ref_logits).max()))
         if labels is not None:
             ref_confusion += confusion_matrix(ref_pred, labels[start:start + batch_size], num_classes)
         for i, (candidate, result) in enumerate(zip(candidates, results)):
@@ -231,7 +233,8 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
             result.allclose = within[i]
             if not within[i]:
                 result.failures.append(f"logits not allclose (rtol={g.rtol:g}, atol={g.atol:g}); "
-                                       f"max|diff| = {result.max_abs_diff:.3e}")
+                                       f"max|diff| = {result.max_abs_diff:.3e} with logits up to "
+                                       f"|{ref_abs_max:.3g}|")
         if g.min_agreement is not None and result.argmax_agreement < g.min_agreement:
             result.failures.append(f"argmax agreement {100 * result.argmax_agreement:.3f}% < "
                                    f"{100 * g.min_agreement:g}%")
@@ -244,7 +247,8 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
             result.unchecked.append(f"mIoU delta <= {g.max_miou_delta:g} needs labelled --parity-images")
     return ParityResult(reference=reference.backend, source=source, num_images=int(images.shape[0]),
                         input_size=(int(images.shape[2]), int(images.shape[3])), labelled=labels is not None,
-                        reference_miou=ref_miou, reference_seconds=ref_seconds, backends=results)
+                        reference_miou=ref_miou, reference_seconds=ref_seconds, backends=results,
+                        reference_abs_max=ref_abs_max)
 
 
 def generated_images(meta: ModelMeta, count: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
