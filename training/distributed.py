@@ -72,3 +72,17 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
+
+
+def parameters_match_across_ranks(module: torch.nn.Module) -> bool:
+    """True when every rank holds the same parameters (per-tensor float64 sums compared exactly).
+
+    DDP keeps replicas equal by averaging gradients; this is the end-of-run check that it did.
+    BatchNorm running statistics are buffers, updated locally after the last broadcast, and are not compared.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums.contiguous())
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])

@@ -28,7 +28,7 @@ from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
 from agmm_deploy.meta import ModelMeta
 from agmm_deploy.model import ModelConfig, build_model, count_parameters
 from training.data import SegmentationDataset, read_class_names, train_samples, val_samples
-from training.distributed import cleanup_distributed, init_distributed
+from training.distributed import cleanup_distributed, init_distributed, parameters_match_across_ranks
 from training.engine import EVAL_MODES, TrainForward, evaluate, poly_factor, train_one_epoch
 from training.losses import AGMMLoss, PartialCELoss
 
@@ -316,8 +316,8 @@ def _train(cfg: dict[str, Any], dist_info, out: Path, logger: logging.Logger) ->
             matrix = evaluate(net, val_loader, device=device, num_classes=num_classes, mode=mode,
                               crop_size=cfg["crop_size"], amp_dtype=amp_dtype, is_main=is_main)
             miou = matrix.miou()
-            logger.info(f"epoch {epoch} validation ({mode}, {len(val_set) if cfg['max_val_images'] is None else min(len(val_set), cfg['max_val_images'])} images): "
-                        f"mIoU {miou:.2f}, pixel accuracy {matrix.pixel_accuracy():.2f}\n{matrix.table(classes)}")
+            logger.info(f"epoch {epoch} validation ({mode}, {int(matrix.mat.sum())} labelled pixels): mIoU {miou:.2f}, "
+                        f"pixel accuracy {matrix.pixel_accuracy():.2f}\n{matrix.table(classes)}")
             if writer is not None:
                 writer.add_scalar("val/mIoU", miou, step)
                 for name, value in zip(classes, matrix.iou().tolist()):
@@ -336,6 +336,11 @@ def _train(cfg: dict[str, Any], dist_info, out: Path, logger: logging.Logger) ->
             writer.flush()
     if writer is not None:
         writer.close()
+    if world > 1:
+        same = parameters_match_across_ranks(net.to(device))
+        logger.info(f"parameters identical on all {world} ranks: {same}")
+        if not same:
+            raise RuntimeError("DDP replicas diverged: the ranks hold different parameters after training")
     if is_main:
         logger.info(f"finished at step {step}: last checkpoint {out / 'last.pt'}, best mIoU "
                     f"{best_miou:.2f} ({best_path})")

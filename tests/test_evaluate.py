@@ -1,0 +1,107 @@
+"""Evaluation: sliding-window tiling (each tile once), multi-scale + flip, the evaluate CLI on a checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from agmm_deploy.checkpoint import save_checkpoint
+from agmm_deploy.meta import ModelMeta
+from agmm_deploy.model import ModelConfig, build_model
+from training import evaluate as evaluate_cli
+from training import synthetic
+from training.engine import center_crop, predict_multiscale, predict_sliding, sliding_window_tiles
+
+
+class CountingNet(nn.Module):
+    """Wraps a real network and counts the images it is run on."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    return build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=5)).eval()
+
+
+def test_sliding_tiles_cover_the_image_once_each():
+    tiles = sliding_window_tiles(100, 260, 61)
+    stride = 21  # ceil(61 * (1 - 2/3))
+    assert len(tiles) == len(set(tiles)) == (2 + 1) * (10 + 1)  # ceil((100-61)/21)+1 rows, ceil((260-61)/21)+1 cols
+    assert all(y2 - y1 == 61 and x2 - x1 == 61 for y1, y2, x1, x2 in tiles)
+    covered = np.zeros((100, 260), int)
+    for y1, y2, x1, x2 in tiles:
+        covered[y1:y2, x1:x2] += 1
+    assert covered.min() >= 1
+    assert tiles[1][2] - tiles[0][2] == stride
+    assert sliding_window_tiles(40, 50, 60) == [(0, 40, 0, 50)]  # smaller than a tile: one padded window
+
+
+def test_sliding_window_runs_each_tile_once_and_averages_softmax(tiny_net):
+    counter = CountingNet(tiny_net)
+    image = torch.randn(1, 3, 20, 28)
+    probs = predict_sliding(counter, image, 5, tile=16)
+    assert counter.images == len(sliding_window_tiles(20, 28, 16)) == 2 * 3  # the official loop ran each twice
+    assert probs.shape == (1, 5, 20, 28)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 20, 28))
+    small = predict_sliding(counter, torch.randn(1, 3, 10, 12), 5, tile=16)  # padded tile, cropped back
+    assert small.shape == (1, 5, 10, 12)
+
+
+def test_multiscale_is_fourteen_passes_averaging_logits(tiny_net):
+    counter = CountingNet(tiny_net)
+    image = torch.randn(1, 3, 8, 12)
+    logits = predict_multiscale(counter, image)
+    assert counter.images == 14 and logits.shape == (1, 5, 8, 12)
+    single = predict_multiscale(tiny_net, image, scales=(1.0,))
+    with torch.no_grad():
+        plain = tiny_net(image)
+        flipped = tiny_net(image.flip(3)).flip(3)
+    torch.testing.assert_close(single, (plain + flipped) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_center_crop_takes_the_middle():
+    image, label = torch.arange(2 * 10 * 12).view(2, 1, 10, 12), torch.arange(10 * 12).view(1, 10, 12)
+    img, lab = center_crop(image, label, 4)
+    assert img.shape[-2:] == (4, 4) and lab[0, 0, 0].item() == 3 * 12 + 4
+
+
+def test_evaluate_cli_on_a_checkpoint_writes_table_pngs_and_json(tmp_path, tiny_net, capsys):
+    root = tmp_path / "data"
+    synthetic.generate("folder", root, num_train=1, num_val=3, height=32, width=40, seed=0, progress=False)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=4))
+    meta = ModelMeta.for_dataset("folder", (32, 32), synthetic.FOLDER_CLASSES)
+    ckpt = save_checkpoint(tmp_path / "model.pt", net, meta)
+    result = evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "sliding", "--workers", "0",
+                                "--save-png", str(tmp_path / "preds"), "--json", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert result.mode == "sliding" and result.images == 3 and result.classes == synthetic.FOLDER_CLASSES
+    assert "| disk |" in printed and f"mIoU {result.miou:.2f}" in printed
+    pngs = sorted((tmp_path / "preds").glob("*.png"))
+    assert [p.name for p in pngs] == ["val_00000.png", "val_00001.png", "val_00002.png"]
+    png = Image.open(pngs[0])
+    assert png.mode == "P" and png.size == (40, 32) and set(np.unique(np.asarray(png))) <= {0, 1, 2, 3}
+    assert json.loads((tmp_path / "r.json").read_text())["miou"] == pytest.approx(result.miou)
+    center = evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "center", "--workers", "0",
+                                "--max-images", "2"])
+    assert center.images == 2 and center.mode == "center"
+
+
+def test_evaluate_refuses_amp_on_cpu(tmp_path):
+    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=4))
+    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), synthetic.FOLDER_CLASSES))
+    synthetic.generate("folder", tmp_path / "d", 1, 1, 32, 32, progress=False)
+    with pytest.raises(ValueError, match="--amp bf16 needs a CUDA device"):
+        evaluate_cli.main([str(ckpt), "--data-root", str(tmp_path / "d"), "--amp", "bf16", "--device", "cpu"])
