@@ -144,7 +144,9 @@ class OnnxRunner(_Runner):
             # onnxruntime-gpu finds the CUDA/cuDNN libraries shipped with torch's wheels once they are loaded.
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}))
+            # use_tf32=0: an fp32 model runs in fp32 (TF32 tensor cores keep a 10-bit mantissa).
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device(),
+                                                            "use_tf32": "0"}))
         self.session = ort.InferenceSession(str(self.path), sess_options=cpu_session_options(threads),
                                             providers=providers)
         got = self.session.get_providers()

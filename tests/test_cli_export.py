@@ -4,9 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.cli.export import main
@@ -57,11 +59,23 @@ def test_raw_official_state_dict_exports(tmp_path, capsys):
     state = {f"module.{k}": v for k, v in DeepLabV3Plus(config).state_dict().items()}
     raw = tmp_path / "resnet18_voc.pth"
     torch.save(state, raw)
+    # Labelled parity images in the documented layout: DIR/images/*.jpg + DIR/labels/<stem>.png
+    rng = np.random.default_rng(0)
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "labels").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(tmp_path / "val/images" / f"{name}.jpg")
+        Image.fromarray(rng.integers(0, 21, (48, 80), dtype=np.uint8)).save(tmp_path / "val/labels" / f"{name}.png")
     code = main([str(raw), "--backbone", "resnet18", "--num-classes", "21", "--dataset", "pascal",
-                 "--height", "64", "--width", "64", "--out", str(tmp_path / "out"), "--parity-count", "1"])
-    assert code == 0, capsys.readouterr().out
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "out"),
+                 "--parity-images", str(tmp_path / "val")])
+    out = capsys.readouterr().out
+    assert code == 0, out
     meta, _ = read_onnx_metadata(tmp_path / "out" / "model.onnx")
     assert meta.classes[15] == "person" and meta.input_size == (64, 64)
+    parity = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert parity["labelled"] and parity["num_images"] == 2 and parity["reference_miou"] is not None
+    assert abs(parity["backends"][0]["miou_delta"]) <= 0.1 and "not checked" not in out
 
 
 @pytest.mark.parametrize("case", ["truncated", "wrong_classes", "raw_wrong_classes", "raw_without_flags"])

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{step}/{steps}] parity on {len(images)} image(s), batch {batch}", flush=True)
         # The exported program and the ONNX proto are gone; collect before ONNX Runtime allocates its arena.
         gc.collect()
+        # The reference is strict fp32: PyTorch lets cuDNN convolutions use TF32 by default on Ampere and later.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         reference = TorchRunner(args.checkpoint, args.device, model=loaded.model, meta=meta)
         candidates = [OnnxRunner(exported.path, args.device)]
         if engine is not None:
