@@ -24,6 +24,7 @@ import binascii
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -214,9 +215,30 @@ class AgmmSegmenter:
         self.meta = self.runner.meta
         self.fill = transforms.pad_value(self.meta.mean)
         h, w = self.runner.input_size
-        logger.info("AGMM model %s: backend=%s precision=%s input=%dx%d classes=%d max_batch_size=%d "
-                    "max_latency_ms=%d", path, self.runner.backend, self.runner.precision, h, w,
-                    self.meta.num_classes, MAX_BATCH_SIZE, MAX_LATENCY_MS)
+        logger.info("AGMM model %s: backend=%s precision=%s input=%dx%d classes=%d", path, self.runner.backend,
+                    self.runner.precision, h, w, self.meta.num_classes)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Runs one full batch before the first request, and checks max_latency_ms against its time.
+
+        The first run at a batch size sizes ONNX Runtime's memory arena (and builds CUDA/TensorRT kernels), so
+        doing it here keeps that delay out of the first requests and the memory growth out of serving time.
+        """
+        batch = min(MAX_BATCH_SIZE, self.runner.max_batch)
+        h, w = self.runner.input_size
+        gray = list(np.full((batch, h, w, 3), self.fill, dtype=np.uint8))
+        self._predict_labels(gray)
+        self._predict_labels(gray[:1])
+        start = time.perf_counter()
+        self._predict_labels(gray)
+        batch_seconds = time.perf_counter() - start
+        logger.info("warm-up: a batch of %d takes %.0f ms; max_batch_size=%d max_latency_ms=%d", batch,
+                    batch_seconds * 1000, MAX_BATCH_SIZE, MAX_LATENCY_MS)
+        if MAX_LATENCY_MS < 3 * batch_seconds * 1000:
+            logger.warning("max_latency_ms=%d is under 3x the time of a full batch (%.0f ms): under load, "
+                           "requests will be answered 503. Raise AGMM_MAX_LATENCY_MS or lower "
+                           "AGMM_MAX_BATCH_SIZE.", MAX_LATENCY_MS, batch_seconds * 1000)
 
     @bentoml.on_deployment
     def check_model() -> None:
