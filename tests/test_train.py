@@ -1,0 +1,167 @@
+"""The training recipe end to end on tiny synthetic data: outputs, LR schedule, config precedence,
+kill + --resume, a real 2-process gloo torchrun run, and clear failures on bad data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from agmm_deploy.checkpoint import load_model, read_checkpoint
+from training import run, synthetic
+from training.data import DataError
+from training.engine import poly_factor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def city_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("city")
+    synthetic.generate("cityscapes", root, num_train=8, num_val=2, height=48, width=96, seed=0, progress=False)
+    return root
+
+
+def tiny_args(root, out, *extra):
+    return ["--dataset", "cityscapes", "--clicks", "20", "--data-root", str(root), "--out", str(out),
+            "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+            "--max-val-images", "1", "--eval-mode", "center", "--log-every", "1", *extra]
+
+
+def metrics_by_step(out):
+    """Step -> logged record; a resumed run overwrites the steps it repeats."""
+    records = {}
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_tiny_run_writes_self_describing_checkpoints_logs_and_poly_lr(city_root, tmp_path):
+    out = tmp_path / "run"
+    result = run.main(tiny_args(city_root, out, "--epochs", "2", "--lr", "0.01"))
+    assert result.step == 8 and result.epoch == 1  # 8 images / batch 2 = 4 steps per epoch
+    for name in ("last.pt", "best.pt", "config.yaml", "train.log", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = read_checkpoint(out / "last.pt")
+    for key in ("model", "model_config", "meta", "optimizer", "scheduler", "scaler", "epoch", "step", "best_miou",
+                "args"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 1 and ckpt["args"]["lr"] == 0.01
+    assert ckpt["meta"]["input_size"] == [32, 32] and ckpt["meta"]["classes"][0] == "road"
+    assert ckpt["model_config"]["backbone"] == "resnet18" and ckpt["model_config"]["num_classes"] == 19
+    loaded = load_model(out / "best.pt")  # rebuilt from the file alone
+    assert loaded.meta.mean == pytest.approx((0.485, 0.456, 0.406))
+    with torch.no_grad():
+        assert loaded.model(torch.zeros(1, 3, 32, 32)).shape == (1, 19, 32, 32)
+    records = metrics_by_step(out)
+    assert sorted(records) == list(range(1, 9))
+    for step, record in records.items():  # poly LR from the global step: lr(s) = base (1 - s/total)^0.9
+        assert record["lr"] == pytest.approx(0.01 * poly_factor(step - 1, 8))
+        assert set(record) >= {"seg", "cls", "proto", "gmm", "total"}
+        assert record["total"] == pytest.approx(record["seg"] + record["cls"] + record["proto"] + record["gmm"], rel=1e-5)
+    log = (out / "train.log").read_text()
+    assert "validation (center" in log and "| **mIoU** |" in log and "finished at step 8" in log
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["total_steps"] == 8 and resolved["head_lr_mult"] == 1.0 and resolved["colour_aug"] is False
+
+
+def test_config_file_then_flags_and_partial_ce(city_root, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    # official key names (lr_multi) are read as ours
+    config.write_text("epochs: 1\nlr: 0.02\nlr_multi: 3.0\nbatch_size: 2\nloss: ce\nbackbone: resnet34\n")
+    out = tmp_path / "run"
+    run.main(tiny_args(city_root, out, "--config", str(config), "--lr", "0.005", "--max-steps", "2"))
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["lr"] == 0.005 and resolved["head_lr_mult"] == 3.0 and resolved["epochs"] == 1
+    assert resolved["backbone"] == "resnet18"  # the flag wins over the file
+    assert resolved["loss"] == "ce" and resolved["total_steps"] == 2
+    records = metrics_by_step(out)
+    assert set(records[1]) == {"step", "epoch", "lr", "seg", "total"}  # partial CE logs its one term
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown setting 'learning_rate'"):
+        run.main(tiny_args(city_root, tmp_path / "x", "--config", str(bad)))
+
+
+def test_kill_and_resume_reproduce_the_uninterrupted_run(city_root, tmp_path):
+    def command(out, *extra):
+        return [sys.executable, "-m", "training.run", *tiny_args(city_root, out, "--epochs", "2", *extra)]
+
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), env=_env(), check=True, capture_output=True, timeout=300)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "last.pt").is_file():  # written atomically at the end of epoch 0
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait() == -9  # killed mid-run, not finished
+    killed_at = read_checkpoint(out / "last.pt")["step"]
+    assert killed_at == 4  # end of epoch 0; the kill came during epoch 1
+
+    resumed = subprocess.run(command(out, "--resume", "auto"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out / 'last.pt'}" in resumed.stdout
+    expected, got = metrics_by_step(straight), metrics_by_step(out)
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    next_step = killed_at + 1  # the first step the resumed process ran
+    for key in ("total", "seg", "cls", "proto", "gmm", "lr"):
+        assert got[next_step][key] == pytest.approx(expected[next_step][key], rel=1e-6, abs=1e-7), key
+    for step in range(next_step, 9):
+        assert got[step]["total"] == pytest.approx(expected[step]["total"], rel=1e-5)
+    a, b = read_checkpoint(straight / "last.pt"), read_checkpoint(out / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_torchrun_two_gloo_processes_finish_with_identical_weights(city_root, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "training.run", *tiny_args(city_root, out, "--epochs", "2", "--max-steps", "3")]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "parameters identical on all 2 ranks: True" in (out / "train.log").read_text()
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["world_size"] == 2 and resolved["steps_per_epoch"] == 2  # 8 images / (2 ranks x batch 2)
+    assert read_checkpoint(out / "last.pt")["step"] == 3
+    assert sorted(metrics_by_step(out)) == [1, 2, 3]  # rank 0 alone writes
+
+
+def test_bad_data_root_and_bad_label_values_name_the_path(city_root, tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "missing")):
+        run.main(tiny_args(tmp_path / "missing", tmp_path / "a", "--epochs", "1"))
+    broken = tmp_path / "broken"
+    shutil.copytree(city_root, broken)
+    victim = sorted((broken / "20clicks").glob("*.png"))[2]
+    label = np.asarray(Image.open(victim)).copy()
+    label[0, :5] = 40  # not a Cityscapes train id
+    Image.fromarray(label).save(victim)
+    with pytest.raises(DataError, match=rf"{victim.name} holds values \[40\]"):
+        run.main(tiny_args(broken, tmp_path / "b", "--epochs", "1"))
+
+
+def test_refusals_are_explicit(city_root, tmp_path):
+    with pytest.raises(ValueError, match="--amp bf16 needs a CUDA device"):
+        run.main(tiny_args(city_root, tmp_path / "a", "--amp", "bf16"))
+    with pytest.raises(ValueError, match="--batch-size 1 cannot train BatchNorm"):
+        run.main(tiny_args(city_root, tmp_path / "b", "--batch-size", "1"))
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        run.main(tiny_args(city_root, tmp_path / "c", "--batch-size", "16"))
