@@ -1,40 +1,188 @@
-"""`make demo`: the main job end to end, each step a real command printed before it runs.
+"""`make demo`: the main job end to end, every step the real command a user would run, printed first.
 
-Until training/export/serving land, it runs what exists: build the paper's model, save a self-describing
-checkpoint, and reload it from the file alone.
+    generate a synthetic Cityscapes-layout data set with 20-click labels  (python -m training.synthetic)
+    train DeepLabV3+ ResNet-18 with the AGMM loss                          (python -m training.run)
+    evaluate it with a sliding window                                      (python -m training.evaluate)
+    export it to ONNX with a parity check against PyTorch                  (agmm-export)
+    serve it with BentoML and segment a real image over HTTP               (bentoml serve, curl)
+
+Usage: python scripts/demo.py [--out runs/demo] [--quick]
+``--quick`` shrinks every step (tiny images, a few training steps) so the test suite can run the pipeline.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
-from agmm_deploy.checkpoint import load_model, save_checkpoint
-from agmm_deploy.meta import ModelMeta
-from agmm_deploy.model import ModelConfig, build_model, count_parameters
+# (full, quick) sizes. Full: about 10 minutes on 2 CPU cores, set-up excluded.
+SIZES = {
+    "full": dict(height=128, width=256, num_train=60, num_val=8, crop=128, batch=4, epochs=12, max_steps=0),
+    "quick": dict(height=64, width=128, num_train=6, num_val=2, crop=64, batch=2, epochs=1, max_steps=3),
+}
 
 
-def main() -> int:
-    out = Path("runs/demo")
-    out.mkdir(parents=True, exist_ok=True)
-    config = ModelConfig.cityscapes(backbone="resnet18")
-    print(f"[demo] building DeepLabV3+ {config}")
-    model = build_model(config).eval()
-    print(f"[demo] {count_parameters(model) / 1e6:.1f} M parameters")
-    x = torch.randn(1, 3, 256, 512)
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train, evaluate, export and serve on generated data")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes")
+    parser.add_argument("--quick", action="store_true", help="minimum sizes (for tests): a few training steps")
+    parser.add_argument("--port", type=int, default=0, help="port for bentoml serve (default: a free one)")
+    return parser
+
+
+def _display(cmd: list[str]) -> str:
+    """The command as a user would type it: venv executables by their short names."""
+    shown = []
+    for part in cmd:
+        if part == sys.executable:
+            part = "python"
+        elif part.startswith(str(BIN) + os.sep):
+            part = Path(part).name
+        shown.append(part)
+    return shlex.join(shown)
+
+
+def step(title: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print(f"\n=== {title}\n$ {_display(cmd)}", flush=True)
     start = time.perf_counter()
-    with torch.no_grad():
-        logits = model(x)
-    print(f"[demo] forward {tuple(x.shape)} -> {tuple(logits.shape)} in {time.perf_counter() - start:.2f}s")
-    path = save_checkpoint(out / "random_init.pt", model, ModelMeta.for_dataset("cityscapes", (256, 512)))
-    loaded = load_model(path)
-    with torch.no_grad():
-        same = torch.equal(loaded.model(x), logits)
-    print(f"[demo] checkpoint {path} reloads to an identical model: {same}")
-    return 0 if same else 1
+    result = subprocess.run(cmd, cwd=ROOT, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"demo step failed ({title}): `{_display(cmd)}` exited with {result.returncode}")
+    print(f"--- done in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bentoml serve exited with {process.returncode}; its log:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"bentoml serve was not ready after {timeout_s:.0f}s; its log is {log}")
+
+
+def _parity_folder(data: Path, out: Path) -> Path:
+    """agmm-export takes DIR/images + DIR/labels/<stem>.png: link the generated val images and full labels."""
+    images, labels = out / "images", out / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for image in sorted((data / "leftImg8bit" / "val").rglob("*_leftImg8bit.png")):
+        stem = image.name.removesuffix("_leftImg8bit.png")
+        label = data / "gtFine" / "val" / image.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        shutil.copyfile(image, images / f"{stem}.png")
+        shutil.copyfile(label, labels / f"{stem}.png")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    out = args.out if args.out.is_absolute() else ROOT / args.out
+    if out.exists():
+        shutil.rmtree(out)  # a demo starts from nothing; it only ever writes inside --out
+    data, train, evaluation, export, served = (out / n for n in ("data", "train", "eval", "export", "served"))
+    py = sys.executable
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    start = time.perf_counter()
+
+    step("1/6 Generate a synthetic Cityscapes-layout data set with 20-click sparse labels",
+         [py, "-m", "training.synthetic", "--dataset", "cityscapes", "--out", str(data),
+          "--num-train", str(size["num_train"]), "--num-val", str(size["num_val"]),
+          "--height", str(size["height"]), "--width", str(size["width"]), "--seed", "0"])
+
+    train_cmd = [py, "-m", "training.run", "--dataset", "cityscapes", "--clicks", "20", "--data-root", str(data),
+                 "--backbone", "resnet18", "--crop-size", str(size["crop"]), "--batch-size", str(size["batch"]),
+                 "--epochs", str(size["epochs"]), "--lr", "0.01", "--workers", "0", "--eval-mode", "center",
+                 "--out", str(train)]
+    if size["max_steps"]:
+        train_cmd += ["--max-steps", str(size["max_steps"])]
+    step("2/6 Train DeepLabV3+ ResNet-18 with the AGMM loss on the 20-click labels", train_cmd)
+    checkpoint = train / "best.pt"
+
+    step("3/6 Evaluate on the full validation labels (sliding window, per-class IoU)",
+         [py, "-m", "training.evaluate", str(checkpoint), "--data-root", str(data), "--mode", "sliding",
+          "--save-png", str(evaluation / "predictions"), "--json", str(evaluation / "miou.json")])
+
+    parity = _parity_folder(data, out / "parity")
+    step("4/6 Export to ONNX and check parity with PyTorch on the labelled validation images",
+         [str(BIN / "agmm-export"), str(checkpoint), "--out", str(export), "--parity-images", str(parity)])
+    onnx_path = export / "model.onnx"
+
+    port = args.port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    served.mkdir(parents=True, exist_ok=True)
+    serve_cmd = [py, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    print(f"\n=== 5/6 Serve the ONNX model over HTTP with BentoML\n$ AGMM_MODEL={onnx_path} {_display(serve_cmd)} &",
+          flush=True)
+    log = served / "serve.log"
+    with open(log, "wb") as log_file:
+        server = subprocess.Popen(serve_cmd, cwd=ROOT, env={**env, "AGMM_MODEL": str(onnx_path)},
+                                  stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(url, server, log)
+        print(f"--- ready at {url} (log: {log})", flush=True)
+        image = next((parity / "images").glob("*.png"))
+        print("\n=== 6/6 Segment a real image over HTTP", flush=True)
+        requests = [("segment", served / "mask.png"), ("overlay", served / "overlay.png"),
+                    ("segment_json", served / "fractions.json")]
+        for route, target in requests:
+            cmd = ["curl", "-sS", "--fail-with-body", "-F", f"image=@{image}", f"{url}/{route}", "-o", str(target)]
+            if shutil.which("curl"):
+                step(f"POST /{route}", cmd)
+            else:  # same request without curl
+                print(f"$ {_display(cmd)}  (curl not installed: sent with urllib)")
+                _post_file(f"{url}/{route}", image, target)
+        fractions = json.loads((served / "fractions.json").read_text())
+        present = {name: round(v, 4) for name, v in fractions["fractions"].items() if v > 0}
+        print(f"pixel fractions of {image.name} (classes present): {present}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        print("--- server stopped", flush=True)
+
+    print(f"\nDemo finished in {time.perf_counter() - start:.0f}s. Everything is under {out}:")
+    for label, path in [("data set", data), ("checkpoints + TensorBoard logs", train),
+                        ("evaluation (mIoU JSON, prediction PNGs)", evaluation),
+                        ("ONNX model + parity.json", export), ("served mask / overlay / JSON", served)]:
+        print(f"  {label:42s} {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+def _post_file(url: str, image: Path, target: Path) -> None:
+    boundary = "agmm-demo-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{image.name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        target.write_bytes(response.read())
 
 
 if __name__ == "__main__":
