@@ -58,9 +58,9 @@ def _mean_abs_distance(feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor
     """
     b, c, h, w = feat.shape
     k = protos.shape[1]
-    points = feat.flatten(2).transpose(1, 2).contiguous()  # (B, N, C)
     chunk = max(1, DISTANCE_CHUNK_ELEMENTS // (b * k * c))
-    tiles = [torch.cdist(points[:, start:start + chunk], protos, p=1) for start in range(0, h * w, chunk)]
+    # split() views of (B, C, N): autograd saves no copy, and their gradients are joined in one concatenation
+    tiles = [torch.cdist(tile.transpose(1, 2), protos, p=1) for tile in feat.flatten(2).split(chunk, dim=2)]
     distance = torch.cat(tiles, dim=1) if len(tiles) > 1 else tiles[0]  # (B, N, K): sums over C
     return distance.transpose(1, 2).reshape(b, k, h, w) / c
 
@@ -86,13 +86,14 @@ class _PixelTerms(torch.autograd.Function):
         # 1 / (number of classes present in the crop + eps), per image: the official per-pixel class average.
         class_weight = present / (present.sum(1, keepdim=True) + EPS)  # (B, K)
 
-        logits_l = logits.permute(0, 2, 3, 1)[labelled]  # (N, K)
-        target_l = mask[labelled]
+        b_l, y_l, x_l = labelled.nonzero(as_tuple=True)  # the N labelled pixels
+        logits_l = logits[b_l, :, y_l, x_l]  # (N, K)
+        target_l = mask[b_l, y_l, x_l]
         seg = F.cross_entropy(logits_l, target_l, reduction="sum") / n_labelled
 
         p = torch.softmax(logits, dim=1)  # (B, K, H, W)
         log_1mp = torch.rsub(p, 1.0).add_(EPS).log_()  # log(1 - p + eps)
-        cls = -(torch.einsum("bkhw,bk->bhw", log_1mp, absent)[valid].sum()) / n_valid
+        cls = -(torch.einsum("bkhw,bk->bhw", log_1mp, absent) * valid).sum() / n_valid
 
         # -BCE(p, r) = log(1-p+eps) + r (log(p+eps) - log(1-p+eps)), summed over classes in two parts so that
         # at most two crop-size buffers are alive at a time.
@@ -101,14 +102,14 @@ class _PixelTerms(torch.autograd.Function):
         del p, log_1mp
         r = F.interpolate(res, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         r.mul_(present[:, :, None, None])
-        r_l = r.permute(0, 2, 3, 1)[labelled]  # (N, K)
+        r_l = r[b_l, :, y_l, x_l]  # (N, K)
         neg_bce += torch.einsum("bkhw,bk->bhw", log_ratio.mul_(r), class_weight)
-        loss1 = -0.5 * neg_bce[valid].sum() / n_valid
+        loss1 = -0.5 * (neg_bce * valid).sum() / n_valid
         del log_ratio, r
 
         onehot_l = F.one_hot(target_l, k).to(r_l.dtype)
         bce2 = -(onehot_l * torch.log(r_l + EPS) + (1 - onehot_l) * torch.log(1 - r_l + EPS))
-        weight_l = class_weight[labelled.nonzero(as_tuple=True)[0]]  # (N, K): each pixel's image
+        weight_l = class_weight[b_l]  # (N, K): the class weights of each pixel's image
         loss2 = 0.5 * (bce2 * weight_l).sum() / n_labelled
 
         ctx.save_for_backward(logits, res, mask, present, absent)
@@ -130,13 +131,14 @@ class _PixelTerms(torch.autograd.Function):
 
         # Four crop-size buffers at most: a, b, r, grad_p; then softmax is recomputed once more.
         p = torch.softmax(logits, dim=1)
-        p_l = p.permute(0, 2, 3, 1)[labelled]
+        b_l, y_l, x_l = labelled.nonzero(as_tuple=True)
+        p_l = p[b_l, :, y_l, x_l]
         a = torch.rsub(p, 1.0).add_(EPS)  # 1 - p + eps
         b = p.add_(EPS)  # p + eps, in p's buffer
         del p
         r = F.interpolate(res, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         r.mul_(present[:, :, None, None])
-        r_l = r.permute(0, 2, 3, 1)[labelled]
+        r_l = r[b_l, :, y_l, x_l]
 
         # d/dp of cls + loss1:  coef_cls / a + coef_l1 * ((1 - r) / a - r / b)
         grad_p = torch.rsub(r, 1.0).mul_(coef_l1).add_(coef_cls).div_(a)
@@ -152,13 +154,13 @@ class _PixelTerms(torch.autograd.Function):
         grad_z.addcmul_(p, grad_z.sum(1, keepdim=True), value=-1.0)
         del p
 
-        target_l = mask[labelled]
+        target_l = mask[b_l, y_l, x_l]
         onehot_l = F.one_hot(target_l, k).to(p_l.dtype)
         seg_grad = (p_l - onehot_l) * (g_seg / n_labelled)  # cross-entropy on labelled pixels
-        grad_z.permute(0, 2, 3, 1)[labelled] += seg_grad
-        weight_l = class_weight[labelled.nonzero(as_tuple=True)[0]]
+        grad_z[b_l, :, y_l, x_l] += seg_grad
+        weight_l = class_weight[b_l]
         dbce2 = -onehot_l / (r_l + EPS) + (1 - onehot_l) / (1 - r_l + EPS)
-        grad_r.permute(0, 2, 3, 1)[labelled] += (0.5 * g_l2 / n_labelled) * weight_l * dbce2
+        grad_r[b_l, :, y_l, x_l] += (0.5 * g_l2 / n_labelled) * weight_l * dbce2
         grad_res = _upsample_adjoint(grad_r.mul_(present[:, :, None, None]), res.shape[-2:])
         return grad_z, grad_res, None, None, None
 
