@@ -118,3 +118,11 @@ def test_trt_without_tensorrt_writes_valid_onnx_then_exits_non_zero(checkpoint, 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("agmm-export: --trt needs") and last.count(". ") == 0 and last.endswith("checked).")
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_image_folders_fail_before_exporting(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(checkpoint), "--parity-images", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "nowhere holds no images" in capsys.readouterr().err and not out.exists()
+    assert main([str(checkpoint), "--int8", "--out", str(out)]) == 2
+    assert "--int8 applies to the TensorRT engine" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """agmm-export CKPT: checkpoint -> model.onnx (+ model.engine) -> parity against PyTorch -> parity.json.
 
-Exit codes: 0 exported and every parity gate held; 1 a parity gate failed; 2 bad checkpoint or arguments;
-3 ``--trt`` asked for but TensorRT or a CUDA GPU is missing (the ONNX model is still written and checked).
+Exit codes: 0 exported and every parity gate held; 1 a parity gate failed; 2 bad checkpoint, arguments or
+image folders; 3 ``--trt`` asked for but TensorRT or a CUDA GPU is missing (the ONNX model is still written and
+checked); 4 TensorRT failed to build the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT = 0, 1, 2, 3
+EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT, EXIT_BUILD = 0, 1, 2, 3, 4
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -97,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     meta, config = loaded.meta, loaded.config
     height = args.height or meta.input_size[0]
     width = args.width or meta.input_size[1]
+    # Image folders are read first, so that a wrong path fails in a second rather than after the export.
+    calib, images, labels, source = None, None, None, ""
+    try:
+        if args.int8:
+            calib, _, _ = load_parity_images(args.calib_images, meta, (height, width), limit=args.calib_count)
+        if args.parity_images is not None and not args.no_parity:
+            images, labels, _ = load_parity_images(args.parity_images, meta, (height, width), limit=args.parity_count)
+            source = f"{args.parity_images}{' labelled' if labels is not None else ''}"
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(str(err), EXIT_USAGE)
+    if images is None and not args.no_parity:
+        images = normalize(generated_images(meta, args.parity_count, (height, width)), meta.mean, meta.std)
+        source = "generated (seed 0)"
     out = args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export"
     out.mkdir(parents=True, exist_ok=True)
     sha = sha256_file(args.checkpoint)
@@ -123,26 +137,19 @@ def main(argv: list[str] | None = None) -> int:
 
         step += 1
         print(f"[{step}/{steps}] building TensorRT engine ({precision}, max batch {args.max_batch})", flush=True)
-        calib = None
-        if args.int8:
-            calib, _, _ = load_parity_images(args.calib_images, meta, (height, width), limit=args.calib_count)
-        engine = build_engine(exported.path, out / "model.engine", precision=precision, max_batch=args.max_batch,
-                              dynamic_hw=args.dynamic_hw, calib_images=calib,
-                              calib_cache=(out / "calibration.cache") if args.int8 else None,
-                              workspace_gb=args.workspace_gb)
+        try:
+            engine = build_engine(exported.path, out / "model.engine", precision=precision,
+                                  max_batch=args.max_batch, dynamic_hw=args.dynamic_hw, calib_images=calib,
+                                  calib_cache=(out / "calibration.cache") if args.int8 else None,
+                                  workspace_gb=args.workspace_gb)
+        except (RuntimeError, ValueError) as err:
+            return _fail(f"TensorRT engine build failed: {err}", EXIT_BUILD)
         print(f"      wrote {engine.path} ({engine.size_bytes / 1e6:.1f} MB) and {engine.sidecar.name} in "
               f"{engine.seconds:.1f} s")
 
     code = EXIT_OK
     if not args.no_parity:
         step += 1
-        if args.parity_images is not None:
-            images, labels, paths = load_parity_images(args.parity_images, meta, (height, width),
-                                                       limit=args.parity_count)
-            source = f"{args.parity_images}{' labelled' if labels is not None else ''}"
-        else:
-            images = normalize(generated_images(meta, args.parity_count, (height, width)), meta.mean, meta.std)
-            labels, source = None, "generated (seed 0)"
         batch = args.parity_batch or (1 if args.no_dynamic_batch else min(2, args.max_batch))
         print(f"[{step}/{steps}] parity on {len(images)} image(s), batch {batch}", flush=True)
         # The exported program and the ONNX proto are gone; collect before ONNX Runtime allocates its arena.

@@ -280,7 +280,7 @@ def load_parity_images(folder: str | Path, meta: ModelMeta, size: tuple[int, int
     paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
         if image_dir.is_dir() else []
     if not paths:
-        raise FileNotFoundError(f"--parity-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in "
+        raise FileNotFoundError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in "
                                 f"{image_dir}; expected DIR/*.png|jpg or DIR/images/*, labels in DIR/labels/")
     paths = paths[:limit] if limit else paths
     label_dir = folder / "labels"
