@@ -211,6 +211,17 @@ class TensorRTRunner(_Runner):
                              trt.int64: torch.int64, trt.uint8: torch.uint8, trt.int8: torch.int8}
         self._trt = trt
 
+    def _check(self, images: np.ndarray) -> np.ndarray:
+        images = super()._check(images)
+        profile = self.fields.get("profile")
+        if profile and self.dynamic_hw:
+            (_, _, min_h, min_w), (_, _, max_h, max_w) = profile["min"], profile["max"]
+            h, w = images.shape[2:]
+            if not (min_h <= h <= max_h and min_w <= w <= max_w):
+                raise ValueError(f"{self.path.name} was built for {min_h}..{max_h} x {min_w}..{max_w} inputs; got "
+                                 f"{h}x{w}. Tile or resize the image, or rebuild with other --dynamic-hw bounds.")
+        return images
+
     def _run(self, images: np.ndarray) -> np.ndarray:
         with torch.cuda.stream(self.stream):
             x = torch.from_numpy(images).to(self.device, non_blocking=True)
