@@ -209,8 +209,11 @@ class AgmmSegmenter:
 
         path = resolve_model_path()
         kwargs: dict[str, Any] = {}
-        if path.suffix.lower() == ".onnx" and (threads := _env_int("AGMM_ORT_THREADS", 0)):
-            kwargs["threads"] = threads
+        if path.suffix.lower() == ".onnx":
+            # Batch sizes vary from call to call here; per-shape memory patterns would keep growing the arena.
+            kwargs["mem_pattern"] = False
+            if threads := _env_int("AGMM_ORT_THREADS", 0):
+                kwargs["threads"] = threads
         self.runner = load_runner(path, device=os.environ.get("AGMM_DEVICE", "auto"), **kwargs)
         self.meta = self.runner.meta
         self.fill = transforms.pad_value(self.meta.mean)
