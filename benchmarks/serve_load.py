@@ -53,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-latency-ms", type=int, default=20_000)
     parser.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads in the "
                         "server (0: the runner's default, one per core)")
+    parser.add_argument("--server-log", type=Path, help="keep the server's output in this file")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda, for the server and the raw runner")
     return parser
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         image = test_image(args.size)
         batch_sizes = sorted({1, args.max_batch_size})
         runner = load_raw_runner(model, args.device, args.ort_threads)
-        process = start_server(model, port := _free_port(), args, tmp / "serve.log")
+        process = start_server(model, port := _free_port(), args, args.server_log or tmp / "serve.log")
         url = f"http://127.0.0.1:{port}"
         # Other work on the machine changes what the cores deliver from minute to minute, so raw and served
         # phases alternate (the idle server takes no CPU during the raw ones) and each served phase is
