@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _peak_rss_gb() -> float:
+def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # Linux reports KiB
 
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if not result.passed:
             code = EXIT_PARITY
     step += 1
-    print(f"[{step}/{steps}] done: {out} (peak RSS {_peak_rss_gb():.2f} GB)")
+    print(f"[{step}/{steps}] done: {out} (peak RSS {_peak_rss_gib():.2f} GiB)")
     if trt_missing:
         print(f"agmm-export: {trt_missing}, so no engine was built (the ONNX model was written and checked).",
               file=sys.stderr)
