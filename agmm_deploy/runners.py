@@ -104,7 +104,8 @@ class TorchRunner(_Runner):
         return logits.float().cpu().numpy()
 
 
-def cpu_session_options(threads: int | None = None, mem_pattern: bool = True) -> "onnxruntime.SessionOptions":  # noqa: F821
+def cpu_session_options(threads: int | None = None,
+                        mem_pattern: bool = True) -> "onnxruntime.SessionOptions":  # noqa: F821
     """ONNX Runtime CPU settings that make it faster than PyTorch eager on this model (see docs/export.md).
 
     Measured on DeepLabV3+ R50 at 512x1024, batch 1, 2 shared cores (median of 3, noisy): these options 1.50 s;

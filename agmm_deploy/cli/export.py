@@ -13,8 +13,6 @@ import resource
 import sys
 from pathlib import Path
 
-import numpy as np
-
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT, EXIT_BUILD = 0, 1, 2, 3, 4
 
 
