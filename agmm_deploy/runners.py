@@ -212,8 +212,10 @@ class TensorRTRunner(_Runner):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_names = [n for n in names if n != self.input_name]
-        self._torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-                             trt.int64: torch.int64, trt.uint8: torch.uint8, trt.int8: torch.int8}
+        pairs = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64,
+                 "UINT8": torch.uint8, "INT8": torch.int8, "BOOL": torch.bool}
+        self._torch_dtype = {getattr(trt.DataType, name): dtype for name, dtype in pairs.items()
+                             if hasattr(trt.DataType, name)}
         self._trt = trt
 
     def _check(self, images: np.ndarray) -> np.ndarray:
