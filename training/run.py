@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agmm_deploy.checkpoint import read_checkpoint, save_checkpoint
 from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -290,50 +291,51 @@ def _train(cfg: dict[str, Any], dist_info, out: Path, logger: logging.Logger) ->
     # --- epochs
     best_path = out / "best.pt" if (out / "best.pt").is_file() else None
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if step >= total_steps:
-            break
-        torch.manual_seed(_epoch_seed(cfg["seed"], epoch, dist_info.rank))
-        train_set.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        generator.manual_seed(cfg["seed"] * 1_000_003 + epoch)  # the single-process shuffle order of this epoch
-        result = train_one_epoch(model, loss_fn, optimizer, scheduler, train_loader, device=device, epoch=epoch,
-                                 step=step, total_steps=total_steps, amp_dtype=amp_dtype, scaler=scaler,
-                                 is_main=is_main, writer=writer, metrics_path=out / "metrics.jsonl" if is_main else None,
-                                 logger=logger, log_every=cfg["log_every"])
-        step = result.step
-        terms = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
-        logger.info(f"epoch {epoch} done in {result.seconds:.1f}s ({result.steps_run} steps): {terms}")
+    with logging_redirect_tqdm(loggers=[logger]):  # log lines above the progress bar, not through it
+        for epoch in range(start_epoch, cfg["epochs"]):
+            if step >= total_steps:
+                break
+            torch.manual_seed(_epoch_seed(cfg["seed"], epoch, dist_info.rank))
+            train_set.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            generator.manual_seed(cfg["seed"] * 1_000_003 + epoch)  # the single-process shuffle order of this epoch
+            result = train_one_epoch(model, loss_fn, optimizer, scheduler, train_loader, device=device, epoch=epoch,
+                                     step=step, total_steps=total_steps, amp_dtype=amp_dtype, scaler=scaler,
+                                     is_main=is_main, writer=writer, metrics_path=out / "metrics.jsonl" if is_main else None,
+                                     logger=logger, log_every=cfg["log_every"])
+            step = result.step
+            terms = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
+            logger.info(f"epoch {epoch} done in {result.seconds:.1f}s ({result.steps_run} steps): {terms}")
 
-        miou = None
-        last_epoch = epoch == cfg["epochs"] - 1 or step >= total_steps
-        if val_loader is not None and ((epoch + 1) % cfg["eval_every"] == 0 or last_epoch):
-            mode = cfg["eval_mode"]
-            if mode == "auto":
-                sliding = dataset == "cityscapes" and epoch >= cfg["epochs"] - SLIDING_LAST_EPOCHS
-                mode = "sliding" if sliding else ("center" if dataset == "cityscapes" else "whole")
-            matrix = evaluate(net, val_loader, device=device, num_classes=num_classes, mode=mode,
-                              crop_size=cfg["crop_size"], amp_dtype=amp_dtype, is_main=is_main)
-            miou = matrix.miou()
-            logger.info(f"epoch {epoch} validation ({mode}, {int(matrix.mat.sum())} labelled pixels): mIoU {miou:.2f}, "
-                        f"pixel accuracy {matrix.pixel_accuracy():.2f}\n{matrix.table(classes)}")
-            if writer is not None:
-                writer.add_scalar("val/mIoU", miou, step)
-                for name, value in zip(classes, matrix.iou().tolist()):
-                    if value == value:
-                        writer.add_scalar(f"val_iou/{name}", value * 100, step)
-        if miou is not None and miou > best_miou:
-            best_miou = miou
-        if is_main:
-            state = dict(args=cfg, epoch=epoch, step=step, best_miou=best_miou, optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                         miou=miou, total_steps=total_steps)
-            last_path = save_checkpoint(out / "last.pt", net, meta, **state)
-            if miou is not None and miou == best_miou:
-                best_path = save_checkpoint(out / "best.pt", net, meta, **state)
-                logger.info(f"new best mIoU {best_miou:.2f}: wrote {best_path}")
-            writer.flush()
+            miou = None
+            last_epoch = epoch == cfg["epochs"] - 1 or step >= total_steps
+            if val_loader is not None and ((epoch + 1) % cfg["eval_every"] == 0 or last_epoch):
+                mode = cfg["eval_mode"]
+                if mode == "auto":
+                    sliding = dataset == "cityscapes" and epoch >= cfg["epochs"] - SLIDING_LAST_EPOCHS
+                    mode = "sliding" if sliding else ("center" if dataset == "cityscapes" else "whole")
+                matrix = evaluate(net, val_loader, device=device, num_classes=num_classes, mode=mode,
+                                  crop_size=cfg["crop_size"], amp_dtype=amp_dtype, is_main=is_main)
+                miou = matrix.miou()
+                logger.info(f"epoch {epoch} validation ({mode}, {int(matrix.mat.sum())} labelled pixels): mIoU {miou:.2f}, "
+                            f"pixel accuracy {matrix.pixel_accuracy():.2f}\n{matrix.table(classes)}")
+                if writer is not None:
+                    writer.add_scalar("val/mIoU", miou, step)
+                    for name, value in zip(classes, matrix.iou().tolist()):
+                        if value == value:
+                            writer.add_scalar(f"val_iou/{name}", value * 100, step)
+            if miou is not None and miou > best_miou:
+                best_miou = miou
+            if is_main:
+                state = dict(args=cfg, epoch=epoch, step=step, best_miou=best_miou, optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                             miou=miou, total_steps=total_steps)
+                save_checkpoint(out / "last.pt", net, meta, **state)
+                if miou is not None and miou == best_miou:
+                    best_path = save_checkpoint(out / "best.pt", net, meta, **state)
+                    logger.info(f"new best mIoU {best_miou:.2f}: wrote {best_path}")
+                writer.flush()
     if writer is not None:
         writer.close()
     if world > 1:
