@@ -165,3 +165,12 @@ def test_refusals_are_explicit(city_root, tmp_path):
         run.main(tiny_args(city_root, tmp_path / "b", "--batch-size", "1"))
     with pytest.raises(ValueError, match="cannot fill one batch"):
         run.main(tiny_args(city_root, tmp_path / "c", "--batch-size", "16"))
+
+
+@pytest.mark.parametrize("name", ["cityscapes", "pascal"])
+def test_shipped_configs_reproduce_the_presets(name):
+    config = REPO / "training" / "configs" / f"{name}.yaml"
+    resolved = run.resolve_config(run.get_args_parser().parse_args(["--config", str(config), "--data-root", "x"]))
+    preset = {**run.COMMON, **run.PRESETS[name]}
+    for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug"):
+        assert resolved[key] == preset[key], key
