@@ -179,3 +179,12 @@ def test_shape_errors_name_the_shapes():
         agmm_losses(feat, logits, mask, cls_label, 6)
     with pytest.raises(ValueError, match="sparse_mask"):
         agmm_losses(feat, logits, mask[:, :-1], cls_label, 5)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_in_float64():
+    feat, logits, mask, cls_label = make_case(seed=1, b=3, k=7, c=16, h=7, w=9, big=(28, 36))
+    cpu = agmm_losses(feat, logits, mask, cls_label, 7)
+    gpu = agmm_losses(feat.cuda(), logits.cuda(), mask.cuda(), cls_label.cuda(), 7)
+    for key in cpu:
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-10, atol=1e-12)

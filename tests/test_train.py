@@ -174,3 +174,11 @@ def test_shipped_configs_reproduce_the_presets(name):
     preset = {**run.COMMON, **run.PRESETS[name]}
     for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug"):
         assert resolved[key] == preset[key], key
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_run(city_root, tmp_path):
+    tiny = [a if a != "cpu" else "cuda" for a in tiny_args(city_root, tmp_path / "gpu", "--max-steps", "2",
+                                                          "--epochs", "1", "--amp", "bf16")]
+    result = run.main(tiny)
+    assert result.step == 2 and read_checkpoint(tmp_path / "gpu" / "last.pt")["args"]["amp"] == "bf16"

@@ -133,7 +133,8 @@ def _forward_logits(net: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype
         return net(images).float()
 
 
-def sliding_window_tiles(height: int, width: int, tile: int, overlap: float = SLIDING_OVERLAP) -> list[tuple[int, int, int, int]]:
+def sliding_window_tiles(height: int, width: int, tile: int,
+                         overlap: float = SLIDING_OVERLAP) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) of the official sliding window: stride ceil(tile * (1 - overlap)), last tile flush
     with the border. Each window appears once (the official loop ran every tile twice)."""
     stride = math.ceil(tile * (1 - overlap))

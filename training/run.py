@@ -216,7 +216,9 @@ def _train(cfg: dict[str, Any], dist_info, out: Path, logger: logging.Logger) ->
     if cfg["batch_size"] < 2 and not (device.type == "cuda" and world > 1):
         raise ValueError("--batch-size 1 cannot train BatchNorm (the ASPP image-pool branch sees one value per "
                          "channel); use --batch-size 2 or more, or several GPUs (SyncBatchNorm)")
-    sampler = DistributedSampler(train_set, world, dist_info.rank, shuffle=True, seed=cfg["seed"]) if world > 1 else None
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(train_set, world, dist_info.rank, shuffle=True, seed=cfg["seed"])
     generator = torch.Generator().manual_seed(cfg["seed"])
     train_loader = DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
                               num_workers=cfg["workers"], pin_memory=device.type == "cuda", drop_last=True,
@@ -302,7 +304,8 @@ def _train(cfg: dict[str, Any], dist_info, out: Path, logger: logging.Logger) ->
             generator.manual_seed(cfg["seed"] * 1_000_003 + epoch)  # the single-process shuffle order of this epoch
             result = train_one_epoch(model, loss_fn, optimizer, scheduler, train_loader, device=device, epoch=epoch,
                                      step=step, total_steps=total_steps, amp_dtype=amp_dtype, scaler=scaler,
-                                     is_main=is_main, writer=writer, metrics_path=out / "metrics.jsonl" if is_main else None,
+                                     is_main=is_main, writer=writer,
+                                     metrics_path=out / "metrics.jsonl" if is_main else None,
                                      logger=logger, log_every=cfg["log_every"])
             step = result.step
             terms = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
@@ -318,7 +321,8 @@ def _train(cfg: dict[str, Any], dist_info, out: Path, logger: logging.Logger) ->
                 matrix = evaluate(net, val_loader, device=device, num_classes=num_classes, mode=mode,
                                   crop_size=cfg["crop_size"], amp_dtype=amp_dtype, is_main=is_main)
                 miou = matrix.miou()
-                logger.info(f"epoch {epoch} validation ({mode}, {int(matrix.mat.sum())} labelled pixels): mIoU {miou:.2f}, "
+                logger.info(f"epoch {epoch} validation ({mode}, {int(matrix.mat.sum())} labelled pixels): "
+                            f"mIoU {miou:.2f}, "
                             f"pixel accuracy {matrix.pixel_accuracy():.2f}\n{matrix.table(classes)}")
                 if writer is not None:
                     writer.add_scalar("val/mIoU", miou, step)
