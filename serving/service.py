@@ -116,8 +116,10 @@ class RequestGuard:
 
     - 413 when the body is over the limit: from Content-Length before reading, or while reading a body sent
       without one.
-    - 400 when a multipart upload to an image endpoint lacks the ``image`` field or carries unknown fields
-      (BentoML 1.4 answers an unknown binary field with a 500).
+    - 415 when an image endpoint gets anything but multipart/form-data, or /segment_batch anything but JSON.
+    - 400 when a multipart body lacks an ``image`` file upload or carries unknown fields.
+    BentoML 1.4 itself answers an unknown binary field or a misplaced body with a 500, and downloads a URL
+    given as text in a file field; none of that reaches it.
     """
 
     def __init__(self, app: Any, max_bytes: int, batch_max_bytes: int, upload_fields: dict[str, set[str]]) -> None:
@@ -137,9 +139,22 @@ class RequestGuard:
         if length.isdigit() and int(length) > limit:
             await _too_large(int(length), limit)(scope, receive, send)
             return
+        content_type = headers.get(b"content-type", b"")
+        if route == "segment_batch" and not content_type.lower().startswith(b"application/json"):
+            # BentoML answers a multipart body here with a 500.
+            await _error(415, 'segment_batch takes JSON: {"images": ["<base64 of an image file>", ...]}; got '
+                              f"Content-Type {content_type.decode('latin-1') or 'none'}")(scope, receive, send)
+            return
         allowed = self.upload_fields.get(route)
         if allowed is None:
             await self.app(scope, receive, send)
+            return
+        if not content_type.lower().startswith(b"multipart/form-data"):
+            # Other bodies reach BentoML's form parser, which fetches a URL given for a file field (or fails
+            # with a 500); images come as uploads only.
+            await _error(415, f"{route} takes a multipart/form-data upload with a file field 'image' "
+                              f"(curl -F image=@photo.jpg); got Content-Type "
+                              f"{content_type.decode('latin-1') or 'none'}")(scope, receive, send)
             return
         body = bytearray()
         while True:
@@ -152,9 +167,9 @@ class RequestGuard:
                 return
             if not message.get("more_body", False):
                 break
-        names = multipart_field_names(headers.get(b"content-type", b""), bytes(body))
-        if names is not None and ("image" not in names or not set(names) <= allowed):
-            message = (f"expected a multipart file field named 'image' (curl -F image=@photo.jpg)"
+        names, files = multipart_fields(content_type, bytes(body))
+        if "image" not in files or names.count("image") > 1 or not set(names) <= allowed:
+            message = (f"expected one file upload in a multipart field named 'image' (curl -F image=@photo.jpg)"
                        f"{' and optionally ' + ', '.join(sorted(allowed - {'image'})) if allowed - {'image'} else ''}"
                        f"; got fields {names}")
             await _error(400, message)(scope, receive, send)
@@ -177,17 +192,17 @@ def _too_large(size: int, limit: int) -> JSONResponse:
                        "Send a smaller image.")
 
 
-def multipart_field_names(content_type: bytes, body: bytes) -> list[str] | None:
-    """The field names of a multipart/form-data body, in order; None when it is not multipart."""
-    match = re.match(rb'multipart/form-data\s*;.*boundary="?([^";]+)"?', content_type, flags=re.IGNORECASE)
-    if match is None:
-        return None
-    names = []
-    for part in body.split(b"--" + match.group(1))[1:]:
+def multipart_fields(content_type: bytes, body: bytes) -> tuple[list[str], set[str]]:
+    """(names of all fields, names of the fields that are file uploads) of a multipart/form-data body."""
+    match = re.search(rb'boundary="?([^";]+)"?', content_type, flags=re.IGNORECASE)
+    names, files = [], set()
+    for part in body.split(b"--" + match.group(1))[1:] if match else []:
         head = part.split(b"\r\n\r\n", 1)[0]
-        if found := re.search(rb'name="([^"]*)"', head):
+        if found := re.search(rb'\bname="([^"]*)"', head):
             names.append(found.group(1).decode("utf-8", "replace"))
-    return names
+            if re.search(rb'\bfilename="', head):
+                files.add(names[-1])
+    return names, files
 
 
 @bentoml.service(

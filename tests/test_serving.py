@@ -216,7 +216,11 @@ def _chunked(data: bytes):
 
 
 BAD_INPUTS = {
-    "empty body": (dict(), 400, "image"),
+    "empty body": (dict(), 415, "multipart/form-data"),
+    "form-urlencoded body": (dict(data={"image": "x.png"}), 415, "multipart/form-data"),
+    "url instead of a file": (dict(files={"image": (None, "http://127.0.0.1:1/x.png")}), 400, "file upload"),
+    "two images": (dict(files=[("image", ("a.png", _encode(_rgb(8, 8), "PNG"))),
+                               ("image", ("b.png", _encode(_rgb(8, 8), "PNG")))]), 400, "one file upload"),
     "empty file": (dict(files={"image": ("x.png", b"")}), 400, "empty"),
     "not an image": (dict(files={"image": ("x.png", b"hello, this is text" * 20)}), 400, "could not be decoded"),
     "truncated png": (dict(files={"image": ("x.png", _encode(_rgb(200, 200), "PNG")[:5000])}), 400, "truncated"),
@@ -227,13 +231,19 @@ BAD_INPUTS = {
     "over byte limit, chunked": (dict(data=_chunked(os.urandom(400_000)),
                                       headers={"Content-Type": "multipart/form-data; boundary=x"}), 413, "limit"),
     "wrong field name": (dict(files={"file": ("x.png", _encode(_rgb(20, 20), "PNG"))}), 400, "'image'"),
+    "unknown extra field": (dict(files={"image": ("x.png", _encode(_rgb(8, 8), "PNG")), "extra": ("y", b"\x89")}),
+                            400, "'image'"),
+    "multipart to segment_batch": (dict(route="segment_batch", files={"image": ("x.png", b"x")}), 415, "JSON"),
+    "wrong json to segment_batch": (dict(route="segment_batch", json={"images": "x"}), 400, "images"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_4xx_json_and_server_stays_healthy(server, case):
     kwargs, status, text = BAD_INPUTS[case]
-    response = requests.post(f"{server}/segment", timeout=60, **kwargs)
+    kwargs = dict(kwargs)
+    route = kwargs.pop("route", "segment")
+    response = requests.post(f"{server}/{route}", timeout=60, **kwargs)
     assert response.status_code == status, f"{case}: {response.status_code} {response.text[:300]}"
     assert "error" in response.json() and text in response.text, f"{case}: {response.text[:300]}"
     assert requests.get(f"{server}/readyz", timeout=10).status_code == 200
