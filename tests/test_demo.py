@@ -22,7 +22,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert command in result.stdout
 
     assert (out / "train" / "best.pt").is_file() and (out / "train" / "last.pt").is_file()
-    miou = json.loads((out / "eval" / "miou.json").read_text())
+    def strict_json(c):  # NaN/Infinity are not JSON; other tools reject them
+        raise AssertionError(f"miou.json holds {c}")
+
+    miou = json.loads((out / "eval" / "miou.json").read_text(), parse_constant=strict_json)
     assert 0.0 <= miou["miou"] <= 100.0 and len(miou["iou"]) == 19
     parity = json.loads((out / "export" / "parity.json").read_text())
     assert parity["passed"] and parity["labelled"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,10 @@ def _evaluate(args: argparse.Namespace, dist_info) -> EvalResult:
         if args.save_png:
             print(f"wrote {len(shard) if dist_info.world_size == 1 else 'the'} predictions to {args.save_png}")
         if args.json:
-            args.json.write_text(json.dumps({"miou": result.miou, "mode": mode, "images": images,
-                                             "iou": dict(zip(meta.classes, result.iou))}, indent=2))
+            # Classes absent from both labels and predictions have no IoU: null, not NaN (invalid JSON).
+            iou = {name: (None if math.isnan(v) else v) for name, v in zip(meta.classes, result.iou)}
+            args.json.write_text(json.dumps({"miou": result.miou, "mode": mode, "images": images, "iou": iou},
+                                            indent=2, allow_nan=False))
     return result
 
 
