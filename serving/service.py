@@ -331,8 +331,6 @@ class AgmmSegmenter:
         # The call goes through BentoML's in-process client as JSON (base64 text), so it reaches the
         # adaptive-batching dispatcher like any HTTP request would.
         (result,) = await self.to_async.segment_batch([base64.b64encode(data).decode("ascii")])
-        if isinstance(result, dict):
-            result = ImageResult(**result)
         if result.error is not None:
             return _error(400, result.error.replace("image 0", "the image", 1))
         return result
