@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own bomb guard (about 89 Mpx) stays on; callers may pass a tighter max_pixels.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -64,7 +64,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{name} was refused as a decompression bomb: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
-        raise ImageDecodeError(f"{name} could not be decoded as an image ({err}); expected a complete "
+        # PIL's own message for unknown formats names its BytesIO object, which helps nobody.
+        reason = "not a recognised image format" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise ImageDecodeError(f"{name} could not be decoded as an image ({reason}); expected a complete "
                                "JPEG, PNG, WebP or TIFF file") from err
 
 
