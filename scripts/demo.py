@@ -102,7 +102,8 @@ def _parity_folder(data: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
-    out = args.out if args.out.is_absolute() else ROOT / args.out
+    os.chdir(ROOT)  # commands run from the project root, so relative paths print as a user would type them
+    out = args.out
     if out.exists():
         shutil.rmtree(out)  # a demo starts from nothing; it only ever writes inside --out
     data, train, evaluation, export, served = (out / n for n in ("data", "train", "eval", "export", "served"))
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         fractions = json.loads((served / "fractions.json").read_text())
         present = {name: round(v, 4) for name, v in fractions["fractions"].items() if v > 0}
         print(f"pixel fractions of {image.name} (classes present): {present}")
+        comparison = _comparison(image, parity / "labels" / image.name, served / "mask.png",
+                                 served / "overlay.png", served / "comparison.png")
+        print(f"wrote {comparison}: image | ground truth | served mask | served overlay")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -173,8 +177,26 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in [("data set", data), ("checkpoints + TensorBoard logs", train),
                         ("evaluation (mIoU JSON, prediction PNGs)", evaluation),
                         ("ONNX model + parity.json", export), ("served mask / overlay / JSON", served)]:
-        print(f"  {label:42s} {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        print(f"  {label:42s} {path}")
     return 0
+
+
+def _comparison(image: Path, label: Path, mask: Path, overlay: Path, target: Path) -> Path:
+    """One picture to look at: the input, its full label and what the server answered, side by side."""
+    import numpy as np
+    from PIL import Image
+
+    served_mask = Image.open(mask)  # indexed PNG: the model's palette travels with it (255 = ignore: black)
+    truth = Image.fromarray(np.asarray(Image.open(label), dtype=np.uint8), mode="P")
+    truth.putpalette(served_mask.getpalette())
+    tiles = [Image.open(image).convert("RGB"), truth.convert("RGB"), served_mask.convert("RGB"),
+             Image.open(overlay).convert("RGB")]
+    width, height = tiles[0].size
+    sheet = Image.new("RGB", (width * len(tiles) + 4 * (len(tiles) - 1), height), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, (i * (width + 4), 0))
+    sheet.save(target)
+    return target
 
 
 def _post_file(url: str, image: Path, target: Path) -> None:

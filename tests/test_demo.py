@@ -35,5 +35,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert mask.size == image.size and mask.mode == "P"
     assert int(np.asarray(mask).max()) < 19
     assert Image.open(out / "served" / "overlay.png").size == image.size
+    assert Image.open(out / "served" / "comparison.png").size == (4 * image.size[0] + 12, image.size[1])
     fractions = json.loads((out / "served" / "fractions.json").read_text())
     assert abs(sum(fractions["fractions"].values()) - 1.0) < 1e-6
