@@ -10,6 +10,9 @@ IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# File endings read as images when a folder is given (data sets, parity image folders, agmm-predict).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 
 def _cityscapes_train_labels():
     """Cityscapes classes with train ids 0..18, read from the official cityscapesscripts table."""

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from agmm_deploy.meta import ModelMeta
+from agmm_deploy.transforms import (SLIDING_OVERLAP, Letterbox, letterbox, normalize, pad_value, sliding_window_tiles,
+                                   unletterbox)
 
 DEFAULT_MAX_BATCH = 8
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -270,54 +272,78 @@ def load_runner(path: str | Path, device: str = "auto", **kwargs: Any) -> _Runne
 
 
 
+def batch_image_scores(runner: _Runner, images: list[np.ndarray], *,
+                       overlap: float = SLIDING_OVERLAP) -> list[np.ndarray]:
+    """Class probabilities for uint8 RGB images of any sizes, the model run on all of them together.
 
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Top/left corners of tiles covering [0, length); the last tile is flush with the end."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+    An image that fits the model input is letterboxed (resized to fit, padded with the colour that normalises
+    to 0) and its logits are mapped back before the softmax. A larger image (along either axis) is cut into
+    input-size tiles by ``sliding_window_tiles`` (official overlap 2/3; tiles past a short axis padded bottom/right)
+    and the tiles' softmax is averaged where they overlap, as in the official sliding-window evaluation.
+    The canvases and tiles of all images go through the runner in chunks of ``runner.max_batch``.
 
-
-def image_scores(runner: _Runner, image: np.ndarray, *, overlap: float = 1 / 3) -> np.ndarray:
-    """Class probabilities (K, H, W) for one uint8 RGB image (H, W, 3) of any size.
-
-    Images that fit the model input are letterboxed (resized to fit, padded with the colour that normalises to 0)
-    and mapped back; larger ones are cut into input-size tiles overlapping by ``overlap``, and the softmax of the
-    tiles is averaged where they overlap (as in the official sliding-window evaluation).
+    Args:
+        runner: any runner (see ``load_runner``).
+        images: uint8 RGB arrays (H_i, W_i, 3).
+        overlap: sliding-window overlap for images larger than the model input.
+    Returns:
+        One float32 array (K, H_i, W_i) per image; it sums to 1 over K.
     """
-    from agmm_deploy.transforms import letterbox, normalize, pad_value, unletterbox
-
+    if not 0 <= overlap < 1:  # checked here too: images that fit the input never reach the tiling
+        raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
     meta = runner.meta
     th, tw = runner.input_size
-    h, w = image.shape[:2]
-    if h <= th and w <= tw:
-        canvas, box = letterbox(image, (th, tw), fill=pad_value(meta.mean))
-        logits = runner(normalize(canvas, meta.mean, meta.std))[0]  # (K, th, tw)
-        return _softmax(unletterbox(logits, box))
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1")
-    ph, pw = max(h, th), max(w, tw)
-    padded = np.empty((ph, pw, 3), dtype=np.uint8)
-    padded[:] = np.asarray(pad_value(meta.mean), dtype=np.uint8)
-    padded[:h, :w] = image
-    stride_h = max(1, int(np.ceil(th * (1 - overlap))))
-    stride_w = max(1, int(np.ceil(tw * (1 - overlap))))
-    corners = [(y, x) for y in _tile_starts(ph, th, stride_h) for x in _tile_starts(pw, tw, stride_w)]
-    scores = np.zeros((meta.num_classes, ph, pw), dtype=np.float32)
-    counts = np.zeros((ph, pw), dtype=np.float32)
-    for i in range(0, len(corners), runner.max_batch):
-        group = corners[i:i + runner.max_batch]
-        tiles = np.stack([padded[y:y + th, x:x + tw] for y, x in group])
-        probs = _softmax(runner(normalize(tiles, meta.mean, meta.std)), axis=1)  # (B, K, th, tw)
-        for (y, x), p in zip(group, probs):
-            scores[:, y:y + th, x:x + tw] += p
-            counts[y:y + th, x:x + tw] += 1
-    return scores[:, :h, :w] / counts[None, :h, :w]
+    fill = pad_value(meta.mean)
+    # One runner input per entry: (image index, uint8 (th, tw, 3) canvas or tile, where its output goes).
+    inputs: list[tuple[int, np.ndarray, Letterbox | tuple[int, int, int, int]]] = []
+    for index, image in enumerate(images):
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            shape = getattr(image, "shape", type(image).__name__)
+            dtype = getattr(image, "dtype", "")
+            raise ValueError(f"image {index} is {shape} {dtype}; expected a uint8 RGB array (H, W, 3), e.g. from "
+                             "agmm_deploy.transforms.read_image")
+        h, w = image.shape[:2]
+        if h <= th and w <= tw:
+            canvas, box = letterbox(image, (th, tw), fill=fill)
+            inputs.append((index, canvas, box))
+            continue
+        for y1, y2, x1, x2 in sliding_window_tiles(h, w, (th, tw), overlap):
+            tile = image[y1:y2, x1:x2]
+            if tile.shape[:2] != (th, tw):  # the image is shorter than the tile along one axis
+                padded = np.empty((th, tw, 3), dtype=np.uint8)
+                padded[:] = np.asarray(fill, dtype=np.uint8)
+                padded[:y2 - y1, :x2 - x1] = tile
+                tile = padded
+            inputs.append((index, tile, (y1, y2, x1, x2)))
+
+    results: list[np.ndarray | None] = [None] * len(images)
+    counts: dict[int, np.ndarray] = {}  # tiled images: how many tiles covered each pixel (H, W)
+    for start in range(0, len(inputs), runner.max_batch):
+        chunk = inputs[start:start + runner.max_batch]
+        logits = runner(normalize(np.stack([item[1] for item in chunk]), meta.mean, meta.std))  # (B, K, th, tw)
+        for (index, _, place), scores in zip(chunk, logits):
+            if isinstance(place, Letterbox):
+                results[index] = _softmax(unletterbox(scores, place))
+                continue
+            y1, y2, x1, x2 = place
+            if results[index] is None:
+                h, w = images[index].shape[:2]
+                results[index] = np.zeros((meta.num_classes, h, w), dtype=np.float32)
+                counts[index] = np.zeros((h, w), dtype=np.float32)
+            results[index][:, y1:y2, x1:x2] += _softmax(scores)[:, :y2 - y1, :x2 - x1]
+            counts[index][y1:y2, x1:x2] += 1
+    for index, count in counts.items():
+        results[index] /= count[None]
+    return results
 
 
-def segment_image(runner: _Runner, image: np.ndarray, *, overlap: float = 1 / 3) -> np.ndarray:
-    """Class ids (H, W) uint8 for one uint8 RGB image of any size (see image_scores)."""
+def image_scores(runner: _Runner, image: np.ndarray, *, overlap: float = SLIDING_OVERLAP) -> np.ndarray:
+    """Class probabilities (K, H, W) float32 for one uint8 RGB image (H, W, 3) of any size (see batch_image_scores)."""
+    return batch_image_scores(runner, [image], overlap=overlap)[0]
+
+
+def segment_image(runner: _Runner, image: np.ndarray, *, overlap: float = SLIDING_OVERLAP) -> np.ndarray:
+    """Class ids (H, W) uint8 for one uint8 RGB image of any size (see batch_image_scores)."""
     return image_scores(runner, image, overlap=overlap).argmax(axis=0).astype(np.uint8)
 
 
@@ -328,5 +354,5 @@ def _softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
     return shifted
 
 
-__all__ = ["load_runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "cpu_session_options", "image_scores",
-           "segment_image"]
+__all__ = ["load_runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "cpu_session_options",
+           "batch_image_scores", "image_scores", "segment_image"]

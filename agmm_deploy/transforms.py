@@ -7,6 +7,7 @@ metadata (mean/std); nothing here hard-codes a dataset.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own bomb guard (about 89 Mpx) stays on; callers may pass a tighter max_pixels.
 DEFAULT_MAX_PIXELS = 64_000_000
+# The official sliding-window evaluation (pre_slide) moves its tiles by a third of the tile: overlap 2/3.
+SLIDING_OVERLAP = 2 / 3
 
 
 class ImageDecodeError(ValueError):
@@ -138,6 +141,36 @@ def unletterbox(logits: np.ndarray, box: Letterbox) -> np.ndarray:
         [cv2.resize(hwc[:, :, i:i + 512], (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
          for i in range(0, hwc.shape[2], 512)], axis=2)
     return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def sliding_window_tiles(height: int, width: int, tile: int | tuple[int, int],
+                         overlap: float = SLIDING_OVERLAP) -> list[tuple[int, int, int, int]]:
+    """The windows of the official sliding-window evaluation, each once (the official loop ran every tile twice).
+
+    Tiles move by stride = ceil(tile * (1 - overlap)) along each axis; the last row/column is flush with the
+    bottom/right border. Along an axis shorter than the tile there is one window covering the whole axis (the
+    caller pads it to the tile size).
+
+    Args:
+        height, width: image size.
+        tile: tile size, one int (square) or (tile_h, tile_w): the model input.
+        overlap: fraction of a tile shared with its neighbour, 0 <= overlap < 1 (official: 2/3).
+    Returns:
+        (y1, y2, x1, x2) per window, row by row.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
+    tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
+    if tile_h < 1 or tile_w < 1 or height < 1 or width < 1:
+        raise ValueError(f"cannot tile a {height}x{width} image with {tile_h}x{tile_w} tiles; expected sizes >= 1")
+
+    def spans(length: int, size: int) -> list[tuple[int, int]]:
+        stride = max(1, math.ceil(size * (1 - overlap)))
+        count = max(1, math.ceil((length - size) / stride) + 1)
+        ends = [min(i * stride + size, length) for i in range(count)]
+        return list(dict.fromkeys((max(end - size, 0), end) for end in ends))
+
+    return [(y1, y2, x1, x2) for y1, y2 in spans(height, tile_h) for x1, x2 in spans(width, tile_w)]
 
 
 def colorize(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:

@@ -6,7 +6,9 @@ from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.export.onnx import export_onnx
 from agmm_deploy.meta import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
-from agmm_deploy.runners import OnnxRunner, TorchRunner, image_scores, load_runner, segment_image
+from agmm_deploy.runners import (OnnxRunner, TorchRunner, batch_image_scores, image_scores, load_runner,
+                                 segment_image)
+from agmm_deploy.transforms import SLIDING_OVERLAP, normalize
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +51,80 @@ def test_wrong_input_shapes_are_refused_with_the_fix(artifacts):
         runner(np.zeros((48, 64, 3), np.float32))
 
 
-def test_segment_image_letterboxes_small_and_tiles_large_images(artifacts):
+def _count_calls(runner):
+    """Records the batch size of every chunk the runner really runs (the real _run still does the work)."""
+    sizes = []
+    run = runner._run
+
+    def counting(images):
+        sizes.append(len(images))
+        return run(images)
+
+    runner._run = counting
+    return sizes
+
+
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_segment_image_letterboxes_small_images(artifacts):
     _, onnx_path = artifacts
     runner = load_runner(onnx_path)
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)
-    large = rng.integers(0, 255, (100, 150, 3), dtype=np.uint8)
     labels = segment_image(runner, small)
     assert labels.shape == (30, 20) and labels.dtype == np.uint8 and labels.max() < 5
-    scores = image_scores(runner, large)
-    assert scores.shape == (5, 100, 150)
-    np.testing.assert_allclose(scores.sum(0), 1.0, rtol=1e-5)  # averaged softmax stays a distribution
-    # A tile-sized image is one tile: sliding window and a direct call agree.
+    # A tile-sized image is one call: letterboxing changes nothing and the direct call agrees.
     exact = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    from agmm_deploy.transforms import normalize
-
     direct = runner(normalize(exact, runner.meta.mean, runner.meta.std))[0].argmax(0)
     np.testing.assert_array_equal(segment_image(runner, exact), direct)
+
+
+def test_large_images_average_the_softmax_of_official_sliding_tiles(artifacts):
+    _, onnx_path = artifacts
+    runner = load_runner(onnx_path)  # max_batch 1: one tile per call
+    sizes = _count_calls(runner)
+    large = np.random.default_rng(1).integers(0, 255, (100, 150, 3), dtype=np.uint8)
+    scores = image_scores(runner, large)
+    # Default overlap 2/3: strides ceil(48/3) = 16 and ceil(64/3) = 22 -> 5 rows x 5 columns, each tile once.
+    assert SLIDING_OVERLAP == pytest.approx(2 / 3)
+    assert sizes == [1] * 25
+    # Brute force: every tile through the model, softmax, summed and divided by the cover count.
+    total, count = np.zeros((5, 100, 150)), np.zeros((100, 150))
+    ys = [0, 16, 32, 48, 52]
+    xs = [0, 22, 44, 66, 86]
+    for y in ys:
+        for x in xs:
+            tile = large[y:y + 48, x:x + 64]
+            total[:, y:y + 48, x:x + 64] += _softmax(runner(normalize(tile, runner.meta.mean, runner.meta.std))[0], 0)
+            count[y:y + 48, x:x + 64] += 1
+    assert scores.shape == (5, 100, 150) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, total / count, rtol=1e-5, atol=1e-6)
+    # An image larger along one axis only: one row of tiles, padded at the bottom, cropped back.
+    wide = large[:30]
+    wide_scores = image_scores(runner, wide)
+    assert wide_scores.shape == (5, 30, 150)
+    np.testing.assert_allclose(wide_scores.sum(0), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"overlap=1.0 is invalid; expected 0 <= overlap < 1"):
+        image_scores(runner, large[:10, :10], overlap=1.0)
+
+
+def test_batch_image_scores_runs_all_images_together_in_max_batch_chunks(artifacts):
+    ckpt, _ = artifacts
+    runner = load_runner(ckpt, max_batch=4)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((30, 20, 3), (100, 150, 3), (48, 64, 3))]
+    alone = [image_scores(runner, image) for image in images]
+    sizes = _count_calls(runner)
+    together = batch_image_scores(runner, images)
+    assert sizes == [4] * 6 + [3]  # 1 letterbox + 25 tiles + 1 letterbox = 27 inputs, 4 at a time
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"image 1 is \(4, 4\) uint8; expected a uint8 RGB array \(H, W, 3\)"):
+        batch_image_scores(runner, [images[0], np.zeros((4, 4), np.uint8)])
 
 
 def test_load_runner_errors(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,14 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from agmm_deploy.transforms import palette_png
+from agmm_deploy.transforms import SLIDING_OVERLAP, palette_png, sliding_window_tiles
 from training.distributed import all_reduce_mean
 from training.metrics import ConfusionMatrix
 
 EVAL_MODES = ("center", "sliding", "multiscale", "whole")
 # Official multi-scale test (util/utils.py ms_test): 7 scales, each with a horizontal flip, logits averaged.
 MULTISCALE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-SLIDING_OVERLAP = 2 / 3
 
 
 class TrainForward(nn.Module):
@@ -133,23 +131,6 @@ def _forward_logits(net: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype
         return net(images).float()
 
 
-def sliding_window_tiles(height: int, width: int, tile: int,
-                         overlap: float = SLIDING_OVERLAP) -> list[tuple[int, int, int, int]]:
-    """(y1, y2, x1, x2) of the official sliding window: stride ceil(tile * (1 - overlap)), last tile flush
-    with the border. Each window appears once (the official loop ran every tile twice)."""
-    stride = math.ceil(tile * (1 - overlap))
-    rows = max(1, math.ceil((height - tile) / stride) + 1)
-    cols = max(1, math.ceil((width - tile) / stride) + 1)
-    tiles = []
-    for row in range(rows):
-        for col in range(cols):
-            y2, x2 = min(row * stride + tile, height), min(col * stride + tile, width)
-            y1, x1 = max(y2 - tile, 0), max(x2 - tile, 0)
-            if (y1, y2, x1, x2) not in tiles:
-                tiles.append((y1, y2, x1, x2))
-    return tiles
-
-
 @torch.no_grad()
 def predict_sliding(net: nn.Module, image: torch.Tensor, num_classes: int, tile: int,
                     amp_dtype: torch.dtype | None = None, tiles_per_batch: int = 4) -> torch.Tensor:
@@ -157,7 +138,7 @@ def predict_sliding(net: nn.Module, image: torch.Tensor, num_classes: int, tile:
     _, _, h, w = image.shape
     probs = image.new_zeros((1, num_classes, h, w))
     counts = image.new_zeros((1, 1, h, w))
-    windows = sliding_window_tiles(h, w, tile)
+    windows = sliding_window_tiles(h, w, tile, SLIDING_OVERLAP)
     for i in range(0, len(windows), tiles_per_batch):
         batch_windows = windows[i:i + tiles_per_batch]
         crops = []

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from agmm_deploy.export.parity import IMAGE_SUFFIXES
+from agmm_deploy.constants import IMAGE_SUFFIXES
+from agmm_deploy.transforms import SLIDING_OVERLAP
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,8 +24,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--overlap", type=float, default=1 / 3,
-                        help="overlap of sliding-window tiles for images larger than the model input")
+    parser.add_argument("--overlap", type=float, default=SLIDING_OVERLAP,
+                        help="overlap of sliding-window tiles for images larger than the model input "
+                        "(default 2/3, as the official evaluation)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlay")
     parser.add_argument("--backbone", default=None, help="raw official state dicts only, e.g. resnet101")
     parser.add_argument("--num-classes", type=int, default=None, help="raw official state dicts only")

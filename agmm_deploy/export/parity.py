@@ -28,12 +28,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from agmm_deploy.constants import IGNORE_INDEX
+from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from agmm_deploy.export.metadata import write_json_atomic
 from agmm_deploy.meta import ModelMeta
 from agmm_deploy.transforms import letterbox, normalize, pad_value, read_image
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
