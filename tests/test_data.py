@@ -8,7 +8,7 @@ from PIL import Image
 from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
 from training import synthetic
 from training.data import (DataError, SegmentationDataset, cityscapes_samples, folder_samples,
-                           read_class_names, train_samples, val_samples, voc_samples)
+                           read_class_names, read_label, train_samples, val_samples, voc_samples)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,18 @@ def test_label_values_outside_classes_fail_naming_the_file(tmp_path):
     dataset = SegmentationDataset(folder_samples(tmp_path, "train"), num_classes=4, train=True, crop_size=8)
     with pytest.raises(DataError, match=r"img0\.png holds values \[7\] outside 0\.\.3"):
         dataset[0]
+
+
+def test_negative_values_of_an_int32_label_are_refused_not_wrapped_to_255(tmp_path):
+    label = np.full((16, 16), 4, np.int32)
+    label[2, 2] = -1  # would become 255 (ignore) through astype(uint8) if not refused
+    label[6, 6] = 1
+    _write_pair(tmp_path / "train", "img0", np.zeros((16, 16, 3), np.uint8), label.astype(np.uint8))
+    path = tmp_path / "train" / "labels" / "img0.png"
+    Image.fromarray(label).save(path, format="TIFF")  # PNG cannot hold mode I; PIL reads files by content
+    assert Image.open(path).mode == "I"
+    with pytest.raises(DataError, match=r"img0\.png holds values \[-1\] outside 0\.\.3"):
+        read_label(path, num_classes=4)
 
 
 def test_rgb_label_and_size_mismatch_are_refused(tmp_path):

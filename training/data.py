@@ -166,7 +166,8 @@ def read_label(path: Path, num_classes: int) -> np.ndarray:
     except (OSError, SyntaxError) as err:
         raise DataError(f"label {path} cannot be read as an image: {err}") from err
     values = np.unique(label)
-    bad = values[(values > num_classes) & (values != IGNORE_INDEX)]
+    # Mode I labels are int32: negative values must be refused here, astype(uint8) would wrap -1 to 255.
+    bad = values[((values < 0) | (values > num_classes)) & (values != IGNORE_INDEX)]
     if bad.size:
         raise DataError(f"label {path} holds values {bad[:8].tolist()} outside 0..{num_classes - 1} (classes), "
                         f"{num_classes} (unlabelled) and {IGNORE_INDEX} (ignore); check --dataset / classes.txt "
