@@ -170,10 +170,115 @@ def test_refusals_are_explicit(city_root, tmp_path):
 @pytest.mark.parametrize("name", ["cityscapes", "pascal"])
 def test_shipped_configs_reproduce_the_presets(name):
     config = REPO / "training" / "configs" / f"{name}.yaml"
-    resolved = run.resolve_config(run.get_args_parser().parse_args(["--config", str(config), "--data-root", "x"]))
+    resolved = run.resolve_config({"data_root": "x"}, config)
     preset = {**run.COMMON, **run.PRESETS[name]}
     for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug"):
         assert resolved[key] == preset[key], key
+
+
+# The official configs/pascal.yaml and configs/cityscapes.yaml of the AGMM code, key for key.
+OFFICIAL_PASCAL = """dataset: pascal
+nclass: 21
+crop_size: 321
+aug: True
+data_root: Pascal
+mode: 'point'
+epochs: 80
+batch_size: 16
+lr: 0.001
+lr_multi: 10.0
+criterion:
+  name: CELoss
+  kwargs:
+    ignore_index: 255
+conf_thresh: 0.95
+aux: False
+backbone: resnet101
+multi_grid: False
+replace_stride_with_dilation: [False, True, True]
+dilations: [6, 12, 18]
+"""
+OFFICIAL_CITYSCAPES = """dataset: cityscapes
+nclass: 19
+crop_size: 721
+aug: False
+data_root: Cityscapes
+mode: 'point'
+epochs: 240
+batch_size: 4
+lr: 0.005
+lr_multi: 1.0
+criterion:
+  name: CELoss
+  use_class_weight: False
+  kwargs:
+    ignore_index: 255
+conf_thresh: 0.95
+weight: 0.5
+aux: False
+backbone: resnet50
+multi_grid: True
+replace_stride_with_dilation: [False, True, True]
+dilations: [12, 24, 36]
+"""
+
+
+def _resolve(tmp_path, text, **flags):
+    path = tmp_path / "official.yaml"
+    path.write_text(text)
+    return run.resolve_config(flags, path)
+
+
+def test_official_configs_map_mode_dilation_and_accept_celoss(tmp_path):
+    voc = _resolve(tmp_path, OFFICIAL_PASCAL)
+    assert voc["label"] == "point" and voc["output_stride"] == 8 and voc["aspp_rates"] == [6, 12, 18]
+    assert voc["head_lr_mult"] == 10.0 and voc["colour_aug"] is True and voc["data_root"] == "Pascal"
+    assert _resolve(tmp_path, OFFICIAL_PASCAL.replace("'point'", "'scribble'"))["label"] == "scribble"
+    # flags win over the file, as for every other setting
+    assert _resolve(tmp_path, OFFICIAL_PASCAL, label="scribble")["label"] == "scribble"
+    city = _resolve(tmp_path, OFFICIAL_CITYSCAPES)
+    assert city["clicks"] == 100 and city["multi_grid"] is True  # official 'point' reads 100clicks/
+    assert _resolve(tmp_path, OFFICIAL_CITYSCAPES.replace("'point'", "20clicks"))["clicks"] == 20
+    stride16 = OFFICIAL_CITYSCAPES.replace("[False, True, True]", "[False, False, True]")
+    assert _resolve(tmp_path, stride16)["output_stride"] == 16
+
+
+@pytest.mark.parametrize("text, message", [
+    (OFFICIAL_PASCAL.replace("'point'", "'full'"), r"mode: 'full' cannot be mapped for dataset pascal; "
+                                                   r"expected 'point' or 'scribble'"),
+    (OFFICIAL_CITYSCAPES.replace("'point'", "random_50clicks"), r"mode: 'random_50clicks' cannot be mapped for "
+                                                               r"dataset cityscapes"),
+    (OFFICIAL_CITYSCAPES.replace("'point'", "30clicks"), r"mode: '30clicks' cannot be mapped"),
+    (OFFICIAL_CITYSCAPES.replace("CELoss", "OHEM"), r"criterion: \{'name': 'OHEM'.* is not implemented"),
+    (OFFICIAL_CITYSCAPES.replace("use_class_weight: False", "use_class_weight: True"), r"criterion: .*not implemented"),
+    (OFFICIAL_PASCAL.replace("ignore_index: 255", "thresh: 0.7"), r"criterion: .*'thresh'.* is not implemented"),
+    (OFFICIAL_PASCAL.replace("nclass: 21", "nclass: 20"), r"nclass: 20 does not match dataset pascal \(21 classes\)"),
+    (OFFICIAL_PASCAL.replace("aux: False", "aux: True"), r"aux: True: the auxiliary head is not implemented"),
+    (OFFICIAL_PASCAL.replace("[False, True, True]", "[True, True, True]"), r"replace_stride_with_dilation: .* cannot"),
+    (OFFICIAL_PASCAL + "label: scribble\n", r"mode: 'point' means label='point', but the file also sets label"),
+])
+def test_official_keys_that_cannot_be_mapped_raise_naming_key_and_file(tmp_path, text, message):
+    with pytest.raises(ValueError, match=r"--config .*official\.yaml: " + message):
+        _resolve(tmp_path, text)
+
+
+def test_evaluate_refuses_validation_labels_without_a_labelled_pixel(tmp_path):
+    from agmm_deploy.checkpoint import save_checkpoint
+    from agmm_deploy.meta import ModelMeta
+    from agmm_deploy.model import ModelConfig, build_model
+    from training import evaluate as evaluate_cli
+
+    root = tmp_path / "data"
+    synthetic.generate("folder", root, num_train=1, num_val=1, height=32, width=32, seed=0, progress=False)
+    for label in (root / "val" / "labels").glob("*.png"):
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(label)  # all "ignore": no IoU can exist
+    torch.manual_seed(0)
+    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=len(synthetic.FOLDER_CLASSES)))
+    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), synthetic.FOLDER_CLASSES))
+    with pytest.raises(ValueError, match=r"hold no labelled pixel .* so there is no mIoU"):
+        evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "whole", "--workers", "0", "--device",
+                           "cpu", "--json", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.gpu

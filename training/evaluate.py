@@ -21,12 +21,15 @@ from torch.utils.data import DataLoader, Subset
 
 from agmm_deploy.checkpoint import load_model
 from training.data import SegmentationDataset, val_samples
-from training.distributed import cleanup_distributed, init_distributed
+from training.distributed import DistInfo, cleanup_distributed, init_distributed
 from training.engine import EVAL_MODES, evaluate
 
 
 @dataclass
 class EvalResult:
+    """What ``evaluate_checkpoint`` measured: mIoU and per-class IoU in percent (NaN for a class absent from
+    both labels and predictions), in the order of ``classes``; the evaluation mode and the number of images."""
+
     miou: float
     iou: list[float]
     classes: tuple[str, ...]
@@ -48,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-list", help="split file of the validation images")
     p.add_argument("--max-images", type=int, help="first N validation images only")
     p.add_argument("--save-png", type=Path, help="write colourised predictions (indexed PNGs) into this folder")
-    p.add_argument("--json", type=Path, help="write the result as JSON to this file")
+    p.add_argument("--json", dest="json_path", type=Path, help="write the result as JSON to this file")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--workers", type=int, default=2)
@@ -58,49 +61,70 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> EvalResult:
-    args = get_args_parser().parse_args(argv)
-    dist_info = init_distributed(args.device)
+    args = vars(get_args_parser().parse_args(argv))
+    dist_info = init_distributed(args.pop("device"))
     try:
-        return _evaluate(args, dist_info)
+        return evaluate_checkpoint(**args, dist_info=dist_info)
     finally:
         cleanup_distributed()
 
 
-def _evaluate(args: argparse.Namespace, dist_info) -> EvalResult:
-    loaded = load_model(args.checkpoint, backbone=args.backbone, num_classes=args.num_classes, dataset=args.dataset)
+def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_info: DistInfo,
+                        dataset: str | None = None, mode: str | None = None, crop_size: int | None = None,
+                        val_list: str | Path | None = None, max_images: int | None = None,
+                        save_png: Path | None = None, json_path: Path | None = None, amp: str = "none",
+                        workers: int = 2, backbone: str | None = None,
+                        num_classes: int | None = None) -> EvalResult:
+    """mIoU of a checkpoint on the validation split of ``data_root`` (this rank's shard, matrix summed over ranks).
+
+    Args:
+        checkpoint: best.pt / last.pt of training.run, or an official raw state dict (then dataset, backbone
+            and num_classes say what it is).
+        mode: center | sliding | multiscale | whole; default sliding on Cityscapes, multiscale on VOC, else whole.
+        crop_size: center crop / sliding tile; default the checkpoint's input size.
+        save_png, json_path: optional outputs, written by the main process.
+    Returns:
+        EvalResult; raises ValueError when the validation labels hold no labelled pixel (no mIoU exists).
+    """
+    loaded = load_model(checkpoint, backbone=backbone, num_classes=num_classes, dataset=dataset)
     meta = loaded.meta
-    dataset = args.dataset or meta.dataset
+    dataset = dataset or meta.dataset
     if dataset not in ("cityscapes", "pascal", "folder"):
-        raise ValueError(f"{args.checkpoint} does not say which data set it was trained on (got {dataset!r}); "
+        raise ValueError(f"{checkpoint} does not say which data set it was trained on (got {dataset!r}); "
                          "pass --dataset cityscapes|pascal|folder")
-    mode = args.mode or {"cityscapes": "sliding", "pascal": "multiscale"}.get(dataset, "whole")
-    crop = args.crop_size or meta.input_size[0]
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    mode = mode or {"cityscapes": "sliding", "pascal": "multiscale"}.get(dataset, "whole")
+    crop = crop_size or meta.input_size[0]
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if amp_dtype is not None and dist_info.device.type != "cuda":
-        raise ValueError(f"--amp {args.amp} needs a CUDA device; this run is on {dist_info.device}. Use --amp none.")
-    samples = val_samples(dataset, args.data_root, args.val_list)
+        raise ValueError(f"--amp {amp} needs a CUDA device; this run is on {dist_info.device}. Use --amp none.")
+    samples = val_samples(dataset, data_root, val_list)
     if not samples:
-        raise ValueError(f"{args.data_root} has no validation split (expected val/images and val/labels)")
+        raise ValueError(f"{data_root} has no validation split (expected val/images and val/labels)")
     val_set = SegmentationDataset(samples, meta.num_classes, train=False, mean=meta.mean, std=meta.std)
-    shard = list(range(len(val_set)))[: args.max_images][dist_info.rank::dist_info.world_size]
-    loader = DataLoader(Subset(val_set, shard), batch_size=1, num_workers=args.workers)
+    shard = list(range(len(val_set)))[:max_images][dist_info.rank::dist_info.world_size]
+    loader = DataLoader(Subset(val_set, shard), batch_size=1, num_workers=workers)
     net = loaded.model.to(dist_info.device)
     matrix = evaluate(net, loader, device=dist_info.device, num_classes=meta.num_classes, mode=mode, crop_size=crop,
-                      amp_dtype=amp_dtype, is_main=dist_info.is_main, save_dir=args.save_png, palette=meta.palette,
+                      amp_dtype=amp_dtype, is_main=dist_info.is_main, save_dir=save_png, palette=meta.palette,
                       name_of=lambda index: samples[index].label.name)
-    images = len(val_set) if args.max_images is None else min(len(val_set), args.max_images)
+    images = len(val_set) if max_images is None else min(len(val_set), max_images)
+    # The matrix is summed over ranks, so every rank sees the same total and raises together.
+    if int(matrix.mat.sum()) == 0:
+        raise ValueError(f"the {images} validation label(s) under {data_root} hold no labelled pixel (every value "
+                         f"is {meta.num_classes} or 255), so there is no mIoU; check --data-root / --val-list point "
+                         "at full labels")
     result = EvalResult(miou=matrix.miou(), iou=[v * 100 for v in matrix.iou().tolist()], classes=meta.classes,
                         mode=mode, images=images)
     if dist_info.is_main:
-        print(f"{args.checkpoint}: {dataset}, {images} validation images, mode {mode} (crop {crop})")
+        print(f"{checkpoint}: {dataset}, {images} validation images, mode {mode} (crop {crop})")
         print(matrix.table(meta.classes))
         print(f"mIoU {result.miou:.2f}  pixel accuracy {matrix.pixel_accuracy():.2f}")
-        if args.save_png:
-            print(f"wrote {len(shard) if dist_info.world_size == 1 else 'the'} predictions to {args.save_png}")
-        if args.json:
+        if save_png:
+            print(f"wrote {len(shard) if dist_info.world_size == 1 else 'the'} predictions to {save_png}")
+        if json_path:
             # Classes absent from both labels and predictions have no IoU: null, not NaN (invalid JSON).
             iou = {name: (None if math.isnan(v) else v) for name, v in zip(meta.classes, result.iou)}
-            args.json.write_text(json.dumps({"miou": result.miou, "mode": mode, "images": images, "iou": iou},
+            json_path.write_text(json.dumps({"miou": result.miou, "mode": mode, "images": images, "iou": iou},
                                             indent=2, allow_nan=False))
     return result
 

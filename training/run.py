@@ -6,6 +6,9 @@
 
 Defaults are the official configs (configs/cityscapes.yaml, configs/pascal.yaml of the AGMM code); any value
 can be overridden by a flag or a ``--config FILE.yaml`` (flags win over the file, the file over the preset).
+An official config file is read as it is: ``mode`` becomes --label (VOC) or --clicks (Cityscapes: 'point' is
+100 clicks, as the official code reads), ``replace_stride_with_dilation`` --output-stride; values with no
+equivalent here (OHEM criterion, aux head, full-label mode) are refused with the key and the file named.
 The resolved configuration is written to ``<out>/config.yaml``.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ from agmm_deploy.checkpoint import read_checkpoint, save_checkpoint
 from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
 from agmm_deploy.meta import ModelMeta
 from agmm_deploy.model import ModelConfig, build_model, count_parameters
-from training.data import SegmentationDataset, read_class_names, train_samples, val_samples
+from training.data import CITYSCAPES_CLICKS, SegmentationDataset, read_class_names, train_samples, val_samples
 from training.distributed import cleanup_distributed, init_distributed, parameters_match_across_ranks
 from training.engine import EVAL_MODES, TrainForward, evaluate, poly_factor, train_one_epoch
 from training.losses import AGMMLoss, PartialCELoss
@@ -50,8 +54,12 @@ COMMON = dict(stem="deep", output_stride=8, momentum=0.9, weight_decay=1e-4, pol
               out=None)
 # Keys of the official YAML configs, read as ours.
 OFFICIAL_KEYS = {"lr_multi": "head_lr_mult", "dilations": "aspp_rates", "aug": "colour_aug"}
-IGNORED_OFFICIAL_KEYS = {"nclass", "mode", "criterion", "conf_thresh", "weight", "aux", "replace_stride_with_dilation",
-                         "dataset"}
+# Official keys that need a translation or a check (see _read_official_key). conf_thresh and weight are read by
+# no official training script (train_city.py, train_voc.py), so they change nothing there either.
+TRANSLATED_OFFICIAL_KEYS = {"mode", "criterion", "nclass", "aux", "replace_stride_with_dilation"}
+UNUSED_OFFICIAL_KEYS = {"conf_thresh", "weight"}
+# replace_stride_with_dilation of the official ResNet, as our --output-stride.
+OUTPUT_STRIDE_OF_DILATION = {(False, True, True): 8, (False, False, True): 16}
 # Official Cityscapes schedule: center-crop validation, sliding window for the last 20 epochs.
 SLIDING_LAST_EPOCHS = 20
 
@@ -105,11 +113,19 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Preset of the dataset < --config file < explicit flags."""
+def resolve_config(flags: dict[str, Any], config_path: str | Path | None = None) -> dict[str, Any]:
+    """The run's settings: preset of the dataset < the ``--config`` file < explicit flags.
+
+    Args:
+        flags: settings given on the command line, our names with underscores; None means "not given".
+        config_path: YAML file of our settings or of official AGMM keys (lr_multi, dilations, aug, mode, ...).
+    Returns:
+        Every setting of COMMON and the dataset's PRESETS entry, plus dataset, data_root and out.
+    """
     from_file: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
+    official: dict[str, Any] = {}
+    path = Path(config_path) if config_path else None
+    if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"--config {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
@@ -118,20 +134,79 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         known = set(COMMON) | {k for preset in PRESETS.values() for k in preset} | {"dataset", "data_root"}
         for key, value in loaded.items():
             key = OFFICIAL_KEYS.get(key.replace("-", "_"), key.replace("-", "_"))
-            if key in IGNORED_OFFICIAL_KEYS - {"dataset"}:
+            if key in UNUSED_OFFICIAL_KEYS:
+                continue
+            if key in TRANSLATED_OFFICIAL_KEYS:
+                official[key] = value
                 continue
             if key not in known:
-                raise ValueError(f"--config {path}: unknown setting {key!r}; expected one of {sorted(known)}")
+                raise ValueError(f"--config {path}: unknown setting {key!r}; expected one of "
+                                 f"{sorted(known | TRANSLATED_OFFICIAL_KEYS)}")
             from_file[key] = value
-    flags = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
-    dataset = flags.get("dataset", from_file.get("dataset"))
+    given = {k: v for k, v in flags.items() if v is not None}
+    dataset = given.get("dataset", from_file.get("dataset"))
     if dataset is None:
         raise ValueError("--dataset is required (cityscapes, pascal or folder), as a flag or in --config")
-    config = {**COMMON, **PRESETS[dataset], **from_file, **flags, "dataset": dataset}
+    if dataset not in PRESETS:
+        raise ValueError(f"dataset {dataset!r} is not supported; expected one of {sorted(PRESETS)}")
+    for key, value in official.items():
+        for ours, setting in _read_official_key(key, value, dataset, path).items():
+            if ours in from_file and from_file[ours] != setting:
+                raise ValueError(f"--config {path}: {key}: {value!r} means {ours}={setting!r}, but the file also "
+                                 f"sets {ours}: {from_file[ours]!r}; keep one of the two")
+            from_file[ours] = setting
+    config = {**COMMON, **PRESETS[dataset], **from_file, **given, "dataset": dataset}
     if config["data_root"] is None:
         raise ValueError("--data-root is required: the folder holding the data set")
     config["out"] = config["out"] or f"runs/{dataset}"
     return config
+
+
+def _read_official_key(key: str, value: Any, dataset: str, path: Path) -> dict[str, Any]:
+    """One official config key as our settings (maybe none), or a ValueError naming the key and the file."""
+    where = f"--config {path}: {key}: {value!r}"
+    if key == "mode":
+        # The official dataset/sass.py: VOC 'point' -> point/segcls, 'scribble' -> scribble/seginst; Cityscapes
+        # 'point' -> 100clicks/; its other values mean full labels or a random_50clicks/ folder: not trained on here.
+        if dataset == "pascal" and value in ("point", "scribble"):
+            return {"label": value}
+        clicks = re.fullmatch(r"(\d+)clicks", str(value))
+        if dataset == "cityscapes" and (value == "point" or (clicks and int(clicks[1]) in CITYSCAPES_CLICKS)):
+            return {"clicks": 100 if value == "point" else int(clicks[1])}  # official 'point' reads 100clicks/
+        if dataset == "folder":
+            raise ValueError(f"{where}: a folder data set has one kind of label (train/labels/); remove the key")
+        expected = {"pascal": "'point' or 'scribble' (or --label)",
+                    "cityscapes": "'point' (= 100 clicks) or " + ", ".join(f"'{n}clicks'" for n in CITYSCAPES_CLICKS)
+                                  + " (or --clicks)"}[dataset]
+        raise ValueError(f"{where} cannot be mapped for dataset {dataset}; expected {expected}. Training on full "
+                         "labels is not supported")
+    if key == "criterion":
+        # The official scripts use plain cross-entropy for name CELoss and OHEM for any other name; we have CE.
+        criterion = value if isinstance(value, dict) else {"name": value}
+        extra = {k: v for k, v in (criterion.get("kwargs") or {}).items() if (k, v) != ("ignore_index", 255)}
+        unknown = set(criterion) - {"name", "kwargs", "use_class_weight"}
+        if criterion.get("name") != "CELoss" or criterion.get("use_class_weight") or extra or unknown:
+            raise ValueError(f"{where} is not implemented: the seg term here is plain cross-entropy (criterion "
+                             "name CELoss, no class weights, ignore_index 255; OHEM is not available). Set name: "
+                             "CELoss or remove the key")
+        return {}
+    if key == "nclass":
+        if dataset in NUM_CLASSES and value != NUM_CLASSES[dataset]:
+            raise ValueError(f"{where} does not match dataset {dataset} ({NUM_CLASSES[dataset]} classes)")
+        if dataset not in NUM_CLASSES:
+            raise ValueError(f"{where}: a folder data set takes its classes from classes.txt; remove the key")
+        return {}
+    if key == "aux":
+        if value:
+            raise ValueError(f"{where}: the auxiliary head is not implemented; set aux: False or remove the key")
+        return {}
+    if key == "replace_stride_with_dilation":
+        stride = OUTPUT_STRIDE_OF_DILATION.get(tuple(bool(v) for v in value) if isinstance(value, list) else None)
+        if stride is None:
+            raise ValueError(f"{where} cannot be mapped; expected [False, True, True] (output stride 8) or "
+                             "[False, False, True] (output stride 16)")
+        return {"output_stride": stride}
+    raise AssertionError(f"no translation for official key {key!r}")
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -164,6 +239,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 @dataclass
 class RunResult:
+    """Where a training run ended: its folder, the global step and epoch reached, the best validation mIoU
+    (percent; -inf without validation) and the checkpoints written."""
+
     out: Path
     step: int
     epoch: int
@@ -173,8 +251,9 @@ class RunResult:
 
 
 def main(argv: list[str] | None = None) -> RunResult:
-    args = get_args_parser().parse_args(argv)
-    cfg = resolve_config(args)
+    args = vars(get_args_parser().parse_args(argv))
+    config_path = args.pop("config")
+    cfg = resolve_config(args, config_path)
     dist_info = init_distributed(cfg["device"])
     device, is_main = dist_info.device, dist_info.is_main
     out = Path(cfg["out"])
