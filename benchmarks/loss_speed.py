@@ -9,6 +9,7 @@ Memory: peak of the loss's forward and forward + backward at Cityscapes scale (B
 feat 256 x 181 x 181), each measured in a fresh process: torch.cuda.max_memory_allocated on CUDA, the peak
 resident set size on CPU (with glibc told to return freed blocks, so the peak is the tensors'). Target:
 under 1 GB, where the official formulation materialises a (B, K, C, h, w) tensor of 2.5 GB.
+The official formulation is ``training.reference_losses.official_loop_losses``, the one the tests check against.
 """
 
 from __future__ import annotations
@@ -23,59 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agmm_deploy.model import ModelConfig, build_model  # noqa: E402
 from training.losses import agmm_losses  # noqa: E402
-
-EPS = 1e-6
-
-
-def official_style_losses(feat, logits, mask, cls_label, k):
-    """The official train_city.py terms as the official code computes them: upsampled feat, loops over
-    images, classes and class pairs, and the (B, K, C, h, w) broadcast for the GMM distances."""
-    b, c, h, w = feat.shape
-    big_h, big_w = mask.shape[-2:]
-    target = torch.where(mask < k, mask, torch.full_like(mask, 255))
-    seg = F.cross_entropy(logits, target, ignore_index=255)
-    p = torch.softmax(logits, 1)
-    cls = (-(1 - cls_label[:, :, None, None]) * torch.log(1 - p + EPS)).sum(1)[mask != 255].mean()
-    onehot = torch.zeros(b, k + 1, big_h, big_w, device=feat.device)
-    onehot.scatter_(1, mask.clamp(max=k).unsqueeze(1), 1.0)
-    onehot = onehot[:, :k]
-    present = onehot.amax((2, 3))  # (B, K)
-    feat_up = F.interpolate(feat, size=(big_h, big_w), mode="bilinear", align_corners=False)
-    protos = torch.zeros(b, k, c, device=feat.device)
-    for i in range(b):
-        for cl in mask[i].unique().tolist():
-            if cl < k:
-                m = mask[i] == cl
-                protos[i, cl] = feat_up[i][:, m].sum(-1) / (m.sum() + EPS)
-    counts = present.sum(0)[:, None]
-    vecs = protos.sum(0) * counts / (counts + EPS)
-    proto, pairs = torch.zeros((), device=feat.device), 0
-    for i in range(k):
-        for j in range(i + 1, k):
-            if counts[i] > 0 and counts[j] > 0:
-                d = (vecs[i] - vecs[j]).abs().mean()
-                proto = proto + torch.exp(-d * d)
-                pairs += 1
-    proto = proto / (pairs + EPS)
-    keep = F.interpolate((mask < 255).float()[:, None], size=(h, w), mode="bilinear", align_corners=False)
-    distance = (feat[:, None] - protos[:, :, :, None, None]).abs().mean(2)  # via (B, K, C, h, w)
-    distance = distance * present[:, :, None, None] * keep
-    res = F.interpolate(torch.exp(-distance * distance), size=(big_h, big_w), mode="bilinear",
-                        align_corners=False) * present[:, :, None, None]
-    weight = present[:, :, None, None]
-    norm = present.sum(1)[:, None, None] + EPS
-    loss1 = -res * torch.log(p + EPS) - (1 - res) * torch.log(1 - p + EPS)
-    loss1 = ((loss1 / 2) * weight).sum(1) / norm
-    loss2 = -onehot * torch.log(res + EPS) - (1 - onehot) * torch.log(1 - res + EPS)
-    loss2 = ((loss2 / 2) * weight).sum(1) / norm
-    gmm = loss1[mask != 255].mean() + loss2[mask < k].mean()
-    return {"seg": seg, "cls": cls, "proto": proto, "gmm": gmm, "total": seg + cls + proto + gmm}
+from training.reference_losses import official_loop_losses  # noqa: E402
 
 
 def make_inputs(batch, k, crop, device, seed=0, channels=256, requires_grad=True):
@@ -122,7 +76,7 @@ def loss_step(impl, feat, logits, mask, cls_label, k):
 def memory_probe(impl_name, batch, k, crop, device_name):
     """Runs in a fresh process: peak bytes of the loss forward and forward + backward above its inputs."""
     device = torch.device(device_name)
-    impl = agmm_losses if impl_name == "ours" else official_style_losses
+    impl = agmm_losses if impl_name == "ours" else official_loop_losses
     feat, logits, mask, cls_label = make_inputs(batch, k, crop, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -159,7 +113,7 @@ def measure_memory(impl_name, batch, k, crop, device):
     return json.loads(done.stdout.strip().splitlines()[-1]), None
 
 
-def main(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backbone", default="resnet50", help="network for the training-step comparison")
@@ -170,7 +124,11 @@ def main(argv=None):
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-crop", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     k = 19
     if args.memory_probe:
         memory_probe(args.memory_probe, args.probe_batch, k, args.probe_crop, args.device)
@@ -181,10 +139,10 @@ def main(argv=None):
     # --- speed at B=2, K=19, crop 512 (feat 256 x 128 x 128)
     feat, logits, mask, cls_label = make_inputs(2, k, 512, device)
     ours = agmm_losses(feat, logits, mask, cls_label, k)
-    ref = official_style_losses(feat, logits, mask, cls_label, k)
+    ref = official_loop_losses(feat, logits, mask, cls_label, k)
     diff = max(abs(float(ours[key].detach()) - float(ref[key].detach())) for key in ours)
     t_ours = time_call(loss_step(agmm_losses, feat, logits, mask, cls_label, k), device, args.repeats)
-    t_loop = time_call(loss_step(official_style_losses, feat, logits, mask, cls_label, k), device, args.repeats)
+    t_loop = time_call(loss_step(official_loop_losses, feat, logits, mask, cls_label, k), device, args.repeats)
     print("\nAGMM loss forward + backward, B=2, K=19, crop 512, feat 256x128x128 (best of "
           f"{args.repeats}; terms agree to {diff:.1e})")
     print(f"  official formulation (loops) {t_loop * 1000:9.1f} ms")

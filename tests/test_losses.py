@@ -1,79 +1,11 @@
-"""The vectorised AGMM loss against a straightforward per-image / per-class / per-pair loop (float64)."""
+"""The vectorised AGMM loss against the official loop formulation (training/reference_losses.py), in float64."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from training import losses
 from training.losses import AGMMLoss, agmm_losses, partial_ce_losses
-
-EPS = 1e-6
-
-
-def _masked_mean(values, where):
-    return values[where].mean() if where.any() else values.sum() * 0.0
-
-
-def reference_losses(feat, logits, mask, cls_label, k):
-    """The official formulas written out with loops, as plainly as possible."""
-    b, c, h, w = feat.shape
-    big_h, big_w = mask.shape[-2:]
-    p = torch.softmax(logits, 1)
-    labelled = mask < k
-    valid = mask != 255
-
-    log_p = torch.log_softmax(logits, 1)
-    seg_pix = -log_p.gather(1, mask.clamp(max=k - 1).unsqueeze(1))[:, 0]
-    seg = _masked_mean(seg_pix, labelled)
-
-    cls_pix = torch.zeros_like(mask, dtype=logits.dtype)
-    for cl in range(k):
-        cls_pix = cls_pix + (1 - cls_label[:, cl, None, None]) * -torch.log(1 - p[:, cl] + EPS)
-    cls = _masked_mean(cls_pix, valid)
-
-    feat_up = F.interpolate(feat, size=(big_h, big_w), mode="bilinear", align_corners=False)
-    protos = [[torch.zeros(c, dtype=feat.dtype) for _ in range(k)] for _ in range(b)]
-    present = torch.zeros(b, k, dtype=feat.dtype)
-    for i in range(b):
-        for cl in range(k):
-            m = mask[i] == cl
-            if m.any():
-                protos[i][cl] = feat_up[i][:, m].sum(1) / (m.sum().to(feat.dtype) + EPS)
-                present[i, cl] = 1
-    n_images = present.sum(0)
-    vecs = [sum(protos[i][cl] for i in range(b)) * n_images[cl] / (n_images[cl] + EPS) for cl in range(k)]
-    total, pairs = torch.zeros((), dtype=feat.dtype), 0
-    for i in range(k):
-        for j in range(i + 1, k):
-            if n_images[i] > 0 and n_images[j] > 0:
-                d = (vecs[i] - vecs[j]).abs().mean()
-                total = total + torch.exp(-d * d)
-                pairs += 1
-    proto = total / (pairs + EPS)
-
-    keep = F.interpolate((mask < 255).to(feat.dtype)[:, None], size=(h, w), mode="bilinear", align_corners=False)
-    responses = []
-    for i in range(b):
-        per_class = []
-        for cl in range(k):
-            d = (feat[i] - protos[i][cl][:, None, None]).abs().mean(0) * present[i, cl] * keep[i, 0]
-            per_class.append(torch.exp(-d * d))
-        responses.append(torch.stack(per_class))
-    r = F.interpolate(torch.stack(responses), size=(big_h, big_w), mode="bilinear", align_corners=False)
-    r = r * present[:, :, None, None]
-
-    loss1_pix = torch.zeros_like(mask, dtype=logits.dtype)
-    loss2_pix = torch.zeros_like(mask, dtype=logits.dtype)
-    for i in range(b):
-        n_present = present[i].sum()
-        for cl in range(k):
-            bce1 = -r[i, cl] * torch.log(p[i, cl] + EPS) - (1 - r[i, cl]) * torch.log(1 - p[i, cl] + EPS)
-            target = (mask[i] == cl).to(logits.dtype)
-            bce2 = -target * torch.log(r[i, cl] + EPS) - (1 - target) * torch.log(1 - r[i, cl] + EPS)
-            loss1_pix[i] = loss1_pix[i] + present[i, cl] * bce1 / 2 / (n_present + EPS)
-            loss2_pix[i] = loss2_pix[i] + present[i, cl] * bce2 / 2 / (n_present + EPS)
-    gmm = _masked_mean(loss1_pix, valid) + _masked_mean(loss2_pix, labelled)
-    return {"seg": seg, "cls": cls, "proto": proto, "gmm": gmm, "total": seg + cls + proto + gmm}
+from training.reference_losses import official_loop_losses
 
 
 def make_case(seed, b=2, k=5, c=8, h=5, w=6, big=(19, 23), label_fraction=0.12, pad=True, no_labels=False):
@@ -115,7 +47,7 @@ def test_matches_loop_reference_values_and_gradients(case):
     feat_a, logits_a = feat.clone().requires_grad_(), logits.clone().requires_grad_()
     feat_b, logits_b = feat.clone().requires_grad_(), logits.clone().requires_grad_()
     ours = agmm_losses(feat_a, logits_a, mask, cls_label, k)
-    ref = reference_losses(feat_b, logits_b, mask, cls_label, k)
+    ref = official_loop_losses(feat_b, logits_b, mask, cls_label, k)
     for key in ("seg", "cls", "proto", "gmm", "total"):
         assert ours[key].shape == ()
         assert torch.isfinite(ours[key]), key
