@@ -31,12 +31,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 
-from agmm_deploy.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD
 from agmm_deploy.transforms import normalize, read_image
 
 CITYSCAPES_CLICKS = (20, 50, 100)
 VOC_SPARSE_FOLDERS = {"point": ("point/segcls", "point"), "scribble": ("scribble/seginst", "scribble")}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class DataError(ValueError):

@@ -61,6 +61,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leaves the process group if one was joined (a no-op in a single process); call once, at the end."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
