@@ -13,8 +13,6 @@ Export and serving rebuild the model from it alone. A raw state dict written by 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from agmm_deploy.atomic import atomic_write
 from agmm_deploy.meta import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 FORMAT = "agmm-deploy/1"
+# The official recipes a raw state dict can come from; each fixes the ASPP rates and multi-grid.
+RAW_RECIPES = ("cityscapes", "pascal")
 
 
 class CheckpointError(ValueError):
@@ -64,23 +65,11 @@ def _plain(value: Any) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """Writes ``obj`` to ``path`` via a temporary file in the same folder and a rename.
+    """Writes ``obj`` with ``torch.save`` to ``path`` atomically (temporary file, fsync, rename).
 
     A reader (or a run killed mid-write) sees either the old file or the complete new one, never a torn file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, *,
@@ -165,6 +154,40 @@ def _infer_stem(state: dict[str, torch.Tensor]) -> str:
     return "deep" if "backbone.conv1.0.weight" in state else "torchvision"
 
 
+def _raw_config_and_meta(path: Path, state: dict[str, torch.Tensor], backbone: str, num_classes: int,
+                         dataset: str | None, input_size: tuple[int, int] | None,
+                         classes: tuple[str, ...] | None) -> tuple[ModelConfig, ModelMeta]:
+    """The architecture and metadata of a raw official state dict, from what the caller says about it."""
+    # The file says nothing about the recipe, and both recipes have the same weight shapes: a strict load
+    # would succeed with the wrong ASPP rates / multi-grid and give wrong logits. So the recipe is never guessed.
+    if dataset not in RAW_RECIPES:
+        raise CheckpointError(
+            f"{path} is a raw state dict, so --dataset must name the official recipe it was trained with: "
+            "cityscapes (ASPP rates 12/24/36, multi-grid) or pascal (ASPP rates 6/12/18); got "
+            f"{dataset!r}. A model trained on other classes takes its recipe plus its class names (--classes)."
+        )
+    try:
+        config = ModelConfig.for_dataset(dataset, backbone=backbone, num_classes=num_classes, stem=_infer_stem(state))
+    except ValueError as err:
+        raise CheckpointError(f"cannot build a model for {path}: {err}") from err
+    size = input_size or ((721, 721) if dataset == "cityscapes" else (321, 321))  # the official crops
+    if classes is not None:
+        if len(classes) != num_classes:
+            raise CheckpointError(f"{len(classes)} class names were given for --num-classes {num_classes} "
+                                  f"({path}); expected one name per class")
+        return config, ModelMeta.for_dataset("folder", size, tuple(classes))
+    meta = ModelMeta.for_dataset(dataset, size)
+    if meta.num_classes != num_classes:
+        other = next((name for name in RAW_RECIPES if name != dataset), dataset)
+        title = {"cityscapes": "Cityscapes", "pascal": "PASCAL VOC"}[other]
+        hint = (f"a {num_classes}-class {title} model needs --dataset {other}"
+                if num_classes == ModelMeta.for_dataset(other, size).num_classes
+                else "for a model trained on other classes pass their names with --classes")
+        raise CheckpointError(f"--num-classes {num_classes} does not match the {meta.num_classes} classes of "
+                              f"--dataset {dataset} ({path}); {hint}")
+    return config, meta
+
+
 def load_model(path: str | Path, *, backbone: str | None = None, num_classes: int | None = None,
                dataset: str | None = None, input_size: tuple[int, int] | None = None,
                classes: tuple[str, ...] | None = None) -> LoadedModel:
@@ -174,8 +197,10 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
         path: our checkpoint, or a raw state dict (keys ``backbone.*``, ``head.*``, ``reduce.*``, ``fuse.*``,
             ``classifier.*``, optionally prefixed by ``module.``).
         backbone, num_classes, dataset: required for raw state dicts only; ``dataset`` (cityscapes | pascal)
-            selects the ASPP rates and multi-grid of the paper's preset and the class names.
-        input_size, classes: optional metadata for raw state dicts (default: the preset's crop, class_0..).
+            is the official recipe the weights were trained with: it selects the ASPP rates and multi-grid,
+            and the class names unless ``classes`` is given.
+        input_size, classes: optional metadata for raw state dicts (default: the recipe's crop and classes);
+            ``classes`` names the classes of a model trained on other data (one name per class).
     Returns:
         LoadedModel with the model in eval mode on the CPU.
     """
@@ -200,24 +225,11 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
             raise CheckpointError(f"{path} holds no tensors; expected a state dict or an agmm-deploy checkpoint")
         if backbone is None or num_classes is None:
             raise CheckpointError(
-                f"{path} is a raw state dict without a model config; pass --backbone (e.g. resnet101) and "
-                "--num-classes (e.g. 21), and --dataset cityscapes|pascal for the ASPP rates"
+                f"{path} is a raw state dict without a model config; pass --backbone (e.g. resnet101), "
+                "--num-classes (e.g. 21) and --dataset cityscapes|pascal (the recipe it was trained with)"
             )
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        dataset = dataset or "cityscapes"
-        try:
-            config = ModelConfig.for_dataset(dataset, backbone=backbone, num_classes=num_classes,
-                                             stem=_infer_stem(state))
-        except ValueError as err:
-            raise CheckpointError(f"cannot build a model for {path}: {err}") from err
-        size = input_size or ((721, 721) if dataset == "cityscapes" else (321, 321))
-        if classes is None and dataset in ("cityscapes", "pascal"):
-            meta = ModelMeta.for_dataset(dataset, size)
-        else:
-            meta = ModelMeta.for_dataset("folder", size, classes or tuple(f"class_{i}" for i in range(num_classes)))
-        if meta.num_classes != num_classes:
-            raise CheckpointError(f"--num-classes {num_classes} does not match the {meta.num_classes} classes of "
-                                  f"dataset {dataset!r}; use --dataset folder with a class list")
+        config, meta = _raw_config_and_meta(path, state, backbone, num_classes, dataset, input_size, classes)
         checkpoint = {"model": state, "model_config": config.to_dict(), "meta": meta.to_dict(), "raw": True}
     model = DeepLabV3Plus(config)
     _check_state_dict(model, state, str(path))

@@ -85,13 +85,15 @@ class TorchRunner(_Runner):
 
     def __init__(self, path: str | Path, device: str = "auto", *, max_batch: int = DEFAULT_MAX_BATCH,
                  backbone: str | None = None, num_classes: int | None = None, dataset: str | None = None,
-                 model: torch.nn.Module | None = None, meta: ModelMeta | None = None) -> None:
+                 classes: tuple[str, ...] | None = None, model: torch.nn.Module | None = None,
+                 meta: ModelMeta | None = None) -> None:
         from agmm_deploy.checkpoint import load_model
 
         self.path = Path(path)
         self.device = torch.device(_resolve_device(device))
         if model is None:
-            loaded = load_model(self.path, backbone=backbone, num_classes=num_classes, dataset=dataset)
+            loaded = load_model(self.path, backbone=backbone, num_classes=num_classes, dataset=dataset,
+                                classes=classes)
             model, meta = loaded.model, loaded.meta
         assert meta is not None, "a model passed in needs its meta"
         self.model = model.eval().to(self.device)
@@ -253,7 +255,7 @@ def load_runner(path: str | Path, device: str = "auto", **kwargs: Any) -> _Runne
 
     Args:
         device: auto (CUDA when available) | cpu | cuda.
-        kwargs: for checkpoints: backbone=, num_classes=, dataset= (raw official state dicts), max_batch=;
+        kwargs: for checkpoints: backbone=, num_classes=, dataset=, classes= (raw official state dicts), max_batch=;
             for ONNX: threads=, mem_pattern=.
     """
     path = Path(path)

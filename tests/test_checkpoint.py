@@ -98,3 +98,78 @@ def test_meta_validation():
         ModelMeta(("a", "b", "c"), ((0, 0, 0), (1, 1, 1)), (64, 64))
     meta = ModelMeta.for_dataset("folder", (32, 48), ("sky", "grass", "cow"))
     assert ModelMeta.from_dict(meta.to_dict()) == meta
+
+
+def test_raw_state_dict_needs_the_official_recipe(tmp_path):
+    """Both recipes have the same weight shapes: a guessed recipe would load strictly and give wrong logits."""
+    path = tmp_path / "voc.pth"
+    torch.save(_official_state_dict(ModelConfig.pascal(backbone="resnet18")), path)
+    for dataset in (None, "folder"):
+        with pytest.raises(CheckpointError, match=rf"--dataset must name the official recipe .* got {dataset!r}"):
+            load_model(path, backbone="resnet18", num_classes=21, dataset=dataset)
+    with pytest.raises(CheckpointError, match="--num-classes 21 does not match the 19 classes of --dataset "
+                                              "cityscapes .*; a 21-class PASCAL VOC model needs --dataset pascal"):
+        load_model(path, backbone="resnet18", num_classes=21, dataset="cityscapes")
+
+
+def test_raw_state_dict_of_other_classes_keeps_the_recipe(tmp_path):
+    config = ModelConfig.cityscapes(backbone="resnet18", num_classes=3)
+    path = tmp_path / "own.pth"
+    torch.save(_official_state_dict(config), path)
+    with pytest.raises(CheckpointError, match="pass their names with --classes"):
+        load_model(path, backbone="resnet18", num_classes=3, dataset="cityscapes")
+    with pytest.raises(CheckpointError, match="2 class names were given for --num-classes 3"):
+        load_model(path, backbone="resnet18", num_classes=3, dataset="cityscapes", classes=("sky", "road"))
+    loaded = load_model(path, backbone="resnet18", num_classes=3, dataset="cityscapes", classes=("sky", "road", "car"))
+    assert loaded.config == config  # the Cityscapes architecture: ASPP 12/24/36 and multi-grid
+    assert loaded.meta.classes == ("sky", "road", "car") and loaded.meta.input_size == (721, 721)
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    meta = ModelMeta.for_dataset("cityscapes", (64, 64))
+    path = save_checkpoint(tmp_path / "last.pt", DeepLabV3Plus(TINY), meta, epoch=1)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crash_mid_write(obj, f):
+        f.write(b"PK\x03\x04 half a zip")  # some bytes reach the disk, then the writer dies
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_checkpoint(path, DeepLabV3Plus(TINY), meta, epoch=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the temporary file was removed
+    assert load_model(path).checkpoint["epoch"] == 1
+
+
+def test_atomic_writes_use_unique_temporary_files_and_the_umask(tmp_path):
+    import os
+    import threading
+
+    from agmm_deploy.atomic import atomic_write, atomic_write_bytes
+
+    path = tmp_path / "model.onnx"
+    seen = []
+    both_open = threading.Barrier(2, timeout=10)
+
+    def slow(data):
+        def write(f):
+            seen.append(f.name)
+            f.write(data)
+            both_open.wait()  # both writers hold their temporary files at the same time
+        return write
+
+    # Two concurrent writers of the same file never share a temporary file; the last rename wins whole.
+    threads = [threading.Thread(target=atomic_write, args=(path, slow(bytes([i]) * 1000))) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(seen)) == 2 and path.read_bytes() in (b"\x00" * 1000, b"\x01" * 1000)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_bytes(path, b"x")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

@@ -92,3 +92,12 @@ def test_read_metadata_of_a_foreign_onnx_names_the_file(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(ValueError, match="foreign.onnx carries no valid agmm-deploy model metadata"):
         read_onnx_metadata(path)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_onnx_is_fp32_only(tmp_path, precision):
+    """The graph is float32 whatever is asked; recording fp16 would make runners pick looser parity gates."""
+    with pytest.raises(ValueError, match=rf"precision='{precision}' cannot be exported to ONNX: the graph is always"):
+        export_onnx(tiny_model(), ModelMeta.for_dataset("pascal", (64, 64)), tmp_path / "m.onnx", height=64,
+                    width=64, precision=precision)
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,8 @@ import resource
 import sys
 from pathlib import Path
 
+from agmm_deploy.cli import class_names
+
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT, EXIT_BUILD = 0, 1, 2, 3, 4
 
 
@@ -57,8 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     raw = parser.add_argument_group("raw official state dicts")
     raw.add_argument("--backbone", default=None, help="e.g. resnet101")
     raw.add_argument("--num-classes", type=int, default=None, help="e.g. 21")
-    raw.add_argument("--dataset", default=None, choices=("cityscapes", "pascal", "folder"),
-                     help="selects ASPP rates/multi-grid and class names")
+    raw.add_argument("--dataset", default=None, choices=("cityscapes", "pascal"),
+                     help="the official recipe it was trained with: selects ASPP rates/multi-grid and class names")
+    raw.add_argument("--classes", type=class_names, default=None,
+                     help="comma-separated class names, for a model trained on other classes than the recipe's")
     return parser
 
 
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         loaded = load_model(args.checkpoint, backbone=args.backbone, num_classes=args.num_classes,
-                            dataset=args.dataset)
+                            dataset=args.dataset, classes=args.classes)
     except CheckpointError as err:
         return _fail(str(err), EXIT_USAGE)
     meta, config = loaded.meta, loaded.config

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from agmm_deploy.cli import class_names
 from agmm_deploy.constants import IMAGE_SUFFIXES
 from agmm_deploy.transforms import SLIDING_OVERLAP
 
@@ -30,8 +31,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlay")
     parser.add_argument("--backbone", default=None, help="raw official state dicts only, e.g. resnet101")
     parser.add_argument("--num-classes", type=int, default=None, help="raw official state dicts only")
-    parser.add_argument("--dataset", default=None, choices=("cityscapes", "pascal", "folder"),
-                        help="raw official state dicts only")
+    parser.add_argument("--dataset", default=None, choices=("cityscapes", "pascal"),
+                        help="raw official state dicts only: the official recipe it was trained with")
+    parser.add_argument("--classes", type=class_names, default=None,
+                        help="raw official state dicts only: comma-separated class names, for a model trained on "
+                        "other classes than the recipe's")
     return parser
 
 
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kwargs = {}
     if args.model.suffix.lower() in CHECKPOINT_SUFFIXES:
-        kwargs = dict(backbone=args.backbone, num_classes=args.num_classes, dataset=args.dataset)
+        kwargs = dict(backbone=args.backbone, num_classes=args.num_classes, dataset=args.dataset,
+                      classes=args.classes)
     try:
         runner = load_runner(args.model, args.device, **kwargs)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:

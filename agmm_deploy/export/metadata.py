@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.meta import ModelMeta
 
 FORMAT = "agmm-deploy/1"
@@ -90,19 +89,8 @@ def sidecar_path(engine_path: str | Path) -> Path:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Writes JSON via a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Writes ``data`` as indented JSON, atomically (readers never see half a file); returns the path."""
+    return atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_engine_sidecar(engine_path: str | Path, meta: ModelMeta, **fields: Any) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from agmm_deploy.atomic import atomic_write
 from agmm_deploy.checkpoint import unwrap
 from agmm_deploy.export.metadata import library_versions, write_onnx_metadata
 from agmm_deploy.meta import ModelMeta
@@ -73,7 +74,8 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
         argmax: add a second output ``labels`` (N, H, W) uint8 = argmax over classes.
         simplify: run onnxslim over the graph.
         checkpoint_sha256: sha256 of the source checkpoint, recorded for traceability.
-        precision: recorded in the metadata (the graph itself is float32).
+        precision: must be ``fp32``: the exported graph is always float32, and runners pick their parity
+            gates from the recorded precision (fp16/int8 are TensorRT engine precisions, see build_engine).
         max_batch: the largest batch the artifact is meant for (recorded; runners split bigger batches).
     Returns:
         OnnxExport describing the file.
@@ -82,6 +84,10 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
     """
     import onnx
 
+    if precision != "fp32":
+        raise ValueError(f"precision={precision!r} cannot be exported to ONNX: the graph is always float32. "
+                         "Export fp32 and build a TensorRT engine with precision='fp16' or 'int8' (agmm-export "
+                         "--trt --fp16/--int8).")
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,13 +125,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
     )
     onnx.checker.check_model(proto, full_check=True)
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save_model(proto, str(tmp), save_as_external_data=False)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: onnx.save_model(proto, f))
     return OnnxExport(path=path, opset=real_opset, input_size=(height, width), dynamic_batch=dynamic_batch,
                       dynamic_hw=dynamic_hw, argmax=argmax, simplified=simplify, precision=precision,
                       outputs=outputs, size_bytes=path.stat().st_size, seconds=time.perf_counter() - start)

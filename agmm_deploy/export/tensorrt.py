@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.export.metadata import library_versions, read_onnx_metadata, write_engine_sidecar
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -99,8 +100,7 @@ def _make_calibrator(trt: Any, images: np.ndarray, batch_size: int, cache: Path 
 
         def write_calibration_cache(self, data: Any) -> None:
             if self.cache is not None:
-                self.cache.parent.mkdir(parents=True, exist_ok=True)
-                self.cache.write_bytes(bytes(data))
+                atomic_write_bytes(self.cache, bytes(data))
 
     return EntropyCalibrator()
 
@@ -181,10 +181,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(engine_path)
+    atomic_write_bytes(engine_path, bytes(serialized))
     sidecar = write_engine_sidecar(
         engine_path, meta, **{**fields, "precision": precision, "versions": library_versions(),
                               "max_batch": max_batch, "dynamic_hw": dynamic_hw, "onnx": onnx_path.name,
