@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training import run, synthetic  # noqa: E402
 
 
-def main(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--crop-size", type=int, default=64)
@@ -35,7 +35,11 @@ def main(argv=None):
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="keep data and runs here (default: a temporary folder)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

@@ -182,12 +182,18 @@ def drive(url: str, image: bytes, clients: int, seconds: float, desc: str,
     return results, time.perf_counter() - started, rss_trace
 
 
-def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
+def start_server(model: Path, port: int, log: Path, *, device: str, max_batch_size: int, max_latency_ms: int,
+                 ort_threads: int | None = None) -> subprocess.Popen:
+    """``bentoml serve`` of serving/service.py on 127.0.0.1:port for ``model``, its output in ``log``.
+
+    Returns the process once /readyz answers 200; raises RuntimeError (with the log's tail) if it exits first
+    or is not ready within 180 s.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
-    env.update(BENTOML_DO_NOT_TRACK="True", AGMM_MODEL=str(model), AGMM_DEVICE=args.device,
-               AGMM_MAX_BATCH_SIZE=str(args.max_batch_size), AGMM_MAX_LATENCY_MS=str(args.max_latency_ms))
-    if args.ort_threads:
-        env["AGMM_ORT_THREADS"] = str(args.ort_threads)
+    env.update(BENTOML_DO_NOT_TRACK="True", AGMM_MODEL=str(model), AGMM_DEVICE=device,
+               AGMM_MAX_BATCH_SIZE=str(max_batch_size), AGMM_MAX_LATENCY_MS=str(max_latency_ms))
+    if ort_threads:
+        env["AGMM_ORT_THREADS"] = str(ort_threads)
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -231,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         image = test_image(args.size)
         batch_sizes = sorted({1, args.max_batch_size})
         runner = load_raw_runner(model, args.device, args.ort_threads)
-        process = start_server(model, port := _free_port(), args, args.server_log or tmp / "serve.log")
+        process = start_server(model, port := _free_port(), args.server_log or tmp / "serve.log",
+                               device=args.device, max_batch_size=args.max_batch_size,
+                               max_latency_ms=args.max_latency_ms, ort_threads=args.ort_threads)
         url = f"http://127.0.0.1:{port}"
         # Other work on the machine changes what the cores deliver from minute to minute, so raw and served
         # phases alternate (the idle server takes no CPU during the raw ones) and each served phase is
