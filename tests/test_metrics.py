@@ -3,12 +3,13 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.metrics import ConfusionMatrix
+from agmm_deploy.metrics import ConfusionMatrix
 
 
 def test_iou_by_hand_ignores_255_and_k():
@@ -33,6 +34,25 @@ def test_classes_never_seen_are_skipped_not_zero():
     assert matrix.miou() == 100.0
     with pytest.raises(ValueError, match="differ in shape"):
         matrix.update(torch.zeros(3), torch.zeros(4))
+
+
+def test_numpy_inputs_as_parity_passes_them():
+    matrix = ConfusionMatrix(3)
+    label = np.array([[0, 1, 255], [1, 1, 2]], np.uint8)
+    matrix.update(label, np.array([[0, 1, 0], [2, 1, 2]]))
+    assert matrix.pixels == 5 and matrix.mat[1, 2] == 1
+    # IoU: class 0 1/1, class 1 2/3, class 2 1/2
+    assert matrix.miou() == pytest.approx(100 * (1 + 2 / 3 + 1 / 2) / 3)
+    empty = ConfusionMatrix(3)
+    empty.update(np.full((2, 2), 255, np.uint8), np.zeros((2, 2), np.int64))
+    assert empty.pixels == 0 and math.isnan(empty.miou()) and math.isnan(empty.pixel_accuracy())
+
+
+def test_reduce_is_a_no_op_outside_ddp():
+    matrix = ConfusionMatrix(2)
+    matrix.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    matrix.reduce_from_all_processes()
+    assert matrix.mat.tolist() == [[1, 0], [1, 0]]
 
 
 def _worker(rank, world, init_file, out_file):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agmm_deploy.export.parity import (DEFAULT_GATES, Gates, check_parity, confusion_matrix, gates_for,
-                                       generated_images, load_parity_images, mean_iou)
+from agmm_deploy.export.parity import (DEFAULT_GATES, Gates, check_parity, gates_for, generated_images,
+                                       load_parity_images)
 from agmm_deploy.meta import ModelMeta
 
 META = ModelMeta.for_dataset("folder", (8, 8), classes=("a", "b", "c"))
@@ -84,13 +84,18 @@ def test_gate_overrides():
         gates_for("bf16")
 
 
-def test_confusion_matrix_and_miou_ignore_255():
-    label = np.array([[0, 1, 255], [1, 1, 2]])
-    pred = np.array([[0, 1, 0], [2, 1, 2]])
-    cm = confusion_matrix(pred, label, 3)
-    assert cm.sum() == 5 and cm[1, 2] == 1
-    # IoU: class0 1/1, class1 2/3, class2 1/2
-    assert mean_iou(cm) == pytest.approx(100 * (1 + 2 / 3 + 1 / 2) / 3)
+def test_labels_without_class_pixels_leave_the_miou_unchecked(tmp_path):
+    """All-255 labels score nothing: mIoU is undefined (not 0 for both sides, which would pass any gate)."""
+    images, logits = _data()
+    labels = np.full((4, 8, 8), 255, np.uint8)
+    flipped = -logits
+    result = check_parity(ArrayRunner(logits), [ArrayRunner(flipped, "tensorrt", precision="int8")], images, labels)
+    (b,) = result.backends
+    assert result.reference_miou is None and b.miou is None and b.miou_delta is None
+    assert b.unchecked == ["mIoU delta <= 1 needs labels with class pixels (these hold only 255 / unlabelled "
+                           "pixels)"]
+    data = json.loads(result.write_json(tmp_path / "parity.json").read_text())  # strict JSON: no NaN
+    assert data["reference_miou"] is None
 
 
 def test_generated_images_are_seeded():

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import SLIDING_OVERLAP, palette_png, sliding_window_tiles
 from training.distributed import all_reduce_mean
-from training.metrics import ConfusionMatrix
 
 EVAL_MODES = ("center", "sliding", "multiscale", "whole")
 # Official multi-scale test (util/utils.py ms_test): 7 scales, each with a horizontal flip, logits averaged.

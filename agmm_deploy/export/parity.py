@@ -31,6 +31,7 @@ from PIL import Image
 from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from agmm_deploy.export.metadata import write_json_atomic
 from agmm_deploy.meta import ModelMeta
+from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import letterbox, normalize, pad_value, read_image
 
 
@@ -147,21 +148,6 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else spec.format(value)
 
 
-def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, K) counts of (label, prediction) over pixels with a label < K (255 and K are ignored)."""
-    keep = label < num_classes
-    index = label[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def mean_iou(confusion: np.ndarray) -> float:
-    """mIoU in points (0..100) over classes that occur in labels or predictions."""
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    present = union > 0
-    return float(100.0 * (tp[present] / union[present]).mean()) if present.any() else 0.0
-
-
 def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
                  labels: np.ndarray | None = None, *, gates: dict[str, Gates] | None = None,
                  batch_size: int = 1, source: str = "generated", progress: bool = False) -> ParityResult:
@@ -184,8 +170,8 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
     num_classes = reference.meta.num_classes
     results = [BackendParity(backend=c.backend, precision=c.precision, artifact=str(getattr(c, "path", "")),
                              gates=gates[c.precision]) for c in candidates]
-    ref_confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    confusions = [np.zeros_like(ref_confusion) for _ in candidates]
+    ref_matrix = ConfusionMatrix(num_classes)
+    matrices = [ConfusionMatrix(num_classes) for _ in candidates]
     within = [True] * len(candidates)
     abs_sums = [0.0] * len(candidates)
     agree = [0] * len(candidates)
@@ -203,7 +189,7 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
         ref_pred = ref_logits.argmax(1)
         ref_abs_max = max(ref_abs_max, float(np.abs(ref_logits).max()))
         if labels is not None:
-            ref_confusion += confusion_matrix(ref_pred, labels[start:start + batch_size], num_classes)
+            ref_matrix.update(labels[start:start + batch_size], ref_pred)
         for i, (candidate, result) in enumerate(zip(candidates, results)):
             t0 = time.perf_counter()
             logits = candidate(batch).astype(np.float32)
@@ -220,9 +206,11 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
             pred = logits.argmax(1)
             agree[i] += int((pred == ref_pred).sum())
             if labels is not None:
-                confusions[i] += confusion_matrix(pred, labels[start:start + batch_size], num_classes)
+                matrices[i].update(labels[start:start + batch_size], pred)
     pixels = images.shape[0] * images.shape[2] * images.shape[3]
-    ref_miou = mean_iou(ref_confusion) if labels is not None else None
+    # Labels holding only 255 / unlabelled pixels score nothing: the mIoU is then undefined, not 0.
+    scored = labels is not None and ref_matrix.pixels > 0
+    ref_miou = ref_matrix.miou() if scored else None
     for i, result in enumerate(results):
         g = result.gates
         result.mean_abs_diff = abs_sums[i] / (pixels * num_classes)
@@ -236,13 +224,15 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
         if g.min_agreement is not None and result.argmax_agreement < g.min_agreement:
             result.failures.append(f"argmax agreement {100 * result.argmax_agreement:.3f}% < "
                                    f"{100 * g.min_agreement:g}%")
-        if labels is not None:
-            result.miou = mean_iou(confusions[i])
+        if scored:
+            result.miou = matrices[i].miou()
             result.miou_delta = result.miou - ref_miou
             if g.max_miou_delta is not None and abs(result.miou_delta) > g.max_miou_delta:
                 result.failures.append(f"|mIoU delta| {abs(result.miou_delta):.3f} > {g.max_miou_delta:g} points")
         elif g.max_miou_delta is not None:
-            result.unchecked.append(f"mIoU delta <= {g.max_miou_delta:g} needs labelled --parity-images")
+            needs = ("labelled --parity-images" if labels is None
+                     else "labels with class pixels (these hold only 255 / unlabelled pixels)")
+            result.unchecked.append(f"mIoU delta <= {g.max_miou_delta:g} needs {needs}")
     return ParityResult(reference=reference.backend, source=source, num_images=int(images.shape[0]),
                         input_size=(int(images.shape[2]), int(images.shape[3])), labelled=labels is not None,
                         reference_miou=ref_miou, reference_seconds=ref_seconds, backends=results,
