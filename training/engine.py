@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -84,10 +85,16 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
             feat, logits = model(images)
         losses = loss_fn(feat, logits, masks, cls_label)  # computed in fp32 whatever the autocast
         total = losses["total"]
-        if not torch.isfinite(total):
+        # Averaged over ranks before the check, so that a NaN on one rank makes every rank raise here: a rank
+        # raising alone would leave the others waiting forever in DDP's gradient all-reduce.
+        keys = list(losses)
+        logged = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys])).tolist()
+        record = dict(zip(keys, logged))
+        if not math.isfinite(record["total"]):
             values = {k: float(v) for k, v in losses.items()}
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {values}; lower --lr or "
-                                     "use --amp none/bf16 instead of fp16")
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {values} on this rank, "
+                                     f"{record} averaged over ranks; lower --lr or use --amp none/bf16 instead "
+                                     "of fp16")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -100,9 +107,6 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         step += 1
         steps_run += 1
 
-        keys = list(losses)
-        logged = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys])).tolist()
-        record = dict(zip(keys, logged))
         for key, value in record.items():
             sums[key] = sums.get(key, 0.0) + value
         if is_main:
