@@ -35,6 +35,16 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedModel:
+    """What load_model returns.
+
+    Attributes:
+        model: the network in eval mode, on the CPU.
+        config: its architecture.
+        meta: classes, palette, input size, normalisation.
+        checkpoint: the file's dict (for a raw state dict: one built like ours, with ``raw: True``).
+        path: the file read.
+    """
+
     model: DeepLabV3Plus
     config: ModelConfig
     meta: ModelMeta
@@ -98,6 +108,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, *,
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read ``chunk`` bytes at a time (recorded in exported artifacts for traceability)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -69,6 +69,7 @@ class ModelMeta:
         return cls(tuple(classes), default_palette(len(classes)), input_size, dataset=dataset)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (lists for tuples) as stored in checkpoints, ONNX metadata and sidecars."""
         data = dataclasses.asdict(self)
         for key in ("classes", "input_size", "mean", "std"):
             data[key] = list(data[key])
@@ -77,6 +78,7 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelMeta":
+        """The metadata of a to_dict() result; unknown keys are ignored, classes/palette/input_size required."""
         known = {f.name for f in dataclasses.fields(cls)}
         missing = sorted({"classes", "palette", "input_size"} - set(data))
         if missing:

@@ -89,12 +89,14 @@ class ModelConfig:
         raise ValueError(f"dataset={dataset!r} has no preset; expected cityscapes, pascal or folder")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples) as stored in checkpoints and ONNX metadata; from_dict inverts it."""
         data = dataclasses.asdict(self)
         data["aspp_rates"] = list(self.aspp_rates)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """The config of a to_dict() result. Raises ValueError naming unknown fields (a newer or foreign file)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -302,6 +304,7 @@ def build_model(config: ModelConfig, pretrained: str | None = None) -> DeepLabV3
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (trainable or not; buffers such as BN statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -199,6 +199,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: tuple[tuple[int, int
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
+    """uint8 RGB (H, W, 3) (e.g. an overlay) as PNG bytes."""
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -62,6 +62,13 @@ DEFAULT_GATES = {
 
 
 def gates_for(precision: str, **overrides: float | None) -> Gates:
+    """The default parity gates of ``precision`` (fp32 | fp16 | int8), with any field replaced.
+
+    Args:
+        overrides: Gates fields (rtol, atol, min_agreement, max_miou_delta); None turns a check off.
+    Returns:
+        Gates.
+    """
     if precision not in DEFAULT_GATES:
         raise ValueError(f"precision={precision!r} has no parity gates; expected one of {sorted(DEFAULT_GATES)}")
     return DEFAULT_GATES[precision].override(**overrides)
