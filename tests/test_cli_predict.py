@@ -63,3 +63,24 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert (tmp_path / "o" / "small.png").is_file()
     assert main([str(tmp_path / "nope.onnx"), str(images), "--out", str(tmp_path)]) == 2
     assert "nope.onnx does not exist" in capsys.readouterr().err
+
+
+def test_raw_state_dict_needs_the_recipe_and_takes_class_names(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = ModelConfig.cityscapes(backbone="resnet18", num_classes=3)
+    raw = tmp_path / "own.pth"
+    torch.save(DeepLabV3Plus(config).state_dict(), raw)
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 200, 3), dtype=np.uint8)).save(image)
+    argv = [str(raw), str(image), "--backbone", "resnet18", "--num-classes", "3"]
+    assert main(argv + ["--out", str(tmp_path / "no")]) == 2
+    assert "--dataset must name the official recipe it was trained with" in capsys.readouterr().err
+    assert main(argv + ["--dataset", "cityscapes", "--classes", "sky,road,car", "--out", str(tmp_path / "o")]) == 0
+    # The same labels as the library call with the same flags (input 721x721, the recipe crop: letterboxed).
+    from agmm_deploy.runners import load_runner, segment_image
+    from agmm_deploy.transforms import read_image
+
+    runner = load_runner(raw, backbone="resnet18", num_classes=3, dataset="cityscapes", classes=("sky", "road", "car"))
+    assert runner.meta.classes == ("sky", "road", "car") and runner.model.config == config
+    expected = segment_image(runner, read_image(image))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "wide.png")), expected)
