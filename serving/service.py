@@ -224,7 +224,7 @@ class AgmmSegmenter:
     """DeepLabV3+ trained with the AGMM loss, served with adaptive batching."""
 
     def __init__(self) -> None:
-        from agmm_deploy.runners import load_runner
+        from agmm_deploy.runners import load_runner  # torch and onnxruntime load in the worker only
 
         path = resolve_model_path()
         kwargs: dict[str, Any] = {}
@@ -310,13 +310,17 @@ class AgmmSegmenter:
         return results
 
     def _predict_labels(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """uint8 RGB images (H_i, W_i, 3) -> label maps (H_i, W_i) uint8, one model call for all of them."""
-        canvases, boxes = zip(*(transforms.letterbox(image, self.runner.input_size, self.fill) for image in images))
-        logits = self.runner(transforms.normalize(np.stack(canvases), self.meta.mean, self.meta.std))  # (N, K, h, w)
-        # Interpolate the logits, not the labels, back to the original size: the argmax then decides every
-        # original pixel from smoothly resampled scores instead of copying the nearest model pixel.
-        return [transforms.unletterbox(scores, box).argmax(axis=0).astype(np.uint8)
-                for scores, box in zip(logits, boxes)]
+        """uint8 RGB images (H_i, W_i, 3) -> label maps (H_i, W_i) uint8, the model run on all of them together.
+
+        Exactly what agmm-predict does (agmm_deploy.runners.batch_image_scores): an image that fits the model
+        input is letterboxed and its scores are resized back before the argmax; a larger one is tiled at full
+        resolution with the official 2/3 overlap instead of being shrunk below the scales the model was
+        trained on.
+        """
+        from agmm_deploy.runners import batch_image_scores
+
+        scores = batch_image_scores(self.runner, images)  # one (K, H_i, W_i) per image
+        return [s.argmax(axis=0).astype(np.uint8) for s in scores]
 
     # ---------------------------------------------------------------- multipart endpoints for one image
 

@@ -157,6 +157,19 @@ def test_segment_returns_palette_mask_at_original_size(server, name, data, size)
     assert palette == [0, 0, 0, 128, 0, 0]  # VOC background, aeroplane
 
 
+def test_served_mask_equals_agmm_predict(server, tiny_model):
+    """Small images are letterboxed and large ones tiled at full resolution, exactly as agmm-predict does."""
+    from agmm_deploy.runners import load_runner, segment_image
+
+    runner = load_runner(tiny_model, device="cpu")
+    for h, w in [(40, 50), (150, 230)]:  # fits the 64x64 input / larger than it on both axes
+        rgb = _rgb(h, w, seed=h)
+        served = np.asarray(_mask(_post_image(server, _encode(rgb, "PNG"))))
+        local = segment_image(runner, rgb)
+        assert served.shape == (h, w)
+        assert (served == local).mean() > 0.999, f"{h}x{w}: served and agmm-predict masks differ"
+
+
 def test_segment_json_fractions_match_mask(server):
     data = _encode(_rgb(90, 120, seed=7), "PNG")
     body = _post_image(server, data, route="segment_json").json()
