@@ -273,7 +273,6 @@ def load_runner(path: str | Path, device: str = "auto", **kwargs: Any) -> _Runne
                      f"{', '.join(ENGINE_SUFFIXES)}, {', '.join(CHECKPOINT_SUFFIXES)}")
 
 
-
 def batch_image_scores(runner: _Runner, images: list[np.ndarray], *,
                        overlap: float = SLIDING_OVERLAP) -> list[np.ndarray]:
     """Class probabilities for uint8 RGB images of any sizes, the model run on all of them together.
@@ -291,6 +290,23 @@ def batch_image_scores(runner: _Runner, images: list[np.ndarray], *,
     Returns:
         One float32 array (K, H_i, W_i) per image; it sums to 1 over K.
     """
+    return _batch_scores(runner, images, overlap=overlap, softmax_whole=True)
+
+
+def segment_images(runner: _Runner, images: list[np.ndarray], *,
+                   overlap: float = SLIDING_OVERLAP) -> list[np.ndarray]:
+    """Class ids (H_i, W_i) uint8 for uint8 RGB images of any sizes: the argmax of ``batch_image_scores``.
+
+    Letterboxed images skip the softmax (it does not change the argmax, and on a CPU server it costs about
+    as much as the argmax itself), so serving pays only for what the label map needs.
+    """
+    scores = _batch_scores(runner, images, overlap=overlap, softmax_whole=False)
+    return [s.argmax(axis=0).astype(np.uint8) for s in scores]
+
+
+def _batch_scores(runner: _Runner, images: list[np.ndarray], *, overlap: float,
+                  softmax_whole: bool) -> list[np.ndarray]:
+    """batch_image_scores / segment_images; ``softmax_whole=False`` leaves letterboxed images as logits."""
     if not 0 <= overlap < 1:  # checked here too: images that fit the input never reach the tiling
         raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
     meta = runner.meta
@@ -325,7 +341,8 @@ def batch_image_scores(runner: _Runner, images: list[np.ndarray], *,
         logits = runner(normalize(np.stack([item[1] for item in chunk]), meta.mean, meta.std))  # (B, K, th, tw)
         for (index, _, place), scores in zip(chunk, logits):
             if isinstance(place, Letterbox):
-                results[index] = _softmax(unletterbox(scores, place))
+                restored = unletterbox(scores, place)
+                results[index] = _softmax(restored) if softmax_whole else restored
                 continue
             y1, y2, x1, x2 = place
             if results[index] is None:
@@ -345,8 +362,8 @@ def image_scores(runner: _Runner, image: np.ndarray, *, overlap: float = SLIDING
 
 
 def segment_image(runner: _Runner, image: np.ndarray, *, overlap: float = SLIDING_OVERLAP) -> np.ndarray:
-    """Class ids (H, W) uint8 for one uint8 RGB image of any size (see batch_image_scores)."""
-    return image_scores(runner, image, overlap=overlap).argmax(axis=0).astype(np.uint8)
+    """Class ids (H, W) uint8 for one uint8 RGB image of any size (see segment_images)."""
+    return segment_images(runner, [image], overlap=overlap)[0]
 
 
 def _softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -357,4 +374,4 @@ def _softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 __all__ = ["load_runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "cpu_session_options",
-           "batch_image_scores", "image_scores", "segment_image"]
+           "batch_image_scores", "image_scores", "segment_images", "segment_image"]

@@ -312,15 +312,14 @@ class AgmmSegmenter:
     def _predict_labels(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """uint8 RGB images (H_i, W_i, 3) -> label maps (H_i, W_i) uint8, the model run on all of them together.
 
-        Exactly what agmm-predict does (agmm_deploy.runners.batch_image_scores): an image that fits the model
+        Exactly what agmm-predict does (agmm_deploy.runners.segment_images): an image that fits the model
         input is letterboxed and its scores are resized back before the argmax; a larger one is tiled at full
         resolution with the official 2/3 overlap instead of being shrunk below the scales the model was
         trained on.
         """
-        from agmm_deploy.runners import batch_image_scores
+        from agmm_deploy.runners import segment_images
 
-        scores = batch_image_scores(self.runner, images)  # one (K, H_i, W_i) per image
-        return [s.argmax(axis=0).astype(np.uint8) for s in scores]
+        return segment_images(self.runner, images)
 
     # ---------------------------------------------------------------- multipart endpoints for one image
 

@@ -7,7 +7,7 @@ from agmm_deploy.export.onnx import export_onnx
 from agmm_deploy.meta import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 from agmm_deploy.runners import (OnnxRunner, TorchRunner, batch_image_scores, image_scores, load_runner,
-                                 segment_image)
+                                 segment_image, segment_images)
 from agmm_deploy.transforms import SLIDING_OVERLAP, normalize
 
 
@@ -125,6 +125,17 @@ def test_batch_image_scores_runs_all_images_together_in_max_batch_chunks(artifac
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"image 1 is \(4, 4\) uint8; expected a uint8 RGB array \(H, W, 3\)"):
         batch_image_scores(runner, [images[0], np.zeros((4, 4), np.uint8)])
+
+
+def test_segment_images_is_the_argmax_of_the_scores(artifacts):
+    _, onnx_path = artifacts
+    runner = load_runner(onnx_path)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((30, 20, 3), (100, 150, 3))]
+    labels = segment_images(runner, images)  # letterboxed (no softmax taken) and tiled
+    for image, label, scores in zip(images, labels, batch_image_scores(runner, images)):
+        assert label.shape == image.shape[:2] and label.dtype == np.uint8
+        assert (label == scores.argmax(axis=0)).mean() > 0.999
 
 
 def test_load_runner_errors(tmp_path):
