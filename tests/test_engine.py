@@ -1,6 +1,7 @@
 """train_one_epoch across real gloo processes: a non-finite loss on one rank stops every rank together."""
 
 import datetime
+import gc
 import os
 
 import torch
@@ -51,6 +52,11 @@ def _worker(rank, world, init_file, out_dir):
         outcome = f"{type(err).__name__}: {err}"
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(outcome)
+    # DDP's reducer still holds the step that never reached backward(); free it before the process group,
+    # and leave together, or gloo may abort at teardown ("terminate called without an active exception").
+    del model, optimizer, scheduler
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

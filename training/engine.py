@@ -91,7 +91,7 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         logged = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys])).tolist()
         record = dict(zip(keys, logged))
         if not math.isfinite(record["total"]):
-            values = {k: float(v) for k, v in losses.items()}
+            values = {k: float(v.detach()) for k, v in losses.items()}
             raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {values} on this rank, "
                                      f"{record} averaged over ranks; lower --lr or use --amp none/bf16 instead "
                                      "of fp16")
