@@ -63,6 +63,12 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert (tmp_path / "o" / "small.png").is_file()
     assert main([str(tmp_path / "nope.onnx"), str(images), "--out", str(tmp_path)]) == 2
     assert "nope.onnx does not exist" in capsys.readouterr().err
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "small.png").write_bytes((images / "large.png").read_bytes())
+    assert main([str(onnx_path), str(images / "small.jpg"), str(twin / "small.png"), "--out", str(tmp_path / "t")]) == 2
+    assert "would write the same" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()  # refused before writing anything
 
 
 def test_raw_state_dict_needs_the_recipe_and_takes_class_names(tmp_path, capsys):

@@ -49,6 +49,14 @@ def _collect(inputs: list[Path]) -> list[Path]:
     return paths
 
 
+def _same_stem(paths: list[Path]) -> list[str]:
+    """Inputs whose outputs would overwrite each other (same file stem, e.g. a/x.jpg and b/x.png)."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    return [" and ".join(map(str, group)) for group in by_stem.values() if len(group) > 1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from tqdm import tqdm
@@ -70,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"agmm-predict: error: no images in {[str(p) for p in args.images]}; expected files ending in "
               f"{', '.join(IMAGE_SUFFIXES)}", file=sys.stderr)
+        return 2
+    clashes = _same_stem(paths)
+    if clashes:
+        print(f"agmm-predict: error: {'; '.join(clashes)} would write the same {args.out}/<stem>.png; predict "
+              "them into separate --out folders or rename them", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     h, w = runner.input_size
