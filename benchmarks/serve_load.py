@@ -19,9 +19,6 @@ import argparse
 import io
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +31,8 @@ import requests
 from PIL import Image
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
+from serving.launch import free_port, start_server, stop_server
+
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,12 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-log", type=Path, help="keep the server's output in this file")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda, for the server and the raw runner")
     return parser
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def export_default_model(size: int, folder: Path) -> Path:
@@ -182,51 +174,15 @@ def drive(url: str, image: bytes, clients: int, seconds: float, desc: str,
     return results, time.perf_counter() - started, rss_trace
 
 
-def start_server(model: Path, port: int, log: Path, *, device: str, max_batch_size: int, max_latency_ms: int,
-                 ort_threads: int | None = None) -> subprocess.Popen:
-    """``bentoml serve`` of serving/service.py on 127.0.0.1:port for ``model``, its output in ``log``.
-
-    Returns the process once /readyz answers 200; raises RuntimeError (with the log's tail) if it exits first
-    or is not ready within 180 s.
-    """
+def server_env(model: Path, *, device: str, max_batch_size: int, max_latency_ms: int,
+               ort_threads: int | None = None) -> dict[str, str]:
+    """The environment of the served process: this one's, with the service's AGMM_* settings replaced."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
-    env.update(BENTOML_DO_NOT_TRACK="True", AGMM_MODEL=str(model), AGMM_DEVICE=device,
-               AGMM_MAX_BATCH_SIZE=str(max_batch_size), AGMM_MAX_LATENCY_MS=str(max_latency_ms))
+    env.update(AGMM_MODEL=str(model), AGMM_DEVICE=device, AGMM_MAX_BATCH_SIZE=str(max_batch_size),
+               AGMM_MAX_LATENCY_MS=str(max_latency_ms))
     if ort_threads:
         env["AGMM_ORT_THREADS"] = str(ort_threads)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    return process
-            except requests.RequestException:  # not listening yet, or busy loading the model
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"bentoml serve was not ready after 180 s:\n{log.read_text()[-3000:]}")
-    except BaseException:
-        if process.poll() is None:
-            stop_server(process)
-        raise
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (CLI and arbiter); then SIGKILL to whatever of its tree is left."""
-    children = psutil.Process(process.pid).children(recursive=True)  # workers run in their own groups
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    for child in psutil.wait_procs(children, timeout=10)[1]:
-        child.kill()
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         image = test_image(args.size)
         batch_sizes = sorted({1, args.max_batch_size})
         runner = load_raw_runner(model, args.device, args.ort_threads)
-        process = start_server(model, port := _free_port(), args.server_log or tmp / "serve.log",
-                               device=args.device, max_batch_size=args.max_batch_size,
-                               max_latency_ms=args.max_latency_ms, ort_threads=args.ort_threads)
+        env = server_env(model, device=args.device, max_batch_size=args.max_batch_size,
+                         max_latency_ms=args.max_latency_ms, ort_threads=args.ort_threads)
+        process = start_server(port := free_port(), args.server_log or tmp / "serve.log", env)
         url = f"http://127.0.0.1:{port}"
         # Other work on the machine changes what the cores deliver from minute to minute, so raw and served
         # phases alternate (the idle server takes no CPU during the raw ones) and each served phase is

@@ -17,14 +17,14 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from serving.launch import free_port, serve_command, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,27 +63,6 @@ def step(title: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
     if result.returncode != 0:
         raise SystemExit(f"demo step failed ({title}): `{_display(cmd)}` exited with {result.returncode}")
     print(f"--- done in {time.perf_counter() - start:.0f}s", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"bentoml serve exited with {process.returncode}; its log:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"bentoml serve was not ready after {timeout_s:.0f}s; its log is {log}")
 
 
 def _parity_folder(data: Path, out: Path) -> Path:
@@ -135,19 +114,18 @@ def main(argv: list[str] | None = None) -> int:
           "--parity-count", str(size["num_val"])])
     onnx_path = export / "model.onnx"
 
-    port = args.port or _free_port()
+    port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     served.mkdir(parents=True, exist_ok=True)
-    serve_cmd = [py, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    print(f"\n=== 5/6 Serve the ONNX model over HTTP with BentoML\n$ AGMM_MODEL={onnx_path} {_display(serve_cmd)} &",
-          flush=True)
+    print(f"\n=== 5/6 Serve the ONNX model over HTTP with BentoML\n"
+          f"$ AGMM_MODEL={onnx_path} {_display(serve_command(port))} &", flush=True)
     log = served / "serve.log"
-    with open(log, "wb") as log_file:
-        server = subprocess.Popen(serve_cmd, cwd=ROOT, env={**env, "AGMM_MODEL": str(onnx_path)},
-                                  stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(url, server, log)
-        print(f"--- ready at {url} (log: {log})", flush=True)
+        server = start_server(port, log, {**env, "AGMM_MODEL": str(onnx_path)})
+    except RuntimeError as err:
+        raise SystemExit(f"demo step failed (bentoml serve): {err}") from None
+    print(f"--- ready at {url} (log: {log})", flush=True)
+    try:
         image = next((parity / "images").glob("*.png"))
         print("\n=== 6/6 Segment a real image over HTTP", flush=True)
         requests = [("segment", served / "mask.png"), ("overlay", served / "overlay.png"),
@@ -166,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                  served / "overlay.png", served / "comparison.png")
         print(f"wrote {comparison}: image | ground truth | served mask | served overlay")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
         print("--- server stopped", flush=True)
 
     print(f"\nDemo finished in {time.perf_counter() - start:.0f}s. Everything is under {out}:")

@@ -11,12 +11,9 @@ import concurrent.futures
 import io
 import os
 import re
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -29,18 +26,13 @@ from PIL import Image
 from agmm_deploy.export.onnx import export_onnx
 from agmm_deploy.meta import ModelMeta
 from agmm_deploy.model import ModelConfig, build_model
+from serving.launch import free_port, serve_command, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 NUM_CLASSES = 21  # pascal
 MAX_PIXELS = 1_000_000
 MAX_UPLOAD_BYTES = 300_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _serve_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -80,36 +72,17 @@ def tiny_model(tmp_path_factory) -> Path:
 def server(tiny_model, tmp_path_factory):
     """Base URL of `bentoml serve` started in the project root (bentofile.yaml names the service)."""
     tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     env = _serve_env(tmp, AGMM_MODEL=str(tiny_model), AGMM_MAX_PIXELS=str(MAX_PIXELS),
                      AGMM_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES), AGMM_MAX_LATENCY_MS="20000")
-    log_path = tmp / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or busy loading the model
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 120 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        process = start_server(port, tmp / "serve.log", env, timeout_s=120)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server's own process group: CLI, arbiter, worker
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_server(process)
 
 
 def _post_image(url: str, data: bytes, route: str = "segment", filename: str = "x.png", **kwargs):
@@ -266,7 +239,7 @@ def test_bad_input_gets_4xx_json_and_server_stays_healthy(server, case):
 
 def test_refuses_to_start_without_a_model(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(_free_port())],
+        serve_command(free_port()),
         cwd=ROOT, env=_serve_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("No model to serve: set AGMM_MODEL="), result.stderr
