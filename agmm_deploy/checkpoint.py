@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from agmm_deploy.atomic import atomic_write
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 FORMAT = "agmm-deploy/1"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Pixels holding this value receive no supervision at all (crop padding, "void" in full labels).
-# Unlabelled pixels of a sparse label are different: they hold K (the number of classes), see SPEC.md.
+# Unlabelled pixels of a sparse label are different: they hold K (the number of classes), see docs/algorithm.md.
 IGNORE_INDEX = 255
 
 # ImageNet statistics, in RGB order, for images scaled to [0, 1]; both backbone layouts were trained with them.

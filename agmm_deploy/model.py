@@ -1,4 +1,4 @@
-"""DeepLabV3+ with a dilated ResNet backbone, as in the AGMM paper (SPEC.md, "Model").
+"""DeepLabV3+ with a dilated ResNet backbone, as in the AGMM paper (docs/algorithm.md, "Model").
 
 Module names follow the official AGMM state dict (``backbone.*``, ``head.b0..b4``, ``head.project``,
 ``reduce``, ``fuse``, ``classifier``) so its checkpoints load strictly.

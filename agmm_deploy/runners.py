@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.transforms import (SLIDING_OVERLAP, Letterbox, letterbox, normalize, pad_value, sliding_window_tiles,
                                    unletterbox)
 
@@ -110,7 +110,7 @@ class TorchRunner(_Runner):
 
 def cpu_session_options(threads: int | None = None,
                         mem_pattern: bool = True) -> "onnxruntime.SessionOptions":  # noqa: F821
-    """ONNX Runtime CPU settings that make it faster than PyTorch eager on this model (see docs/export.md).
+    """ONNX Runtime CPU settings that make it faster than PyTorch eager on this model (figures below).
 
     Measured on DeepLabV3+ R50 at 512x1024, batch 1, 2 shared cores (median of 3, noisy): these options 1.50 s;
     ORT defaults 2.21 s; ORT_ENABLE_BASIC instead of ALL 3.20 s; arena + memory pattern off 1.58 s; spinning on
@@ -145,7 +145,7 @@ class OnnxRunner(_Runner):
                  mem_pattern: bool = True) -> None:
         import onnxruntime as ort
 
-        from agmm_deploy.export.metadata import read_onnx_metadata
+        from agmm_deploy.contract import read_onnx_metadata
 
         self.path = Path(path)
         self.meta, self.fields = read_onnx_metadata(self.path)
@@ -189,7 +189,7 @@ class TensorRTRunner(_Runner):
     """A serialized TensorRT engine executed with torch CUDA tensors as I/O buffers (TensorRT >= 10 API)."""
 
     def __init__(self, path: str | Path, device: str = "auto") -> None:
-        from agmm_deploy.export.metadata import read_engine_sidecar
+        from agmm_deploy.contract import read_engine_sidecar
         from agmm_deploy.export.tensorrt import TensorRTUnavailable, import_tensorrt, tensorrt_missing
 
         missing = tensorrt_missing(f"running the TensorRT engine {Path(path).name}")

@@ -60,7 +60,7 @@ def export_default_model(size: int, folder: Path) -> Path:
     import torch
 
     from agmm_deploy.export.onnx import export_onnx
-    from agmm_deploy.meta import ModelMeta
+    from agmm_deploy.contract import ModelMeta
     from agmm_deploy.model import ModelConfig, build_model
 
     torch.manual_seed(0)

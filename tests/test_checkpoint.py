@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from agmm_deploy.checkpoint import CheckpointError, load_model, save_checkpoint, sha256_file
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 TINY = ModelConfig(backbone="resnet18", num_classes=19, multi_grid=True)

@@ -3,7 +3,7 @@ import torch
 
 from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.cli.bench import count_flops, format_table, main, measure_gemm_gflops, Row
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 
@@ -26,7 +26,7 @@ def test_checkpoint_alone_compares_eager_with_onnxruntime(tmp_path, capsys):
 
 
 def test_flops_of_the_paper_model_match_the_spec():
-    # SPEC.md: DeepLabV3+ R50 at 512x1024 is 0.76 TFLOP; counted on the meta device, no memory used.
+    # docs/algorithm.md: DeepLabV3+ R50 at 512x1024 is 0.76 TFLOP; counted on the meta device, no memory used.
     assert count_flops(ModelConfig.cityscapes().to_dict(), 512, 1024) / 1e12 == pytest.approx(0.76, abs=0.01)
 
 

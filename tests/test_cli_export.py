@@ -12,8 +12,8 @@ from PIL import Image
 
 from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.cli.export import main
-from agmm_deploy.export.metadata import read_onnx_metadata
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import read_onnx_metadata
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 TINY = ModelConfig(backbone="resnet18", num_classes=19)

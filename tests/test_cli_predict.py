@@ -6,7 +6,7 @@ from PIL import Image
 from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.cli.predict import main
 from agmm_deploy.export.onnx import export_onnx
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from agmm_deploy.checkpoint import save_checkpoint
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import ModelConfig, build_model
 from training import evaluate as evaluate_cli
 from training import synthetic

@@ -4,9 +4,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from agmm_deploy.export.metadata import read_onnx_metadata
+from agmm_deploy.contract import read_onnx_metadata
 from agmm_deploy.export.onnx import export_onnx
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 TINY = ModelConfig(backbone="resnet18", num_classes=19)

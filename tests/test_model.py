@@ -56,7 +56,7 @@ def test_paper_presets_and_parameter_counts():
     voc = ModelConfig.pascal()
     assert (city.backbone, city.num_classes, city.multi_grid, city.aspp_rates) == ("resnet50", 19, True, (12, 24, 36))
     assert (voc.backbone, voc.num_classes, voc.multi_grid, voc.aspp_rates) == ("resnet101", 21, False, (6, 12, 18))
-    # SPEC.md: 40.5 M (R50) and 59.5 M (R101) parameters.
+    # docs/algorithm.md: 40.5 M (R50) and 59.5 M (R101) parameters.
     assert round(count_parameters(DeepLabV3Plus(city)) / 1e6, 1) == 40.5
     assert round(count_parameters(DeepLabV3Plus(voc)) / 1e6, 1) == 59.5
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 from agmm_deploy.export.parity import (DEFAULT_GATES, Gates, check_parity, gates_for, generated_images,
                                        load_parity_images)
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 
 META = ModelMeta.for_dataset("folder", (8, 8), classes=("a", "b", "c"))
 

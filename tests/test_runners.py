@@ -4,7 +4,7 @@ import torch
 
 from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.export.onnx import export_onnx
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 from agmm_deploy.runners import (OnnxRunner, TorchRunner, batch_image_scores, image_scores, load_runner,
                                  segment_image, segment_images)

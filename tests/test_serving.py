@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from agmm_deploy.export.onnx import export_onnx
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import ModelConfig, build_model
 from serving.launch import free_port, serve_command, start_server, stop_server
 

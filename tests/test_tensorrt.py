@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from agmm_deploy.checkpoint import save_checkpoint
-from agmm_deploy.export.metadata import read_engine_sidecar
+from agmm_deploy.contract import read_engine_sidecar
 from agmm_deploy.export.onnx import export_onnx
 from agmm_deploy.export.parity import check_parity, generated_images
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 from agmm_deploy.runners import TensorRTRunner, TorchRunner, load_runner
 from agmm_deploy.transforms import normalize

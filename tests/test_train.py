@@ -264,7 +264,7 @@ def test_official_keys_that_cannot_be_mapped_raise_naming_key_and_file(tmp_path,
 
 def test_evaluate_refuses_validation_labels_without_a_labelled_pixel(tmp_path):
     from agmm_deploy.checkpoint import save_checkpoint
-    from agmm_deploy.meta import ModelMeta
+    from agmm_deploy.contract import ModelMeta
     from agmm_deploy.model import ModelConfig, build_model
     from training import evaluate as evaluate_cli
 

@@ -1,6 +1,6 @@
 """Cityscapes, VOC and folder data sets with the official AGMM training augmentations.
 
-Layouts (SPEC.md, "Labels"):
+Layouts (docs/algorithm.md, "Labels"):
 
 * Cityscapes: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``, full labels
   ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png``, sparse labels ``{20,50,100}clicks/<gtFine basename>``.

@@ -1,7 +1,7 @@
 """The AGMM loss (Wu et al., CVPR 2023) and the partial cross-entropy baseline.
 
 ``agmm_losses`` computes exactly the terms of the official ``train_city.py`` / ``train_voc.py`` step
-(SPEC.md, "Training loss per step"), vectorised: no Python loops over images, classes or class pairs.
+(docs/algorithm.md, "Training loss per step"), vectorised: no Python loops over images, classes or class pairs.
 Two things keep it fast and small where the official code is slow and large:
 
 * Prototypes. The official code upsamples ``feat`` (B, 256, H/4, W/4) to the crop (2.1 GB at Cityscapes

@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agmm_deploy.checkpoint import read_checkpoint, save_checkpoint
 from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import ModelConfig, build_model, count_parameters
 from training.data import CITYSCAPES_CLICKS, SegmentationDataset, read_class_names, train_samples, val_samples
 from training.distributed import cleanup_distributed, init_distributed, parameters_match_across_ranks

@@ -16,8 +16,8 @@ from torch import nn
 
 from agmm_deploy.atomic import atomic_write
 from agmm_deploy.checkpoint import unwrap
-from agmm_deploy.export.metadata import library_versions, write_onnx_metadata
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import library_versions, write_onnx_metadata
+from agmm_deploy.contract import ModelMeta
 
 INPUT_NAME = "image"
 LOGITS_NAME = "logits"

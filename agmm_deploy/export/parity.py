@@ -1,6 +1,6 @@
 """Parity of exported artifacts with PyTorch: logit differences, argmax agreement and, on labelled images, mIoU.
 
-Gates by precision (issue 4; SPEC.md "Reference figures"; each is overridable):
+Gates by precision (issue 4; docs/algorithm.md "Reference figures"; each is overridable):
 
 =========  ==========================  ===================  ===============
 precision  logits allclose             argmax agreement     mIoU delta
@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES
-from agmm_deploy.export.metadata import write_json_atomic
-from agmm_deploy.meta import ModelMeta
+from agmm_deploy.contract import write_json_atomic
+from agmm_deploy.contract import ModelMeta
 from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import letterbox, normalize, pad_value, read_image
 

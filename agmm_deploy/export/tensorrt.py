@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from agmm_deploy.atomic import atomic_write_bytes
-from agmm_deploy.export.metadata import library_versions, read_onnx_metadata, write_engine_sidecar
+from agmm_deploy.contract import library_versions, read_onnx_metadata, write_engine_sidecar
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
