@@ -85,7 +85,7 @@ def test_image(size: int) -> bytes:
 
 
 def load_raw_runner(model: Path, device: str, threads: int):
-    from agmm_deploy.runners import load_runner
+    from agmm_deploy.runtime import load_runner
 
     return load_runner(model, device=device, **({"threads": threads} if threads and model.suffix == ".onnx" else {}))
 

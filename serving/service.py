@@ -224,7 +224,7 @@ class AgmmSegmenter:
     """DeepLabV3+ trained with the AGMM loss, served with adaptive batching."""
 
     def __init__(self) -> None:
-        from agmm_deploy.runners import load_runner  # torch and onnxruntime load in the worker only
+        from agmm_deploy.runtime import load_runner  # torch and onnxruntime load in the worker only
 
         path = resolve_model_path()
         kwargs: dict[str, Any] = {}
@@ -312,12 +312,12 @@ class AgmmSegmenter:
     def _predict_labels(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """uint8 RGB images (H_i, W_i, 3) -> label maps (H_i, W_i) uint8, the model run on all of them together.
 
-        Exactly what agmm-predict does (agmm_deploy.runners.segment_images): an image that fits the model
+        Exactly what agmm-predict does (agmm_deploy.inference.segment_images): an image that fits the model
         input is letterboxed and its scores are resized back before the argmax; a larger one is tiled at full
         resolution with the official 2/3 overlap instead of being shrunk below the scales the model was
         trained on.
         """
-        from agmm_deploy.runners import segment_images
+        from agmm_deploy.inference import segment_images
 
         return segment_images(self.runner, images)
 

@@ -103,7 +103,7 @@ def test_bad_checkpoints_exit_2_with_a_clear_error(checkpoint, tmp_path, capsys,
 
 def test_trt_without_tensorrt_writes_valid_onnx_then_exits_non_zero(checkpoint, tmp_path):
     """The real console script, in a subprocess, on this machine (no TensorRT, no GPU)."""
-    from agmm_deploy.export.tensorrt import tensorrt_missing
+    from agmm_deploy.runtime.trt import tensorrt_missing
 
     if tensorrt_missing() is None:
         pytest.skip("TensorRT and a GPU are present here; tests/test_tensorrt.py covers --trt")

@@ -83,7 +83,8 @@ def test_raw_state_dict_needs_the_recipe_and_takes_class_names(tmp_path, capsys)
     assert "--dataset must name the official recipe it was trained with" in capsys.readouterr().err
     assert main(argv + ["--dataset", "cityscapes", "--classes", "sky,road,car", "--out", str(tmp_path / "o")]) == 0
     # The same labels as the library call with the same flags (input 721x721, the recipe crop: letterboxed).
-    from agmm_deploy.runners import load_runner, segment_image
+    from agmm_deploy.inference import segment_image
+    from agmm_deploy.runtime import load_runner
     from agmm_deploy.transforms import read_image
 
     runner = load_runner(raw, backbone="resnet18", num_classes=3, dataset="cityscapes", classes=("sky", "road", "car"))

@@ -6,8 +6,10 @@ from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.export.onnx import export_onnx
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
-from agmm_deploy.runners import (OnnxRunner, TorchRunner, batch_image_scores, image_scores, load_runner,
-                                 segment_image, segment_images)
+from agmm_deploy.inference import batch_image_scores, image_scores, segment_image, segment_images
+from agmm_deploy.runtime import load_runner
+from agmm_deploy.runtime.ort import OnnxRunner
+from agmm_deploy.runtime.pytorch import TorchRunner
 from agmm_deploy.transforms import SLIDING_OVERLAP, normalize
 
 
@@ -25,7 +27,7 @@ def artifacts(tmp_path_factory):
 
 def test_load_runner_picks_the_backend_and_attributes_agree(artifacts):
     ckpt, onnx_path = artifacts
-    torch_runner, onnx_runner = load_runner(ckpt), load_runner(onnx_path, device="cpu")
+    torch_runner, onnx_runner = load_runner(ckpt, device="cpu"), load_runner(onnx_path, device="cpu")
     assert isinstance(torch_runner, TorchRunner) and isinstance(onnx_runner, OnnxRunner)
     assert (torch_runner.backend, onnx_runner.backend) == ("pytorch", "onnxruntime-cpu")
     assert onnx_runner.session.get_providers() == ["CPUExecutionProvider"]
@@ -156,3 +158,18 @@ def test_load_runner_errors(tmp_path):
 def test_cuda_asked_for_without_a_gpu(artifacts):
     with pytest.raises(RuntimeError, match="device='cuda' was asked for, but torch.cuda.is_available\\(\\) is False"):
         load_runner(artifacts[1], device="cuda")
+
+
+def test_run_takes_and_returns_tensors_on_the_runner_device(artifacts):
+    """run() is the tensor form of __call__: same logits, returned on runner.device (no host copy on a GPU)."""
+    ckpt, onnx_path = artifacts[0], artifacts[1]
+    images = normalize(np.random.default_rng(3).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8),
+                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    for path in (ckpt, onnx_path):
+        runner = load_runner(path)
+        logits = runner.run(torch.from_numpy(images))
+        assert isinstance(logits, torch.Tensor) and logits.device == runner.device
+        assert logits.dtype == torch.float32 and tuple(logits.shape) == (2, 5, 48, 64)
+        np.testing.assert_array_equal(logits.cpu().numpy(), runner(images))
+    with pytest.raises(ValueError, match=r"expects normalised float32 images shaped \(N, 3, H, W\)"):
+        runner.run(torch.zeros(2, 48, 64, 3))

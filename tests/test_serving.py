@@ -132,7 +132,8 @@ def test_segment_returns_palette_mask_at_original_size(server, name, data, size)
 
 def test_served_mask_equals_agmm_predict(server, tiny_model):
     """Small images are letterboxed and large ones tiled at full resolution, exactly as agmm-predict does."""
-    from agmm_deploy.runners import load_runner, segment_image
+    from agmm_deploy.inference import segment_image
+    from agmm_deploy.runtime import load_runner
 
     runner = load_runner(tiny_model, device="cpu")
     for h, w in [(40, 50), (150, 230)]:  # fits the 64x64 input / larger than it on both axes

@@ -13,7 +13,9 @@ from agmm_deploy.export.onnx import export_onnx
 from agmm_deploy.export.parity import check_parity, generated_images
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
-from agmm_deploy.runners import TensorRTRunner, TorchRunner, load_runner
+from agmm_deploy.runtime import load_runner
+from agmm_deploy.runtime.pytorch import TorchRunner
+from agmm_deploy.runtime.trt import TensorRTRunner
 from agmm_deploy.transforms import normalize
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]

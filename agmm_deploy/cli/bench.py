@@ -78,7 +78,7 @@ def _onnxruntime_matmul(n: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from agmm_deploy.runners import cpu_session_options
+    from agmm_deploy.runtime.ort import cpu_session_options
 
     spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b", "c")]
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", spec[:2], spec[2:])
@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from agmm_deploy.checkpoint import CheckpointError
-    from agmm_deploy.runners import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, load_runner
+    from agmm_deploy.runtime import get_backend, load_runner
+
+    CHECKPOINT_SUFFIXES = get_backend("pytorch").suffixes
+    ENGINE_SUFFIXES = get_backend("tensorrt").suffixes
 
     try:
         paths = _expand(args.models)

@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from agmm_deploy.checkpoint import CheckpointError, load_model, sha256_file
     from agmm_deploy.export.onnx import export_onnx
     from agmm_deploy.export.parity import (check_parity, gates_for, generated_images, load_parity_images)
-    from agmm_deploy.export.tensorrt import tensorrt_missing
-    from agmm_deploy.runners import OnnxRunner, TensorRTRunner, TorchRunner
+    from agmm_deploy.runtime.ort import OnnxRunner
+    from agmm_deploy.runtime.pytorch import TorchRunner
+    from agmm_deploy.runtime.trt import TensorRTRunner, tensorrt_missing
     from agmm_deploy.transforms import normalize
 
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"

@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from agmm_deploy.checkpoint import CheckpointError
-    from agmm_deploy.runners import CHECKPOINT_SUFFIXES, load_runner, segment_image
+    from agmm_deploy.inference import segment_image
+    from agmm_deploy.runtime import get_backend, load_runner
+
+    CHECKPOINT_SUFFIXES = get_backend("pytorch").suffixes
     from agmm_deploy.transforms import ImageDecodeError, encode_png, overlay, palette_png, read_image
 
     kwargs = {}

@@ -1,8 +1,8 @@
 """ONNX -> TensorRT engine with the TensorRT Python API (>= 10), plus the sidecar JSON serving reads.
 
 TensorRT is an optional extra (``pip install 'agmm-deploy[trt]'``) and needs a CUDA GPU; it is imported only
-inside these functions, so the rest of the toolkit works without it. ``tensorrt_missing()`` says in one sentence
-what is missing on a machine that cannot build engines.
+inside these functions, so the rest of the toolkit works without it. ``tensorrt_missing()`` (from the runtime,
+which also runs engines) says in one sentence what is missing on a machine that cannot build engines.
 
 Precisions: fp32; fp16 (``BuilderFlag.FP16``: TensorRT may pick fp16 kernels per layer); int8 by post-training
 entropy calibration (``IInt8EntropyCalibrator2``) over calibration images, with fp16 allowed as a fallback for
@@ -11,7 +11,6 @@ layers without int8 kernels. The calibration cache makes a rebuild skip the cali
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,36 +21,9 @@ import torch
 
 from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.contract import library_versions, read_onnx_metadata, write_engine_sidecar
+from agmm_deploy.runtime.trt import TensorRTUnavailable, import_tensorrt, tensorrt_missing
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT or a CUDA GPU is missing; the message is one sentence saying which."""
-
-
-def tensorrt_missing(what: str = "--trt") -> str | None:
-    """None when engines can be built and run here, else one clause naming what is missing (no final period)."""
-    has_trt = importlib.util.find_spec("tensorrt") is not None
-    has_cuda = torch.cuda.is_available()
-    if has_trt and has_cuda:
-        return None
-    if not has_trt and not has_cuda:
-        return (f"{what} needs TensorRT and a CUDA GPU, and this machine has neither (the tensorrt package is not "
-                "installed and torch.cuda.is_available() is False)")
-    if not has_trt:
-        return f"{what} needs the tensorrt package, which is not installed (pip install 'agmm-deploy[trt]')"
-    return f"{what} needs a CUDA GPU, and torch.cuda.is_available() is False on this machine"
-
-
-def import_tensorrt() -> Any:
-    """``import tensorrt`` with a one-sentence error when it is not installed."""
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise TensorRTUnavailable("TensorRT is not installed; pip install 'agmm-deploy[trt]' on a machine with an "
-                                  "NVIDIA GPU.") from err
-    return tensorrt
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""The runtimes that run an artifact, in one table: ask it, never keep a suffix list elsewhere.
+
+Each row names a backend, the file suffixes it reads, the devices and precisions it runs, the module that
+loads it and the extra that installs it. The module (one file per backend, imported only when used) defines
+``load(path, device, **kwargs) -> Runner`` and ``missing(device) -> str | None`` (why it cannot run here, or
+None). Adding a runtime is one new file plus one row.
+
+    runner = load_runner("model.onnx")          # the row whose suffixes match, on CUDA when available
+    logits = runner.run(images)                 # torch (N, 3, H, W) in, (N, K, H, W) out on runner.device
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from agmm_deploy.runtime.base import DEFAULT_MAX_BATCH, DEVICES, Runner, resolve_device
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the runtime table.
+
+    Attributes:
+        name: what users type and tables print (the runner's ``backend`` adds the device, e.g. onnxruntime-cpu).
+        artifact: what the file is, for messages.
+        suffixes: file suffixes it reads, lower case with the dot.
+        devices: where it can run (cpu, cuda).
+        precisions: the precisions its artifacts may carry.
+        module: the module defining ``load`` and ``missing``.
+        install: how to get it, for messages.
+    """
+
+    name: str
+    artifact: str
+    suffixes: tuple[str, ...]
+    devices: tuple[str, ...]
+    precisions: tuple[str, ...]
+    module: str
+    install: str
+
+    def loader(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def missing(self, device: str = "auto") -> str | None:
+        """None when this backend can run on ``device`` here, else one clause saying what is missing."""
+        if device != "auto" and device not in self.devices:
+            return f"{self.name} runs on {'/'.join(self.devices)}, not {device}"
+        return self.loader().missing(device)
+
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend("pytorch", "checkpoint", (".pt", ".pth", ".ckpt"), ("cpu", "cuda"), ("fp32",),
+            "agmm_deploy.runtime.pytorch", "included"),
+    Backend("onnxruntime", "ONNX model", (".onnx",), ("cpu", "cuda"), ("fp32", "fp16"),
+            "agmm_deploy.runtime.ort", "pip install onnxruntime-gpu (included)"),
+    Backend("tensorrt", "TensorRT engine", (".engine", ".plan", ".trt"), ("cuda",), ("fp32", "fp16", "int8"),
+            "agmm_deploy.runtime.trt", "pip install 'agmm-deploy[trt]' on a machine with an NVIDIA GPU"),
+)
+
+
+def backends() -> tuple[Backend, ...]:
+    """The runtime table (read at call time, so a test may add a row)."""
+    return BACKENDS
+
+
+def get_backend(name: str) -> Backend:
+    """The row named ``name``; an unknown name is refused with the known ones listed."""
+    for backend in backends():
+        if backend.name == name:
+            return backend
+    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(b.name for b in backends())}")
+
+
+def model_suffixes() -> tuple[str, ...]:
+    """Every file suffix some backend reads, in table order."""
+    return tuple(s for backend in backends() for s in backend.suffixes)
+
+
+def describe_suffixes() -> str:
+    """e.g. 'a checkpoint (.pt/.pth/.ckpt), an ONNX model (.onnx) or a TensorRT engine (.engine/.plan/.trt)'."""
+    parts = [f"a {b.artifact} ({'/'.join(b.suffixes)})" for b in backends()]
+    return ", ".join(parts[:-1]) + f" or {parts[-1]}" if len(parts) > 1 else parts[0]
+
+
+def backend_for(path: str | Path) -> Backend:
+    """The row whose suffixes match the file; an unknown suffix is refused with the known ones listed."""
+    suffix = Path(path).suffix.lower()
+    for backend in backends():
+        if suffix in backend.suffixes:
+            return backend
+    raise ValueError(f"cannot tell the format of {path} from its suffix {suffix!r}; expected "
+                     f"{describe_suffixes()}")
+
+
+def load_runner(path: str | Path, device: str = "auto", **kwargs: Any) -> Runner:
+    """The runner for an artifact, chosen by its suffix from the runtime table.
+
+    Args:
+        device: auto (CUDA when available) | cpu | cuda.
+        kwargs: passed to the backend's loader: for checkpoints backbone=, num_classes=, dataset=, classes= (raw
+            official state dicts), max_batch=; for ONNX threads=, mem_pattern=.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model {path} does not exist{' (it is a folder)' if path.is_dir() else ''}; "
+                                f"expected {describe_suffixes()}")
+    return backend_for(path).loader().load(path, device, **kwargs)
+
+
+__all__ = ["Backend", "BACKENDS", "DEFAULT_MAX_BATCH", "DEVICES", "Runner", "backend_for", "backends",
+           "describe_suffixes", "get_backend", "load_runner", "model_suffixes", "resolve_device"]
