@@ -1,97 +1,236 @@
-"""Segmentation of uint8 RGB images of any size with any runner: letterbox or sliding-window tiles in, class
-probabilities or label maps at the original size out. Used by agmm-predict, the service and the parity checks.
+"""Segmentation of images of any size, as torch ops on the device the model runs on.
+
+One implementation of the letterbox and of the official sliding window, used by agmm-predict, the service
+and training's sliding-window evaluation:
+
+- An image that fits the model input is letterboxed: resized to fit keeping its aspect ratio, padded
+  bottom/right with zeros after normalisation (the mean colour), and its logits are cropped and resized back to
+  the image's size.
+- A larger image (along either axis) is cut into input-size tiles by ``sliding_window_tiles`` (official overlap
+  2/3; a tile past a short axis is padded bottom/right with zeros), and the tiles' softmax is averaged where
+  they overlap, as in the official sliding-window evaluation.
+
+``Windows`` holds one image's side of this (its model inputs, made a slice at a time, and the accumulation of
+the model's outputs), so that a caller may run the inputs of many images together in batches of its choosing:
+``segment_images`` in chunks of ``runner.max_batch``, the service in batches across requests. Everything stays
+on the image tensor's device; only the final uint8 label map (or the scores, when asked for) leaves it.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from agmm_deploy.runtime import Runner
-from agmm_deploy.transforms import (SLIDING_OVERLAP, Letterbox, letterbox, normalize, pad_value, sliding_window_tiles,
-                                   unletterbox)
+from agmm_deploy.transforms import SLIDING_OVERLAP, sliding_window_count, sliding_window_tiles
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # normalised (N, 3, h, w) float32 -> logits (N, K, h, w)
+
+
+def input_count(height: int, width: int, input_size: tuple[int, int], overlap: float = SLIDING_OVERLAP) -> int:
+    """How many model inputs an image costs: 1 when it fits the input (letterbox), else its sliding-window tiles.
+
+    Computed from the size alone, so that a request's cost is known before any pixel is processed.
+    """
+    th, tw = input_size
+    if height <= th and width <= tw:
+        return 1
+    return sliding_window_count(height, width, (th, tw), overlap)
+
+
+class Windows:
+    """One image as model inputs, and the model's outputs gathered back at the image's size.
+
+    Args:
+        image: (3, H, W), uint8 RGB when ``mean``/``std`` are given (normalised here, a slice at a time), else
+            already normalised float32. Its device is where all the work happens.
+        input_size: (th, tw) the model takes.
+        num_classes: K.
+        mean, std: the model's normalisation (``meta.mean``/``meta.std``) for a uint8 image.
+        overlap: sliding-window overlap, 0 <= overlap < 1.
+        letterbox: letterbox an image that fits the input (else it is one padded tile, as in training's
+            sliding-window evaluation).
+    Shape:
+        ``inputs(start, stop)``: (stop - start, 3, th, tw) float32; ``add(start, logits)`` takes
+        (n, K, th, tw) for the inputs start:start + n; ``scores()``: (K, H, W) float32 summing to 1 over K;
+        ``labels()``: (H, W) uint8.
+    """
+
+    def __init__(self, image: torch.Tensor, input_size: tuple[int, int], num_classes: int, *,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 overlap: float = SLIDING_OVERLAP, letterbox: bool = True) -> None:
+        if not 0 <= overlap < 1:  # checked here too: images that fit the input never reach the tiling
+            raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
+        self.image = image
+        self.input_size = (th, tw) = tuple(input_size)
+        self.num_classes = num_classes
+        self.size = (h, w) = tuple(image.shape[1:])
+        self.device = image.device
+        if mean is not None and std is not None:
+            self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
+            self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        else:
+            self._mean = self._std = None
+        self.letterboxed = letterbox and h <= th and w <= tw
+        if self.letterboxed:
+            scale = min(th / h, tw / w)
+            self.resized = (max(1, min(th, round(h * scale))), max(1, min(tw, round(w * scale))))
+            self.windows = [(0, h, 0, w)]
+        else:
+            self.windows = sliding_window_tiles(h, w, (th, tw), overlap)
+        self.count = len(self.windows)
+        self.added = 0
+        self._sum: torch.Tensor | None = None  # letterbox: logits (K, H, W); tiles: summed softmax (K, H, W)
+        self._covered: torch.Tensor | None = None  # tiles: how many tiles covered each pixel (1, H, W)
+
+    def _normalised(self, region: torch.Tensor) -> torch.Tensor:
+        """(..., 3, h, w) -> float32 (x / 255 - mean) / std, in the order of transforms.normalize (same bits)."""
+        if self._mean is None:
+            return region.float()
+        return (region.float() * (1.0 / 255.0) - self._mean) / self._std
+
+    def inputs(self, start: int, stop: int) -> torch.Tensor:
+        """The model inputs start:stop (n, 3, th, tw) float32, made now (a 300-tile image never holds them all)."""
+        th, tw = self.input_size
+        if self.letterboxed:
+            x = self._normalised(self.image)[None]
+            if self.resized != self.size:
+                # Bilinear with antialiasing: a plain bilinear shrink would skip pixels and alias.
+                x = F.interpolate(x, size=self.resized, mode="bilinear", align_corners=False, antialias=True)
+            rh, rw = self.resized
+            return F.pad(x, (0, tw - rw, 0, th - rh))  # zero after normalising: the mean colour
+        tiles = []
+        for y1, y2, x1, x2 in self.windows[start:stop]:
+            tile = self._normalised(self.image[:, y1:y2, x1:x2])
+            tiles.append(F.pad(tile, (0, tw - (x2 - x1), 0, th - (y2 - y1))))  # along an axis shorter than the tile
+        return torch.stack(tiles)
+
+    def add(self, start: int, logits: torch.Tensor) -> None:
+        """Takes the model's logits (n, K, th, tw) for the inputs start:start + n."""
+        if self.letterboxed:
+            rh, rw = self.resized
+            # Pixel-centre aligned bilinear (align_corners=False), as cv2.INTER_LINEAR: (K, H, W).
+            self._sum = F.interpolate(logits[:, :, :rh, :rw], size=self.size, mode="bilinear",
+                                      align_corners=False)[0]
+            self.added = 1
+            return
+        if self._sum is None:
+            self._sum = torch.zeros((self.num_classes, *self.size), dtype=torch.float32, device=logits.device)
+            self._covered = torch.zeros((1, *self.size), dtype=torch.float32, device=logits.device)
+        probs = torch.softmax(logits.float(), dim=1)
+        for (y1, y2, x1, x2), p in zip(self.windows[start:start + len(logits)], probs):
+            self._sum[:, y1:y2, x1:x2] += p[:, :y2 - y1, :x2 - x1]
+            self._covered[:, y1:y2, x1:x2] += 1
+        self.added += len(logits)
+
+    @property
+    def done(self) -> bool:
+        return self.added == self.count
+
+    def scores(self) -> torch.Tensor:
+        """Class probabilities (K, H, W) float32 on the image's device."""
+        assert self.done, f"{self.added} of {self.count} model outputs added"
+        if self.letterboxed:
+            return torch.softmax(self._sum, dim=0)
+        return self._sum / self._covered
+
+    def labels(self) -> torch.Tensor:
+        """Class ids (H, W) uint8 on the image's device.
+
+        A letterboxed image skips the softmax (it never changes the argmax). ``max(0).indices`` rather than
+        ``argmax(0)``: on a CPU the latter runs as a per-output loop over K strided planes, many times slower.
+        """
+        assert self.done, f"{self.added} of {self.count} model outputs added"
+        scores = self._sum if self.letterboxed else self._sum / self._covered
+        return scores.max(dim=0).indices.to(torch.uint8)
+
+
+def run_slices(forward: Forward, slices: list[tuple[Windows, int, int]]) -> int:
+    """Runs the model once on the inputs start:stop of every (windows, start, stop), hands each its logits.
+
+    Returns:
+        How many model inputs ran together.
+    """
+    x = torch.cat([windows.inputs(start, stop) for windows, start, stop in slices])
+    logits = forward(x)  # (N, K, th, tw)
+    offset = 0
+    for windows, start, stop in slices:
+        windows.add(start, logits[offset:offset + stop - start])
+        offset += stop - start
+    return offset
+
+
+def chunks(images: list[Windows], size: int) -> Iterator[list[tuple[Windows, int, int]]]:
+    """The inputs of all ``images``, in order, as slices of at most ``size`` inputs in all."""
+    batch: list[tuple[Windows, int, int]] = []
+    room = size
+    for windows in images:
+        start = 0
+        while start < windows.count:
+            stop = min(windows.count, start + room)
+            batch.append((windows, start, stop))
+            room -= stop - start
+            start = stop
+            if room == 0:
+                yield batch
+                batch, room = [], size
+    if batch:
+        yield batch
+
+
+def image_tensor(image: np.ndarray, device: torch.device | str, name: str = "image") -> torch.Tensor:
+    """A uint8 RGB array (H, W, 3) as a uint8 tensor (3, H, W) on ``device``."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        shape = getattr(image, "shape", type(image).__name__)
+        dtype = getattr(image, "dtype", "")
+        raise ValueError(f"{name} is {shape} {dtype}; expected a uint8 RGB array (H, W, 3), e.g. from "
+                         "agmm_deploy.transforms.read_image")
+    if not image.flags.writeable:  # e.g. np.asarray of a PIL image; torch wants arrays it could write to
+        image = image.copy()
+    return torch.from_numpy(image).to(device).permute(2, 0, 1)
+
+
+def image_windows(runner: Runner, image: np.ndarray, *, overlap: float = SLIDING_OVERLAP,
+                  name: str = "image") -> Windows:
+    """``Windows`` of a uint8 RGB image (H, W, 3) for ``runner``'s model, on ``runner.device``."""
+    meta = runner.meta
+    return Windows(image_tensor(image, runner.device, name), runner.input_size, meta.num_classes,
+                   mean=meta.mean, std=meta.std, overlap=overlap)
+
+
+@torch.no_grad()
+def _segment(runner: Runner, images: list[np.ndarray], overlap: float) -> list[Windows]:
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
+    windows = [image_windows(runner, image, overlap=overlap, name=f"image {i}") for i, image in enumerate(images)]
+    for batch in chunks(windows, runner.max_batch):
+        run_slices(runner.run, batch)
+    return windows
 
 
 def batch_image_scores(runner: Runner, images: list[np.ndarray], *,
                        overlap: float = SLIDING_OVERLAP) -> list[np.ndarray]:
     """Class probabilities for uint8 RGB images of any sizes, the model run on all of them together.
 
-    An image that fits the model input is letterboxed (resized to fit, padded with the colour that normalises
-    to 0) and its logits are mapped back before the softmax. A larger image (along either axis) is cut into
-    input-size tiles by ``sliding_window_tiles`` (official overlap 2/3; tiles past a short axis padded bottom/right)
-    and the tiles' softmax is averaged where they overlap, as in the official sliding-window evaluation.
     The canvases and tiles of all images go through the runner in chunks of ``runner.max_batch``.
 
     Args:
-        runner: any runner (see ``load_runner``).
+        runner: any runner (see ``agmm_deploy.runtime.load_runner``).
         images: uint8 RGB arrays (H_i, W_i, 3).
         overlap: sliding-window overlap for images larger than the model input.
     Returns:
         One float32 array (K, H_i, W_i) per image; it sums to 1 over K.
     """
-    return _batch_scores(runner, images, overlap=overlap, softmax_whole=True)
+    return [w.scores().cpu().numpy() for w in _segment(runner, images, overlap)]
 
 
 def segment_images(runner: Runner, images: list[np.ndarray], *,
                    overlap: float = SLIDING_OVERLAP) -> list[np.ndarray]:
-    """Class ids (H_i, W_i) uint8 for uint8 RGB images of any sizes: the argmax of ``batch_image_scores``.
-
-    Letterboxed images skip the softmax (it does not change the argmax, and on a CPU server it costs about
-    as much as the argmax itself), so serving pays only for what the label map needs.
-    """
-    scores = _batch_scores(runner, images, overlap=overlap, softmax_whole=False)
-    return [s.argmax(axis=0).astype(np.uint8) for s in scores]
-
-
-def _batch_scores(runner: Runner, images: list[np.ndarray], *, overlap: float,
-                  softmax_whole: bool) -> list[np.ndarray]:
-    """batch_image_scores / segment_images; ``softmax_whole=False`` leaves letterboxed images as logits."""
-    if not 0 <= overlap < 1:  # checked here too: images that fit the input never reach the tiling
-        raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
-    meta = runner.meta
-    th, tw = runner.input_size
-    fill = pad_value(meta.mean)
-    # One runner input per entry: (image index, uint8 (th, tw, 3) canvas or tile, where its output goes).
-    inputs: list[tuple[int, np.ndarray, Letterbox | tuple[int, int, int, int]]] = []
-    for index, image in enumerate(images):
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            shape = getattr(image, "shape", type(image).__name__)
-            dtype = getattr(image, "dtype", "")
-            raise ValueError(f"image {index} is {shape} {dtype}; expected a uint8 RGB array (H, W, 3), e.g. from "
-                             "agmm_deploy.transforms.read_image")
-        h, w = image.shape[:2]
-        if h <= th and w <= tw:
-            canvas, box = letterbox(image, (th, tw), fill=fill)
-            inputs.append((index, canvas, box))
-            continue
-        for y1, y2, x1, x2 in sliding_window_tiles(h, w, (th, tw), overlap):
-            tile = image[y1:y2, x1:x2]
-            if tile.shape[:2] != (th, tw):  # the image is shorter than the tile along one axis
-                padded = np.empty((th, tw, 3), dtype=np.uint8)
-                padded[:] = np.asarray(fill, dtype=np.uint8)
-                padded[:y2 - y1, :x2 - x1] = tile
-                tile = padded
-            inputs.append((index, tile, (y1, y2, x1, x2)))
-
-    results: list[np.ndarray | None] = [None] * len(images)
-    counts: dict[int, np.ndarray] = {}  # tiled images: how many tiles covered each pixel (H, W)
-    for start in range(0, len(inputs), runner.max_batch):
-        chunk = inputs[start:start + runner.max_batch]
-        logits = runner(normalize(np.stack([item[1] for item in chunk]), meta.mean, meta.std))  # (B, K, th, tw)
-        for (index, _, place), scores in zip(chunk, logits):
-            if isinstance(place, Letterbox):
-                restored = unletterbox(scores, place)
-                results[index] = _softmax(restored) if softmax_whole else restored
-                continue
-            y1, y2, x1, x2 = place
-            if results[index] is None:
-                h, w = images[index].shape[:2]
-                results[index] = np.zeros((meta.num_classes, h, w), dtype=np.float32)
-                counts[index] = np.zeros((h, w), dtype=np.float32)
-            results[index][:, y1:y2, x1:x2] += _softmax(scores)[:, :y2 - y1, :x2 - x1]
-            counts[index][y1:y2, x1:x2] += 1
-    for index, count in counts.items():
-        results[index] /= count[None]
-    return results
+    """Class ids (H_i, W_i) uint8 for uint8 RGB images of any sizes: the argmax of ``batch_image_scores``."""
+    return [w.labels().cpu().numpy() for w in _segment(runner, images, overlap)]
 
 
 def image_scores(runner: Runner, image: np.ndarray, *, overlap: float = SLIDING_OVERLAP) -> np.ndarray:
@@ -104,11 +243,16 @@ def segment_image(runner: Runner, image: np.ndarray, *, overlap: float = SLIDING
     return segment_images(runner, [image], overlap=overlap)[0]
 
 
-def _softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
-    shifted = logits - logits.max(axis=axis, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=axis, keepdims=True)
-    return shifted
+@torch.no_grad()
+def sliding_window_scores(forward: Forward, image: torch.Tensor, tile: tuple[int, int], num_classes: int, *,
+                          overlap: float = SLIDING_OVERLAP, tiles_per_batch: int = 4) -> torch.Tensor:
+    """Softmax averaged over overlapping tiles of a normalised image (1, 3, H, W) -> (1, K, H, W), every image
+    tiled (one padded tile when it is smaller), as training's sliding-window evaluation does."""
+    windows = Windows(image[0], tile, num_classes, overlap=overlap, letterbox=False)
+    for batch in chunks([windows], tiles_per_batch):
+        run_slices(forward, batch)
+    return windows.scores()[None]
 
 
-__all__ = ["batch_image_scores", "image_scores", "segment_images", "segment_image"]
+__all__ = ["Windows", "batch_image_scores", "chunks", "image_scores", "image_tensor", "image_windows",
+           "input_count", "run_slices", "segment_image", "segment_images", "sliding_window_scores"]

@@ -128,21 +128,6 @@ def pad_value(mean: tuple[float, ...]) -> tuple[int, int, int]:
     return tuple(int(round(m * 255)) for m in mean)
 
 
-def unletterbox(logits: np.ndarray, box: Letterbox) -> np.ndarray:
-    """Model logits (K, canvas_h, canvas_w) -> logits (K, H, W) at the original image size."""
-    rh, rw = box.resized
-    valid = logits[:, :rh, :rw]
-    h, w = box.original
-    if (rh, rw) == (h, w):
-        return np.ascontiguousarray(valid)
-    # cv2.resize handles at most 512 channels in one call and wants (H, W, C).
-    hwc = np.ascontiguousarray(valid.transpose(1, 2, 0))
-    out = np.concatenate(
-        [cv2.resize(hwc[:, :, i:i + 512], (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
-         for i in range(0, hwc.shape[2], 512)], axis=2)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
-
-
 def sliding_window_tiles(height: int, width: int, tile: int | tuple[int, int],
                          overlap: float = SLIDING_OVERLAP) -> list[tuple[int, int, int, int]]:
     """The windows of the official sliding-window evaluation, each once (the official loop ran every tile twice).
@@ -158,19 +143,37 @@ def sliding_window_tiles(height: int, width: int, tile: int | tuple[int, int],
     Returns:
         (y1, y2, x1, x2) per window, row by row.
     """
+    tile_h, tile_w = _check_tiling(height, width, tile, overlap)
+    rows, columns = _spans(height, tile_h, overlap), _spans(width, tile_w, overlap)
+    return [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in columns]
+
+
+def sliding_window_count(height: int, width: int, tile: int | tuple[int, int],
+                         overlap: float = SLIDING_OVERLAP) -> int:
+    """len(sliding_window_tiles(...)), counted per axis without listing the windows (a 1 x 8M image has 195k)."""
+    tile_h, tile_w = _check_tiling(height, width, tile, overlap)
+    return _span_count(height, tile_h, overlap) * _span_count(width, tile_w, overlap)
+
+
+def _check_tiling(height: int, width: int, tile: int | tuple[int, int], overlap: float) -> tuple[int, int]:
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
     if tile_h < 1 or tile_w < 1 or height < 1 or width < 1:
         raise ValueError(f"cannot tile a {height}x{width} image with {tile_h}x{tile_w} tiles; expected sizes >= 1")
+    return tile_h, tile_w
 
-    def spans(length: int, size: int) -> list[tuple[int, int]]:
-        stride = max(1, math.ceil(size * (1 - overlap)))
-        count = max(1, math.ceil((length - size) / stride) + 1)
-        ends = [min(i * stride + size, length) for i in range(count)]
-        return list(dict.fromkeys((max(end - size, 0), end) for end in ends))
 
-    return [(y1, y2, x1, x2) for y1, y2 in spans(height, tile_h) for x1, x2 in spans(width, tile_w)]
+def _span_count(length: int, size: int, overlap: float) -> int:
+    """Windows along one axis: the last one flush with the border; one when the axis is shorter than the tile."""
+    stride = max(1, math.ceil(size * (1 - overlap)))
+    return max(1, math.ceil((length - size) / stride) + 1)
+
+
+def _spans(length: int, size: int, overlap: float) -> list[tuple[int, int]]:
+    stride = max(1, math.ceil(size * (1 - overlap)))
+    ends = [min(i * stride + size, length) for i in range(_span_count(length, size, overlap))]
+    return [(max(end - size, 0), end) for end in ends]
 
 
 def colorize(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:

@@ -14,8 +14,8 @@ from agmm_deploy.transforms import (
     overlay,
     pad_value,
     palette_png,
+    sliding_window_count,
     sliding_window_tiles,
-    unletterbox,
 )
 
 
@@ -53,7 +53,7 @@ def test_bad_bytes_are_refused_with_reasons():
         decode_image(png, max_pixels=1000)
 
 
-def test_letterbox_round_trip_restores_original_size():
+def test_letterbox_pads_with_the_colour_that_normalises_to_zero():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (50, 120, 3), dtype=np.uint8)
     canvas, box = letterbox(image, (64, 64), fill=pad_value(IMAGENET_MEAN))
@@ -62,31 +62,6 @@ def test_letterbox_round_trip_restores_original_size():
     x = normalize(canvas, IMAGENET_MEAN, IMAGENET_STD)
     assert x.shape == (1, 3, 64, 64) and x.dtype == np.float32
     assert np.abs(x[0, :, 40:, :]).max() < 0.02  # padding normalises to ~0
-    logits = rng.normal(size=(5, 64, 64)).astype(np.float32)
-    restored = unletterbox(logits, box)
-    assert restored.shape == (5, 50, 120)
-
-
-@pytest.mark.parametrize("original", [(50, 120), (20, 10), (64, 40)])
-def test_unletterbox_maps_the_valid_region_back_pixel_for_pixel(original):
-    h, w = original
-    _, box = letterbox(np.zeros((h, w, 3), np.uint8), (64, 64))
-    rh, rw = box.resized
-    logits = np.full((3, 64, 64), 1e6, np.float32)  # padding: any leak shows up as a huge value
-    logits[0, :rh, :rw] = np.arange(rw, dtype=np.float32)[None, :]  # x ramp over the resized image
-    logits[1, :rh, :rw] = np.arange(rh, dtype=np.float32)[:, None]  # y ramp
-    logits[2, :rh, :rw] = np.where(np.arange(rw) < rw / 2, -1.0, 1.0)[None, :]  # left / right halves
-    restored = unletterbox(logits, box)
-    assert restored.shape == (3, h, w) and np.abs(restored).max() < max(rh, rw)
-    # Bilinear with pixel centres aligned (x_src = (x + 0.5) * rw / w - 0.5): a ramp stays an exact ramp.
-    expected_x = np.clip((np.arange(w) + 0.5) * rw / w - 0.5, 0, rw - 1)
-    expected_y = np.clip((np.arange(h) + 0.5) * rh / h - 0.5, 0, rh - 1)
-    np.testing.assert_allclose(restored[0], np.broadcast_to(expected_x, (h, w)), atol=1e-3)
-    np.testing.assert_allclose(restored[1], np.broadcast_to(expected_y[:, None], (h, w)), atol=1e-3)
-    # The left-right split lands on the original's halves (the column at the seam may blend).
-    seam = w / 2
-    columns = np.arange(w) + 0.5
-    assert (restored[2][:, columns < seam - 1] < 0).all() and (restored[2][:, columns > seam + 1] > 0).all()
 
 
 def test_sliding_window_tiles_cover_non_square_inputs_once_each():
@@ -100,6 +75,14 @@ def test_sliding_window_tiles_cover_non_square_inputs_once_each():
     assert sliding_window_tiles(100, 150, (48, 64), overlap=0.0)[:2] == [(0, 48, 0, 64), (0, 48, 64, 128)]
     with pytest.raises(ValueError, match=r"overlap=1 is invalid; expected 0 <= overlap < 1"):
         sliding_window_tiles(100, 150, 48, overlap=1)
+
+
+@pytest.mark.parametrize("size,tile,overlap", [((100, 150), (48, 64), 2 / 3), ((30, 150), (48, 64), 2 / 3),
+                                               ((1, 5000), (128, 128), 2 / 3), ((721, 1500), 721, 0.5),
+                                               ((40, 50), 60, 0.0), ((97, 97), (16, 16), 0.9)])
+def test_sliding_window_count_is_the_number_of_windows(size, tile, overlap):
+    tiles = sliding_window_tiles(*size, tile, overlap)
+    assert sliding_window_count(*size, tile, overlap) == len(tiles) == len(set(tiles))
 
 
 def test_colorize_overlay_and_palette_png():

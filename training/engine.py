@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from agmm_deploy.inference import sliding_window_scores
 from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import SLIDING_OVERLAP, palette_png, sliding_window_tiles
 from training.distributed import all_reduce_mean
@@ -135,25 +136,14 @@ def _forward_logits(net: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype
         return net(images).float()
 
 
-@torch.no_grad()
 def predict_sliding(net: nn.Module, image: torch.Tensor, num_classes: int, tile: int,
                     amp_dtype: torch.dtype | None = None, tiles_per_batch: int = 4) -> torch.Tensor:
-    """Softmax averaged over overlapping tiles (tile = crop size, overlap 2/3). image (1, 3, H, W) -> (1, K, H, W)."""
-    _, _, h, w = image.shape
-    probs = image.new_zeros((1, num_classes, h, w))
-    counts = image.new_zeros((1, 1, h, w))
-    windows = sliding_window_tiles(h, w, tile, SLIDING_OVERLAP)
-    for i in range(0, len(windows), tiles_per_batch):
-        batch_windows = windows[i:i + tiles_per_batch]
-        crops = []
-        for y1, y2, x1, x2 in batch_windows:  # pad bottom/right to the tile when the image is smaller
-            crop = image[:, :, y1:y2, x1:x2]
-            crops.append(F.pad(crop, (0, tile - crop.shape[-1], 0, tile - crop.shape[-2])))
-        out = torch.softmax(_forward_logits(net, torch.cat(crops), amp_dtype), dim=1)
-        for j, (y1, y2, x1, x2) in enumerate(batch_windows):
-            probs[:, :, y1:y2, x1:x2] += out[j:j + 1, :, :y2 - y1, :x2 - x1]
-            counts[:, :, y1:y2, x1:x2] += 1
-    return probs / counts
+    """Softmax averaged over overlapping tiles (tile = crop size, overlap 2/3). image (1, 3, H, W) -> (1, K, H, W).
+
+    The sliding window of agmm-predict and the service (agmm_deploy.inference), so that the three agree.
+    """
+    return sliding_window_scores(lambda x: _forward_logits(net, x, amp_dtype), image, (tile, tile), num_classes,
+                                 overlap=SLIDING_OVERLAP, tiles_per_batch=tiles_per_batch)
 
 
 @torch.no_grad()
