@@ -1,30 +1,45 @@
-"""The segmentation service: `bentoml serve` in the project root starts it (see bentofile.yaml).
+"""The segmentation service: `bentoml serve --host 127.0.0.1` in the project root starts it (see bentofile.yaml).
 
-The model comes from ``AGMM_MODEL`` (an .onnx file, a TensorRT .engine with its .json sidecar, or a .pt
-checkpoint) or from the BentoML model store (``AGMM_BENTO_MODEL=name:version``). Preprocessing comes from the
-model's own metadata: images are letterboxed to the model input, and the logits are mapped back to the
-original size before the argmax, so every mask has exactly the uploaded image's size.
+The model comes from ``AGMM_MODEL`` (any artifact the runtime table reads: an .onnx file, a TensorRT .engine
+with its .json sidecar, or a .pt checkpoint) or from the BentoML model store (``AGMM_BENTO_MODEL=name:version``).
+Preprocessing comes from the model's own metadata.
 
 Endpoints (all POST):
     /segment          multipart ``image`` -> label map as a palette PNG (pixel value = class id)
     /segment_json     multipart ``image`` -> {"classes", "fractions", "height", "width", "batch_size"}
-    /overlay          multipart ``image`` -> the image blended with the class colours, PNG
-    /segment_batch    JSON {"images": [base64 image bytes, ...]} -> one result per image; the only batchable
-                      method: the three endpoints above send their image through it, so concurrent requests
-                      to any of them share batches
-    /info             classes, palette, input size, backend, precision, batching and input limits
+    /overlay          multipart ``image`` (+ ``alpha``) -> the image blended with the class colours, PNG
+    /segment_batch    JSON {"images": [base64 image bytes, ...]} -> one result per image, for clients that
+                      batch themselves
+    /info             classes, palette, input size, backend, precision, batching and every limit
 
-Bad input gets a 4xx with {"error": "..."} and the worker keeps serving.
+The request path, in order:
+1. ``RequestDoor`` (ASGI middleware, before BentoML): refuses bodies over the byte limit (413) or that arrive
+   too slowly (408), parses the multipart body with Starlette's parser (or the JSON body of /segment_batch) and
+   checks its fields (400/415). BentoML never parses a body here: it would fetch a URL given for a file field
+   and fail with a 500 on several malformed forms.
+2. The endpoint decodes the image in a thread pool (requests in parallel), prices it in model inputs (1
+   letterboxed canvas, or its sliding-window tiles) and refuses what is over the limits (400/413), so a bad
+   image never waits behind good work.
+3. The decoded uint8 image goes, as a tensor on the runner's device, to ``Batcher`` (serving/batcher.py), which
+   runs the inputs of concurrent requests together, counting model inputs, and answers 503 with Retry-After
+   when the queue would keep a request past ``max_latency_ms``. Pre- and post-processing run there as torch
+   ops on the runner's device (agmm_deploy.inference); only the uint8 label map comes back.
+4. The endpoint encodes the PNG (or the JSON fractions) in a thread pool.
+
+Every refusal is a JSON {"error": "<sentence>"} and one log line without the upload's content.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import json
 import logging
+import math
 import os
-import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +48,8 @@ import bentoml
 import numpy as np
 import pydantic
 from bentoml.validators import ContentType
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse, Response
 
 from agmm_deploy import transforms
@@ -40,39 +57,47 @@ from agmm_deploy import transforms
 # BentoML configures the "bentoml" logger tree in its workers and disables loggers it does not know.
 logger = logging.getLogger("bentoml.agmm_deploy")
 
-MODEL_SUFFIXES = (".engine", ".plan", ".trt", ".onnx", ".pt", ".pth", ".ckpt")
 NO_MODEL_MESSAGE = ("No model to serve: set AGMM_MODEL=path/to/model.onnx (or a TensorRT .engine, or a .pt "
                     "checkpoint), or AGMM_BENTO_MODEL=<tag> of a model saved in the BentoML model store.")
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float | None, kind: type = int) -> Any:
     value = os.environ.get(name, "")
     try:
-        return int(value) if value else default
+        return kind(value) if value else default
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise ValueError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-# Limits and batching, read once when the service module is imported (CLI process and every worker).
-MAX_UPLOAD_BYTES = _env_int("AGMM_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
-# Unletterboxing holds K float32 planes at the original size: 8 Mpx x 21 classes is 0.7 GB at the peak.
-MAX_PIXELS = _env_int("AGMM_MAX_PIXELS", 8 * 1024 * 1024)
-MAX_BATCH_SIZE = _env_int("AGMM_MAX_BATCH_SIZE", 8)
-# Requests waiting longer than this are answered 503 by BentoML's dispatcher; a queued request can wait for
-# one full batch to finish and then for its own, so keep it at >= 3x the time of a full batch
-# (ResNet-18, 512x512, batch 8 on 2 CPU cores: about 3 s; on a GPU: tens of ms).
-MAX_LATENCY_MS = _env_int("AGMM_MAX_LATENCY_MS", 10_000)
-WORKERS = _env_int("AGMM_WORKERS", 1)
+# Limits, read once when the module is imported (CLI process and every worker); /info reports them all.
+MAX_UPLOAD_BYTES = _env_number("AGMM_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+# An image's pixels (from its header, before decoding); the label map's scores hold K float32 planes of this.
+MAX_PIXELS = _env_number("AGMM_MAX_PIXELS", 8 * 1024 * 1024)
+# Model inputs one image may cost: 2048x1024 on a 512x1024 model is 16 tiles, 640x480 on 512x512 is 2; a
+# 1024x768 photo on a 128x128 model would be 352 (45 s of CPU time), and is refused with 413.
+MAX_INPUTS = _env_number("AGMM_MAX_INPUTS", 32)
+MAX_BATCH_IMAGES = _env_number("AGMM_MAX_BATCH_IMAGES", 16)  # images per /segment_batch request
+READ_TIMEOUT_S = _env_number("AGMM_READ_TIMEOUT_S", 30.0, float)  # for the whole request body
+# Batching; unset ones are derived from the device and the warm-up (see AgmmSegmenter._start_batcher).
+MAX_BATCH_SIZE = _env_number("AGMM_MAX_BATCH_SIZE", None)  # model inputs per batch
+MAX_LATENCY_MS = _env_number("AGMM_MAX_LATENCY_MS", None)
+BATCH_WAIT_MS = _env_number("AGMM_BATCH_WAIT_MS", None, float)
+WORKERS = _env_number("AGMM_WORKERS", 1)
+
+# The upload field each multipart endpoint takes, and the text fields it may have besides.
+UPLOAD_ROUTES = {"/segment": set(), "/segment_json": set(), "/overlay": {"alpha"}}
+# BentoML's OpenAPI document and Swagger UI describe BentoML's view of the endpoints, which the door replaces.
+CLOSED_PATHS = {"/", "/docs", "/docs.json"}
 
 
 class ImageResult(pydantic.BaseModel):
-    """One image's answer from the batched method; ``error`` is set instead when the image was refused."""
+    """One image's answer from /segment_batch; ``error`` is set instead when the image was refused."""
 
     height: int = 0
     width: int = 0
     fractions: list[float] = []  # share of the image's pixels per class; sums to 1
     mask_png: str = ""  # base64 palette PNG at the original size; pixel value = class id
-    batch_size: int = 0  # how many images the model ran together with this one
+    batch_size: int = 0  # how many model inputs ran together with this image's last one
     error: str | None = None
 
 
@@ -86,142 +111,239 @@ class ClassFractions(pydantic.BaseModel):
 
 def resolve_model_path() -> Path:
     """The model file named by AGMM_MODEL, or found in the BentoML store entry named by AGMM_BENTO_MODEL."""
+    from agmm_deploy.runtime import backend_for, backends, describe_suffixes, model_suffixes
+
     if path := os.environ.get("AGMM_MODEL"):
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"AGMM_MODEL={path} does not exist; expected an .onnx file, a TensorRT "
-                                    ".engine or a .pt checkpoint")
+            raise FileNotFoundError(f"AGMM_MODEL={path} does not exist; expected {describe_suffixes()}")
         return path
     if tag := os.environ.get("AGMM_BENTO_MODEL"):
-        import torch
-
         folder = Path(bentoml.models.get(tag).path)
-        found = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in MODEL_SUFFIXES]
-        if not torch.cuda.is_available():  # an engine cannot run without a GPU; take the ONNX file beside it
-            found = [p for p in found if p.suffix.lower() not in (".engine", ".plan", ".trt")]
-        found.sort(key=lambda p: MODEL_SUFFIXES.index(p.suffix.lower()))
+        suffixes = model_suffixes()
+        # In the runtime table's order (an engine before its ONNX file), keeping what this machine can run.
+        found = sorted((p for p in folder.iterdir() if p.suffix.lower() in suffixes and
+                        backend_for(p).missing() is None), key=lambda p: suffixes.index(p.suffix.lower()))
         if not found:
-            raise FileNotFoundError(f"BentoML model {tag} ({folder}) holds no {'/'.join(MODEL_SUFFIXES)} file "
-                                    "this machine can run")
+            raise FileNotFoundError(f"BentoML model {tag} ({folder}) holds no {'/'.join(suffixes)} file this "
+                                    f"machine can run (backends: {', '.join(b.name for b in backends())})")
         return found[0]
     raise RuntimeError(NO_MODEL_MESSAGE)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+# ---------------------------------------------------------------------------------------------- refusals
+
+class Refusal(Exception):
+    """A request answered with a 4xx/5xx sentence instead of a result."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+    def response(self, route: str, ctx: bentoml.Context | None = None) -> JSONResponse:
+        """The JSON answer, logged as one line without the upload's content (user errors are the clients' own).
+
+        In an endpoint, pass its ``ctx``: BentoML gives every response an endpoint returns the context's status.
+        """
+        if ctx is not None:
+            ctx.response.status_code = self.status
+        logger.log(logging.WARNING if self.status >= 500 else logging.INFO, "%s refused with %d: %s", route,
+                   self.status, self.message)
+        return JSONResponse({"error": self.message}, status_code=self.status, headers=self.headers)
 
 
-class RequestGuard:
-    """ASGI middleware in front of the endpoints; answers bad requests with a JSON 4xx before BentoML parses them.
+@dataclass
+class Upload:
+    """What the door read from a request body, for the endpoint (``ctx.request.state.agmm_upload``)."""
 
-    - 413 when the body is over the limit: from Content-Length before reading, or while reading a body sent
-      without one.
+    data: bytes = b""  # the image file's bytes (multipart endpoints)
+    alpha: float = 0.5  # /overlay
+    images: list[str] | None = None  # /segment_batch: base64 image files
+
+
+class RequestDoor:
+    """ASGI middleware in front of BentoML: reads, bounds and parses every request body of the service, once.
+
+    - 413 when the body is over the limit: from Content-Length before reading, or while reading.
+    - 408 when the whole body has not arrived within AGMM_READ_TIMEOUT_S (slow or stalled clients).
     - 415 when an image endpoint gets anything but multipart/form-data, or /segment_batch anything but JSON.
-    - 400 when a multipart body lacks an ``image`` file upload or carries unknown fields.
-    BentoML 1.4 itself answers an unknown binary field or a misplaced body with a 500, and downloads a URL
-    given as text in a file field; none of that reaches it.
+    - 400 when the multipart body is malformed, lacks exactly one file upload named ``image``, or carries other
+      fields; or the JSON of /segment_batch is not {"images": [...]}.
+    - 404 for BentoML's OpenAPI document and Swagger UI (the README documents the API).
+    The parsed upload goes to the endpoint in the request's state, and BentoML gets an empty body, so its own
+    body parsing (URL downloads for file fields, file names used as temporary paths) never runs.
     """
 
-    def __init__(self, app: Any, max_bytes: int, batch_max_bytes: int, upload_fields: dict[str, set[str]]) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.max_bytes, self.batch_max_bytes = max_bytes, batch_max_bytes
-        self.upload_fields = upload_fields
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"].rstrip("/").rsplit("/", 1)[-1]
-        # /segment_batch carries base64 (4/3 of the bytes) of up to a batch of images per request.
-        limit = self.batch_max_bytes if route == "segment_batch" else self.max_bytes
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length", b"")
+        path = scope["path"].rstrip("/") or "/"
+        if path in CLOSED_PATHS and scope["method"] in ("GET", "HEAD"):
+            await Refusal(404, "this server does not publish an OpenAPI document; its endpoints are POST "
+                               "/segment, /segment_json, /overlay (multipart field 'image'), /segment_batch "
+                               "(JSON) and /info").response(path)(scope, receive, send)
+            return
+        if path == "/info":  # takes no body; one sent anyway is not read
+            await self.app(_without_body(scope, Upload()), _empty_body(receive), send)
+            return
+        if scope["method"] != "POST" or (path not in UPLOAD_ROUTES and path != "/segment_batch"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            upload = await self._read(path, scope, receive)
+        except Refusal as refusal:
+            await refusal.response(path)(scope, receive, send)
+            return
+        except _ClientGone:
+            return
+        await self.app(_without_body(scope, upload), _empty_body(receive), send)
+
+    async def _read(self, path: str, scope: dict, receive: Any) -> Upload:
+        headers = Headers(scope=scope)
+        content_type = headers.get("content-type", "")
+        # /segment_batch carries base64 (4/3 of the bytes): a request carries at most one upload's worth of image.
+        limit = (MAX_UPLOAD_BYTES * 4 // 3 if path == "/segment_batch" else MAX_UPLOAD_BYTES) + 64 * 1024
+        length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            await _too_large(int(length), limit)(scope, receive, send)
-            return
-        content_type = headers.get(b"content-type", b"")
-        if route == "segment_batch" and not content_type.lower().startswith(b"application/json"):
-            # BentoML answers a multipart body here with a 500.
-            await _error(415, 'segment_batch takes JSON: {"images": ["<base64 of an image file>", ...]}; got '
-                              f"Content-Type {content_type.decode('latin-1') or 'none'}")(scope, receive, send)
-            return
-        allowed = self.upload_fields.get(route)
-        if allowed is None:
-            await self.app(scope, receive, send)
-            return
-        if not content_type.lower().startswith(b"multipart/form-data"):
-            # Other bodies reach BentoML's form parser, which fetches a URL given for a file field (or fails
-            # with a 500); images come as uploads only.
-            await _error(415, f"{route} takes a multipart/form-data upload with a file field 'image' "
-                              f"(curl -F image=@photo.jpg); got Content-Type "
-                              f"{content_type.decode('latin-1') or 'none'}")(scope, receive, send)
-            return
-        body = bytearray()
+            raise _too_large(int(length), limit)
+        if path == "/segment_batch":
+            if not content_type.lower().startswith("application/json"):
+                raise Refusal(415, 'segment_batch takes JSON: {"images": ["<base64 of an image file>", ...]}; got '
+                                   f"Content-Type {content_type or 'none'}")
+            return _batch_upload(await _read_body(receive, limit))
+        fields = UPLOAD_ROUTES[path]
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise Refusal(415, f"{path[1:]} takes a multipart/form-data upload with a file field 'image' "
+                               f"(curl -F image=@photo.jpg); got Content-Type {content_type or 'none'}")
+        body = await _read_body(receive, limit)
+
+        async def stream():
+            yield body
+
+        # Starlette's parser (python-multipart underneath): RFC 7578 quoting, file vs text by the part's own
+        # Content-Disposition; uploads are spooled to unnamed temporary files, whatever their file name.
+        parser = MultiPartParser(headers, stream(), max_files=2, max_fields=len(fields) + 2, max_part_size=1024)
+        try:
+            form = await parser.parse()
+        except MultiPartException as err:
+            raise Refusal(400, f"the multipart body could not be read ({err}); expected one file field 'image' "
+                               "(curl -F image=@photo.jpg)") from None
+        try:
+            items = form.multi_items()
+            got = [f"{name} ({'file' if isinstance(value, UploadFile) else 'text'})" for name, value in items]
+            images = [value for name, value in items if name == "image"]
+            if len(images) != 1 or not isinstance(images[0], UploadFile) or not {n for n, _ in items} <= {"image", *fields}:
+                also = f" and optionally {', '.join(sorted(fields))}" if fields else ""
+                raise Refusal(400, "expected one file upload in a multipart field named 'image' (curl -F "
+                                   f"image=@photo.jpg){also}; got fields {got}")
+            upload = Upload(data=await images[0].read())
+            if "alpha" in form:
+                upload.alpha = _alpha(form["alpha"])
+            return upload
+        finally:
+            await form.close()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) or a body slower than READ_TIMEOUT_S (408)."""
+    body = bytearray()
+
+    async def read() -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
+                raise _ClientGone
+            body.extend(message.get("body", b""))
             if len(body) > limit:
-                await _too_large(len(body), limit)(scope, receive, send)
-                return
+                raise _too_large(len(body), limit)
             if not message.get("more_body", False):
-                break
-        names, files = multipart_fields(content_type, bytes(body))
-        if "image" not in files or names.count("image") > 1 or not set(names) <= allowed:
-            message = (f"expected one file upload in a multipart field named 'image' (curl -F image=@photo.jpg)"
-                       f"{' and optionally ' + ', '.join(sorted(allowed - {'image'})) if allowed - {'image'} else ''}"
-                       f"; got fields {names}")
-            await _error(400, message)(scope, receive, send)
-            return
+                return
 
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+    try:
+        await asyncio.wait_for(read(), READ_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise Refusal(408, f"the request body did not arrive within {READ_TIMEOUT_S:g} s (AGMM_READ_TIMEOUT_S); "
+                           f"{len(body)} bytes came. Send the upload in one go.",
+                      headers={"Connection": "close"}) from None
+    return bytes(body)
 
 
-def _too_large(size: int, limit: int) -> JSONResponse:
-    return _error(413, f"the request body is {size} bytes; the limit is {limit} (set by AGMM_MAX_UPLOAD_BYTES). "
-                       "Send a smaller image.")
+def _too_large(size: int, limit: int) -> Refusal:
+    return Refusal(413, f"the request body is {size} bytes; the limit is {limit} (set by AGMM_MAX_UPLOAD_BYTES). "
+                        "Send a smaller image.")
 
 
-def multipart_fields(content_type: bytes, body: bytes) -> tuple[list[str], set[str]]:
-    """(names of all fields, names of the fields that are file uploads) of a multipart/form-data body."""
-    match = re.search(rb'boundary="?([^";]+)"?', content_type, flags=re.IGNORECASE)
-    names, files = [], set()
-    for part in body.split(b"--" + match.group(1))[1:] if match else []:
-        head = part.split(b"\r\n\r\n", 1)[0]
-        if found := re.search(rb'\bname="([^"]*)"', head):
-            names.append(found.group(1).decode("utf-8", "replace"))
-            if re.search(rb'\bfilename="', head):
-                files.add(names[-1])
-    return names, files
+def _alpha(text: str) -> float:
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = math.nan
+    if not 0.0 <= alpha <= 1.0:  # also refuses nan
+        raise Refusal(400, f"alpha={text[:20]!r} is not a number in [0, 1] (the weight of the class colours)")
+    return alpha
 
+
+def _batch_upload(body: bytes) -> Upload:
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        request = None
+    images = request.get("images") if isinstance(request, dict) else None
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        raise Refusal(400, 'segment_batch takes JSON {"images": ["<base64 of an image file>", ...]}; got '
+                           f"{'invalid JSON' if request is None else 'another shape'}")
+    if len(images) > MAX_BATCH_IMAGES:
+        raise Refusal(413, f"segment_batch got {len(images)} images; the limit is {MAX_BATCH_IMAGES} per request "
+                           "(AGMM_MAX_BATCH_IMAGES, reported by /info). Send them in several requests, or one "
+                           "per request to /segment: the server batches concurrent requests itself.")
+    return Upload(images=images)
+
+
+def _without_body(scope: dict, upload: Upload) -> dict:
+    """The scope BentoML sees: no body headers (it parses an empty JSON body), the upload in its state."""
+    headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length",
+                                                                  b"transfer-encoding")]
+    state = scope.setdefault("state", {})
+    state["agmm_upload"] = upload
+    return {**scope, "headers": headers, "state": state}
+
+
+def _empty_body(receive: Any) -> Any:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()  # after the body: waits for the client to disconnect, as BentoML expects
+        sent = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return replay
+
+
+# ---------------------------------------------------------------------------------------------- the service
 
 @bentoml.service(
     name="agmm_segmenter",
     # One worker on CPU: ONNX Runtime already uses every core inside one batch; more workers would each
     # load the model and fight over the same cores. On a GPU, one worker keeps the device for one process.
     workers=WORKERS,
-    traffic={"timeout": max(60, 3 * MAX_LATENCY_MS // 1000)},
-    # The endpoints reach segment_batch through BentoML's in-process client. By default it replaces its
-    # connection every 100 requests or 300 s and closes the old one under requests still in flight, which
-    # fails them ("Server disconnected"); in-process there is nothing to refresh.
-    runner_connection={"max_requests": 2**62, "max_age": 1e12},
-    # glibc gives each thread that allocates its own heap; BentoML runs batches on whichever pool thread is free,
-    # so every heap ends up holding freed 20 MB logits planes (ResNet-18 512x512, random batches 1..8 on 8
-    # threads: RSS +10.4% with the default, +2% with 2 heaps). Set in the workers' environment at their start.
+    # A last resort behind the door's read timeout and the batcher's deadline, which answer first.
+    traffic={"timeout": READ_TIMEOUT_S + max(60, 3 * (MAX_LATENCY_MS or 0) / 1000)},
+    # glibc gives each thread that allocates its own heap; decoding and PNG encoding run on pool threads, so
+    # every heap would end up holding freed image planes. Set in the workers' environment at their start.
     envs=[{"name": "MALLOC_ARENA_MAX", "value": "2"}],
 )
 class AgmmSegmenter:
-    """DeepLabV3+ trained with the AGMM loss, served with adaptive batching."""
+    """DeepLabV3+ trained with the AGMM loss; concurrent requests batched by model inputs (serving/batcher.py)."""
 
     def __init__(self) -> None:
         from agmm_deploy.runtime import load_runner  # torch and onnxruntime load in the worker only
@@ -231,36 +353,61 @@ class AgmmSegmenter:
         if path.suffix.lower() == ".onnx":
             # Batch sizes vary from call to call here; per-shape memory patterns would keep growing the arena.
             kwargs["mem_pattern"] = False
-            if threads := _env_int("AGMM_ORT_THREADS", 0):
+            if threads := _env_number("AGMM_ORT_THREADS", 0):
                 kwargs["threads"] = threads
         self.runner = load_runner(path, device=os.environ.get("AGMM_DEVICE", "auto"), **kwargs)
         self.meta = self.runner.meta
-        self.fill = transforms.pad_value(self.meta.mean)
         h, w = self.runner.input_size
-        logger.info("AGMM model %s: backend=%s precision=%s input=%dx%d classes=%d", path, self.runner.backend,
-                    self.runner.precision, h, w, self.meta.num_classes)
-        self._warm_up()
+        logger.info("AGMM model %s: backend=%s precision=%s device=%s input=%dx%d classes=%d", path,
+                    self.runner.backend, self.runner.precision, self.runner.device, h, w, self.meta.num_classes)
+        self.batcher = self._start_batcher()
 
-    def _warm_up(self) -> None:
-        """Runs one full batch before the first request, and checks max_latency_ms against its time.
+    def _start_batcher(self) -> "Batcher":  # noqa: F821
+        """Times a full batch before the first request, derives what was not set, and starts the batcher.
 
-        The first run at a batch size sizes ONNX Runtime's memory arena (and builds CUDA/TensorRT kernels), so
-        doing it here keeps that delay out of the first requests and the memory growth out of serving time.
+        The first runs at a batch size size ONNX Runtime's memory arena (and build CUDA/TensorRT kernels), so
+        doing them here keeps that delay out of the first requests. Defaults: on a GPU 16 inputs per batch
+        (a GPU gains throughput from batching), waiting up to 2 inputs' time to fill one; on a CPU 8 and no
+        wait (a batch runs at the images/s of single images there, so waiting only adds latency). The deadline
+        is 3 full batches, and at least 2x the time of one image at the input limit.
         """
-        batch = min(MAX_BATCH_SIZE, self.runner.max_batch)
+        import prometheus_client  # here: BentoML sets up its multiprocess metrics dir before the worker starts
+        import torch
+
+        from agmm_deploy.inference import Windows, chunks, run_slices
+        from serving.batcher import Batcher
+
+        on_gpu = self.runner.device.type == "cuda"
+        batch = MAX_BATCH_SIZE or (16 if on_gpu else 8)
         h, w = self.runner.input_size
-        gray = list(np.full((batch, h, w, 3), self.fill, dtype=np.uint8))
-        self._predict_labels(gray)
-        self._predict_labels(gray[:1])
-        start = time.perf_counter()
-        self._predict_labels(gray)
-        batch_seconds = time.perf_counter() - start
-        logger.info("warm-up: a batch of %d takes %.0f ms; max_batch_size=%d max_latency_ms=%d", batch,
-                    batch_seconds * 1000, MAX_BATCH_SIZE, MAX_LATENCY_MS)
-        if MAX_LATENCY_MS < 3 * batch_seconds * 1000:
-            logger.warning("max_latency_ms=%d is under 3x the time of a full batch (%.0f ms): under load, "
-                           "requests will be answered 503. Raise AGMM_MAX_LATENCY_MS or lower "
-                           "AGMM_MAX_BATCH_SIZE.", MAX_LATENCY_MS, batch_seconds * 1000)
+        gray = torch.full((3, h, w), 128, dtype=torch.uint8, device=self.runner.device)
+        for size in (batch, 1, batch):
+            windows = [Windows(gray, (h, w), self.meta.num_classes, mean=self.meta.mean, std=self.meta.std)
+                       for _ in range(size)]
+            start = time.perf_counter()
+            for slices in chunks(windows, batch):
+                run_slices(self.runner.run, slices)
+            windows[-1].labels().cpu()
+            batch_s = time.perf_counter() - start
+        per_input_s = batch_s / batch
+        latency_ms = MAX_LATENCY_MS or max(1000, math.ceil(3 * batch_s * 1000),
+                                           math.ceil(2 * MAX_INPUTS * per_input_s * 1000))
+        wait_ms = BATCH_WAIT_MS if BATCH_WAIT_MS is not None else (2 * per_input_s * 1000 if on_gpu else 0.0)
+        derived = [name for name, value in (("max_batch_size", MAX_BATCH_SIZE), ("max_latency_ms", MAX_LATENCY_MS),
+                                            ("batch_wait_ms", BATCH_WAIT_MS)) if value is None]
+        logger.info("batching for %s: a batch of %d model inputs takes %.0f ms; max_batch_size=%d max_latency_ms=%d "
+                    "batch_wait_ms=%.0f (%s); at most %d model inputs per image", "cuda" if on_gpu else "cpu",
+                    batch, batch_s * 1000, batch, latency_ms, wait_ms,
+                    f"{', '.join(derived)} derived" if derived else "all set by AGMM_*", MAX_INPUTS)
+        if MAX_INPUTS * per_input_s * 1000 > latency_ms:
+            logger.warning("an image of %d model inputs takes about %.0f ms, over max_latency_ms=%d: such images "
+                           "will be answered 503. Raise AGMM_MAX_LATENCY_MS or lower AGMM_MAX_INPUTS.",
+                           MAX_INPUTS, MAX_INPUTS * per_input_s * 1000, latency_ms)
+        histogram = prometheus_client.Histogram("agmm_batch_inputs", "model inputs per batch run by the batcher",
+                                                buckets=[2 ** i for i in range(int(math.log2(batch)) + 2)])
+        return Batcher(lambda slices: run_slices(self.runner.run, slices), max_batch_size=batch,
+                       max_latency_s=latency_ms / 1000, wait_s=wait_ms / 1000, seconds_per_input=per_input_s,
+                       on_batch=histogram.observe)
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -273,106 +420,112 @@ class AgmmSegmenter:
         except (RuntimeError, FileNotFoundError, bentoml.exceptions.NotFound) as err:
             raise SystemExit(str(err)) from None  # the sentence alone, no traceback
 
-    # ---------------------------------------------------------------- the one batchable inference method
+    # ---------------------------------------------------------------- the request path of one image
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def segment_batch(self, images: list[str]) -> list[ImageResult]:
-        """Segments base64-encoded images (JPEG/PNG/WebP/TIFF bytes) of any sizes, gathered into one batch."""
-        decoded: list[np.ndarray | None] = []
-        errors: list[str | None] = []
-        for i, text in enumerate(images):
+    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, "Windows"]:  # noqa: F821
+        """Bytes -> (uint8 RGB (H, W, 3), its Windows on the runner's device); Refusal when over a limit.
+
+        Runs in a worker thread of the event loop, so requests decode in parallel and a bad image is refused
+        here, never queued.
+        """
+        from agmm_deploy.inference import image_windows, input_count
+
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise Refusal(413, f"{name} is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES} (AGMM_MAX_UPLOAD_BYTES)")
+        try:
+            image = transforms.decode_image(data, max_pixels=MAX_PIXELS, name=name)
+        except transforms.ImageDecodeError as err:
+            raise Refusal(400, str(err)) from None
+        h, w = image.shape[:2]
+        th, tw = self.runner.input_size
+        cost = input_count(h, w, (th, tw))
+        if cost > MAX_INPUTS:
+            raise Refusal(413, f"{name} is {w}x{h} pixels, which the {tw}x{th} model covers with {cost} "
+                               f"sliding-window tiles; the limit is {MAX_INPUTS} model inputs per image "
+                               "(AGMM_MAX_INPUTS, reported by /info). Downscale it or send it in parts.")
+        return image, image_windows(self.runner, image, name=name)
+
+    async def _segment(self, data: bytes, name: str = "the image") -> tuple[np.ndarray, "Result"]:  # noqa: F821
+        """Decode and check at the door, then the label map from the batcher; Refusal on any failure."""
+        from serving.batcher import Overloaded
+
+        image, windows = await anyio.to_thread.run_sync(self._decode, data, name)
+        try:
+            return image, await self.batcher.segment(windows)
+        except Overloaded as err:
+            raise Refusal(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
+        except RuntimeError as err:  # the model failed; logged with its traceback by the batcher
+            raise Refusal(500, str(err)) from None
+
+    async def _png(self, labels: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.0) -> bytes:
+        """The label map as a palette PNG, or the overlay on ``image``, encoded in a worker thread."""
+        if image is None:
+            return await anyio.to_thread.run_sync(transforms.palette_png, labels, self.meta.palette)
+        return await anyio.to_thread.run_sync(
+            lambda: transforms.encode_png(transforms.overlay(image, labels, self.meta.palette, alpha)))
+
+    @bentoml.api
+    async def segment(self, ctx: bentoml.Context) -> Annotated[Path, ContentType("image/png")]:
+        """The label map as a palette PNG at the image's size: pixel value = class id, colours = palette."""
+        try:
+            _, result = await self._segment(ctx.request.state.agmm_upload.data)
+        except Refusal as refusal:
+            return refusal.response("/segment", ctx)
+        return Response(await self._png(result.labels), media_type="image/png",
+                        headers={"X-AGMM-Batch-Size": str(result.batch_size)})
+
+    @bentoml.api
+    async def segment_json(self, ctx: bentoml.Context) -> ClassFractions:
+        """Per-class pixel fractions of the predicted label map (they sum to 1)."""
+        try:
+            _, result = await self._segment(ctx.request.state.agmm_upload.data)
+        except Refusal as refusal:
+            return refusal.response("/segment_json", ctx)
+        labels = result.labels
+        counts = np.bincount(labels.ravel(), minlength=self.meta.num_classes)
+        classes = list(self.meta.classes)
+        return ClassFractions(classes=classes, fractions=dict(zip(classes, (counts / labels.size).tolist())),
+                              height=labels.shape[0], width=labels.shape[1], batch_size=result.batch_size)
+
+    @bentoml.api
+    async def overlay(self, ctx: bentoml.Context) -> Annotated[Path, ContentType("image/png")]:
+        """The image blended with its predicted class colours (``alpha`` = weight of the colours), PNG."""
+        upload = ctx.request.state.agmm_upload
+        try:
+            image, result = await self._segment(upload.data)
+        except Refusal as refusal:
+            return refusal.response("/overlay", ctx)
+        return Response(await self._png(result.labels, image, upload.alpha), media_type="image/png",
+                        headers={"X-AGMM-Batch-Size": str(result.batch_size)})
+
+    @bentoml.api
+    async def segment_batch(self, ctx: bentoml.Context) -> list[ImageResult]:
+        """Segments base64-encoded images (JPEG/PNG/WebP/TIFF bytes) of any sizes; a bad image gets its error."""
+
+        async def one(index: int, text: str) -> ImageResult:
             try:
                 data = base64.b64decode(text, validate=True)
-                if len(data) > MAX_UPLOAD_BYTES:
-                    raise transforms.ImageDecodeError(f"image {i} is {len(data)} bytes; the limit is "
-                                                      f"{MAX_UPLOAD_BYTES} (AGMM_MAX_UPLOAD_BYTES)")
-                decoded.append(transforms.decode_image(data, max_pixels=MAX_PIXELS, name=f"image {i}"))
-                errors.append(None)
-            except (binascii.Error, ValueError) as err:  # ImageDecodeError is a ValueError
-                decoded.append(None)
-                errors.append(str(err) if not isinstance(err, binascii.Error)
-                              else f"image {i} is not valid base64 ({err})")
-        valid = [image for image in decoded if image is not None]
-        labels = iter(self._predict_labels(valid) if valid else [])
-        results = []
-        for image, error in zip(decoded, errors):
-            if image is None:
-                results.append(ImageResult(error=error))
-                continue
-            label_map = next(labels)
-            counts = np.bincount(label_map.ravel(), minlength=self.meta.num_classes)
-            results.append(ImageResult(
-                height=label_map.shape[0], width=label_map.shape[1],
-                fractions=(counts / label_map.size).tolist(),
-                mask_png=base64.b64encode(transforms.palette_png(label_map, self.meta.palette)).decode("ascii"),
-                batch_size=len(valid),
-            ))
-        return results
+            except binascii.Error as err:
+                return ImageResult(error=f"image {index} is not valid base64 ({err})")
+            try:
+                _, result = await self._segment(data, name=f"image {index}")
+            except Refusal as refusal:
+                if refusal.status >= 500:
+                    raise
+                return ImageResult(error=refusal.message)
+            labels = result.labels
+            counts = np.bincount(labels.ravel(), minlength=self.meta.num_classes)
+            png = await self._png(labels)
+            return ImageResult(height=labels.shape[0], width=labels.shape[1], fractions=(counts / labels.size).tolist(),
+                               mask_png=base64.b64encode(png).decode("ascii"), batch_size=result.batch_size)
 
-    def _predict_labels(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """uint8 RGB images (H_i, W_i, 3) -> label maps (H_i, W_i) uint8, the model run on all of them together.
-
-        Exactly what agmm-predict does (agmm_deploy.inference.segment_images): an image that fits the model
-        input is letterboxed and its scores are resized back before the argmax; a larger one is tiled at full
-        resolution with the official 2/3 overlap instead of being shrunk below the scales the model was
-        trained on.
-        """
-        from agmm_deploy.inference import segment_images
-
-        return segment_images(self.runner, images)
-
-    # ---------------------------------------------------------------- multipart endpoints for one image
-
-    async def _segment_upload(self, image: Path) -> ImageResult | JSONResponse:
-        """Sends one uploaded file through the batchable method (BentoML batches calls arriving together)."""
-        size = image.stat().st_size
-        if size > MAX_UPLOAD_BYTES:
-            return _error(413, f"the image is {size} bytes; the limit is {MAX_UPLOAD_BYTES} (AGMM_MAX_UPLOAD_BYTES)")
-        if size == 0:
-            return _error(400, "the image field is empty; expected the bytes of a JPEG, PNG, WebP or TIFF image")
-        data = await anyio.to_thread.run_sync(image.read_bytes)
-        # The call goes through BentoML's in-process client as JSON (base64 text), so it reaches the
-        # adaptive-batching dispatcher like any HTTP request would.
-        (result,) = await self.to_async.segment_batch([base64.b64encode(data).decode("ascii")])
-        if result.error is not None:
-            return _error(400, result.error.replace("image 0", "the image", 1))
-        return result
-
-    @bentoml.api
-    async def segment(self, image: Path) -> Annotated[Path, ContentType("image/png")]:
-        """The label map as a palette PNG at the image's size: pixel value = class id, colours = palette."""
-        result = await self._segment_upload(image)
-        if isinstance(result, JSONResponse):
-            return result  # BentoML passes Starlette responses through unchanged
-        return Response(base64.b64decode(result.mask_png), media_type="image/png",
-                        headers={"X-AGMM-Batch-Size": str(result.batch_size)})
-
-    @bentoml.api
-    async def segment_json(self, image: Path) -> ClassFractions:
-        """Per-class pixel fractions of the predicted label map (they sum to 1)."""
-        result = await self._segment_upload(image)
-        if isinstance(result, JSONResponse):
-            return result
-        classes = list(self.meta.classes)
-        return ClassFractions(classes=classes, fractions=dict(zip(classes, result.fractions)),
-                              height=result.height, width=result.width, batch_size=result.batch_size)
-
-    @bentoml.api
-    async def overlay(self, image: Path, alpha: float = 0.5) -> Annotated[Path, ContentType("image/png")]:
-        """The image blended with its predicted class colours (``alpha`` = weight of the colours), PNG."""
-        if not 0.0 <= alpha <= 1.0:
-            return _error(400, f"alpha={alpha} is outside [0, 1]")
-        result = await self._segment_upload(image)
-        if isinstance(result, JSONResponse):
-            return result
-
-        def render() -> bytes:
-            rgb = transforms.read_image(image, max_pixels=MAX_PIXELS)
-            labels = _palette_indices(base64.b64decode(result.mask_png))
-            return transforms.encode_png(transforms.overlay(rgb, labels, self.meta.palette, alpha))
-
-        return Response(await anyio.to_thread.run_sync(render), media_type="image/png",
-                        headers={"X-AGMM-Batch-Size": str(result.batch_size)})
+        tasks = [asyncio.ensure_future(one(i, text)) for i, text in enumerate(ctx.request.state.agmm_upload.images)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except Refusal as refusal:  # overloaded or the model failed: the whole request, with the sentence
+            for task in tasks:
+                task.cancel()  # their queued work is dropped, never run
+            return refusal.response("/segment_batch", ctx)
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
@@ -387,26 +540,17 @@ class AgmmSegmenter:
             "dataset": self.meta.dataset,
             "backend": self.runner.backend,
             "precision": self.runner.precision,
+            "device": str(self.runner.device),
             "model": self.runner.path.name,
-            "max_batch_size": MAX_BATCH_SIZE,
-            "max_latency_ms": MAX_LATENCY_MS,
+            "max_batch_size": self.batcher.max_batch_size,
+            "max_latency_ms": round(self.batcher.max_latency_s * 1000),
+            "batch_wait_ms": round(self.batcher.wait_s * 1000, 1),
             "max_upload_bytes": MAX_UPLOAD_BYTES,
             "max_pixels": MAX_PIXELS,
+            "max_inputs": MAX_INPUTS,
+            "max_batch_images": MAX_BATCH_IMAGES,
+            "read_timeout_s": READ_TIMEOUT_S,
         }
 
 
-def _palette_indices(png: bytes) -> np.ndarray:
-    """The class ids stored in a palette PNG (H, W) uint8."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as image:
-        return np.asarray(image, dtype=np.uint8)
-
-
-AgmmSegmenter.add_asgi_middleware(
-    RequestGuard, max_bytes=MAX_UPLOAD_BYTES + 64 * 1024,  # + multipart framing
-    batch_max_bytes=(MAX_UPLOAD_BYTES * 4 // 3 + 1024) * MAX_BATCH_SIZE + 64 * 1024,
-    upload_fields={"segment": {"image"}, "segment_json": {"image"}, "overlay": {"image", "alpha"}},
-)
+AgmmSegmenter.add_asgi_middleware(RequestDoor)

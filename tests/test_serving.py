@@ -33,6 +33,8 @@ SIZE = 64
 NUM_CLASSES = 21  # pascal
 MAX_PIXELS = 1_000_000
 MAX_UPLOAD_BYTES = 300_000
+MAX_INPUTS = 64  # 150x230 on the 64x64 model is 45 tiles
+READ_TIMEOUT_S = 4
 
 
 def _serve_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -68,21 +70,32 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    """Base URL of `bentoml serve` started in the project root (bentofile.yaml names the service)."""
-    tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
+def _start(tiny_model: Path, tmp: Path, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` of the tiny model with the test limits; (process, base URL)."""
     env = _serve_env(tmp, AGMM_MODEL=str(tiny_model), AGMM_MAX_PIXELS=str(MAX_PIXELS),
-                     AGMM_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES), AGMM_MAX_LATENCY_MS="20000")
+                     AGMM_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES), AGMM_MAX_INPUTS=str(MAX_INPUTS),
+                     AGMM_READ_TIMEOUT_S=str(READ_TIMEOUT_S), **settings)
+    port = free_port()
     try:
-        process = start_server(port, tmp / "serve.log", env, timeout_s=120)
+        return start_server(port, tmp / "serve.log", env, timeout_s=180), f"http://127.0.0.1:{port}"
     except RuntimeError as err:
         pytest.fail(str(err))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """(base URL, log file) of `bentoml serve` started in the project root (bentofile.yaml names the service)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    process, url = _start(tiny_model, tmp, AGMM_MAX_LATENCY_MS="60000")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url, tmp / "serve.log"
     finally:
         stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 def _post_image(url: str, data: bytes, route: str = "segment", filename: str = "x.png", **kwargs):
@@ -95,13 +108,18 @@ def _mask(response: requests.Response) -> Image.Image:
     return Image.open(io.BytesIO(response.content))
 
 
-def test_info_reports_model_and_backend(server):
+def test_info_reports_model_and_backend(server, tiny_model):
+    from agmm_deploy.runtime import load_runner
+
     info = requests.post(f"{server}/info", timeout=30).json()
-    assert info["backend"] == ("onnxruntime-cuda" if torch.cuda.is_available() else "onnxruntime-cpu")
+    runner = load_runner(tiny_model)  # what this machine runs the model with (device auto, as the server)
+    assert (info["backend"], info["device"]) == (runner.backend, str(runner.device))
     assert info["precision"] == "fp32"
     assert info["input_size"] == [SIZE, SIZE]
     assert len(info["classes"]) == NUM_CLASSES == len(info["palette"])
     assert info["max_pixels"] == MAX_PIXELS and info["max_upload_bytes"] == MAX_UPLOAD_BYTES
+    assert info["max_inputs"] == MAX_INPUTS and info["read_timeout_s"] == READ_TIMEOUT_S
+    assert info["max_batch_size"] >= 1 and info["max_latency_ms"] == 60000 and info["max_batch_images"] >= 1
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -183,8 +201,7 @@ def test_concurrent_requests_are_batched(server):
     assert max(size for _, size in results) > 1, results
 
     metrics = requests.get(f"{server}/metrics", timeout=30).text
-    buckets = {le: float(v) for le, v in re.findall(
-        r'adaptive_batch_size_bucket\{le="([^"]+)",method_name="segment_batch"[^}]*\} (\S+)', metrics)}
+    buckets = {le: float(v) for le, v in re.findall(r'agmm_batch_inputs_bucket\{le="([^"]+)"[^}]*\} (\S+)', metrics)}
     assert buckets["+Inf"] - buckets["1.0"] > 0, f"no batch larger than 1 in /metrics: {buckets}"
 
 
@@ -238,6 +255,167 @@ def test_bad_input_gets_4xx_json_and_server_stays_healthy(server, case):
     assert _mask(_post_image(server, _encode(_rgb(16, 24), "PNG"))).size == (24, 16)
 
 
+# ---------------------------------------------------------------- issue 15: hostile input and overload, item by item
+
+def _still_serving(url: str) -> None:
+    """A good request is answered with its mask afterwards (the requests timeout bounds "in normal time")."""
+    assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+    assert _mask(_post_image(url, _encode(_rgb(16, 24), "PNG"))).size == (24, 16)
+
+
+def _refused(response: requests.Response, status: int, *sentence: str) -> None:
+    assert response.status_code == status, f"{response.status_code} {response.text[:300]}"
+    message = response.json()["error"]
+    assert all(part in message for part in sentence), message
+
+
+def _multipart(*parts: bytes, boundary: bytes = b"agmm") -> tuple[bytes, dict[str, str]]:
+    """A hand-written multipart/form-data body from raw parts (headers + blank line + data)."""
+    body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts) + b"--" + boundary + b"--\r\n"
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"}
+
+
+def test_item1_thin_images_are_priced_and_refused_before_any_work(server):
+    """376-byte 1x100000 and 8 KB 1x900000 PNGs: 413 naming the input limit, at once, never a 504/503."""
+    for width in (100_000, 900_000):
+        _refused(_post_image(server, _encode(np.zeros((1, width, 3), np.uint8), "PNG")), 413,
+                 f"1 pixels", "sliding-window tiles", f"the limit is {MAX_INPUTS} model inputs", "AGMM_MAX_INPUTS")
+    _still_serving(server)
+
+
+def test_item2_every_image_has_a_cost_limit_and_a_burst_of_costly_ones_leaves_no_trace(server):
+    """A photo of 100s of tiles is refused with 413; a burst of images at the limit is served, and afterwards a
+    lone small request is served as before (the batcher prices inputs, not requests)."""
+    info = requests.post(f"{server}/info", timeout=30).json()
+    photo = _encode(np.full((768, 1024, 3), 90, np.uint8), "JPEG")
+    _refused(_post_image(server, photo), 413, "1024x768", f"the limit is {info['max_inputs']} model inputs per image")
+    costly = _encode(_rgb(150, 230, seed=1), "PNG")  # 45 tiles, under the limit of 64
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: _post_image(server, costly), range(8)))
+    for response in responses:  # served, or (on a machine too slow for the deadline) refused with the sentence
+        if response.status_code != 200:
+            _refused(response, 503, "the server is busy")
+    assert any(response.status_code == 200 for response in responses)
+    _still_serving(server)
+
+
+def test_item3_bad_images_are_refused_at_the_door_while_good_work_is_queued(server):
+    good = _encode(_rgb(150, 230, seed=2), "PNG")
+    bad = b"hello, this is text" * 20
+
+    def one(i):
+        response = _post_image(server, bad if i % 2 else good)
+        return i % 2, response.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(32)))
+    assert {status for is_bad, status in results if is_bad} == {400}, results
+    assert {status for is_bad, status in results if not is_bad} == {200}, results
+    _still_serving(server)
+
+
+def test_item4_text_in_the_file_field_never_reaches_a_url_download(server):
+    """`filename="` in another header of the part, and a URL as the text: 400, and the URL is never fetched."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+        body, headers = _multipart(b'Content-Disposition: form-data; name="image"\r\nX-Note: filename="x.png"'
+                                   b"\r\n\r\n" + url.encode())
+        _refused(requests.post(f"{server}/segment", data=body, headers=headers, timeout=60), 400,
+                 "expected one file upload in a multipart field named 'image'", "image (text)")
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    _still_serving(server)
+
+
+def test_item5_odd_but_valid_requests_are_served_and_over_limit_batches_named(server):
+    png = _encode(_rgb(20, 30), "PNG")
+    assert _mask(_post_image(server, png, filename="x" * 300 + ".png")).size == (30, 20)  # too long for a path
+    body, headers = _multipart(b"Content-Disposition: form-data; name=image; filename=x.png\r\n"  # RFC 7578: token
+                               b"Content-Type: image/png\r\n\r\n" + png)
+    assert _mask(requests.post(f"{server}/segment", data=body, headers=headers, timeout=60)).size == (30, 20)
+    info = requests.post(f"{server}/info", files={"image": ("x.png", png)}, timeout=30)  # a body /info ignores
+    assert info.status_code == 200 and info.json()["input_size"] == [SIZE, SIZE]
+    limit = info.json()["max_batch_images"]
+    images = [base64.b64encode(_encode(_rgb(8, 8, seed=i), "PNG")).decode() for i in range(limit + 1)]
+    _refused(requests.post(f"{server}/segment_batch", json={"images": images}, timeout=60), 413,
+             f"got {limit + 1} images; the limit is {limit} per request", "AGMM_MAX_BATCH_IMAGES")
+    answered = requests.post(f"{server}/segment_batch", json={"images": images[:limit]}, timeout=60)
+    assert answered.status_code == 200 and len(answered.json()) == limit
+    _still_serving(server)
+
+
+def test_item6_slow_uploads_are_dropped_with_408(server):
+    """1 byte per 0.5 s: answered 408 once AGMM_READ_TIMEOUT_S has passed, and the connection closed."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    body, headers = _multipart(b'Content-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
+                               + _encode(_rgb(20, 30), "PNG"))
+    host, port = urlsplit(server).hostname, urlsplit(server).port
+    head = (f"POST /segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: {headers['Content-Type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(head)
+        answer = b""
+        for byte in body:  # stops as soon as the server has answered
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            sock.settimeout(0.5)
+            try:
+                answer = sock.recv(65536)
+            except socket.timeout:
+                continue
+            finally:
+                sock.settimeout(60)
+            break
+        while answer and b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"408", answer[:300]
+    assert f"did not arrive within {READ_TIMEOUT_S} s (AGMM_READ_TIMEOUT_S)".encode() in answer
+    _still_serving(server)
+
+
+def test_item7_user_errors_are_one_log_line_without_upload_content_and_the_api_document_is_closed(served):
+    url, log = served
+    assert requests.get(f"{url}/docs.json", timeout=10).status_code == 404
+    _refused(requests.get(f"{url}/", timeout=10), 404, "/segment")
+    marker = b"careless-user-upload-" + os.urandom(4).hex().encode()
+    _refused(_post_image(url, marker * 10, filename="secret-name.png"), 400, "could not be decoded")
+    _still_serving(url)
+    text = log.read_text(errors="replace")
+    assert "refused with 400: the image could not be decoded" in text
+    assert marker.decode() not in text and "secret-name" not in text
+    assert "Traceback" not in text, text[text.index("Traceback") - 500:][:3000]
+
+
+def test_overload_is_a_503_with_a_sentence_and_retry_after(tiny_model, tmp_path):
+    """A queue that cannot finish in time refuses work with 503 + Retry-After (never BentoML's bare 500/503), and
+    a lone request is served normally once the burst is over."""
+    process, url = _start(tiny_model, tmp_path, AGMM_MAX_LATENCY_MS="100", AGMM_MAX_BATCH_SIZE="4")
+    try:
+        costly = _encode(_rgb(150, 230, seed=3), "PNG")  # 45 inputs: 24 of them are seconds of work in all
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(lambda _: _post_image(url, costly), range(24)))
+        assert {r.status_code for r in responses} <= {200, 503}, [r.text for r in responses]
+        busy = [r for r in responses if r.status_code == 503]
+        assert busy, "24 concurrent requests of 45 inputs each should not fit a 100 ms deadline"
+        for response in busy:
+            _refused(response, 503, "the server is busy", "AGMM_MAX_LATENCY_MS")
+            assert int(response.headers["Retry-After"]) >= 1
+        _still_serving(url)
+    finally:
+        stop_server(process)
+
+
 def test_refuses_to_start_without_a_model(tmp_path):
     result = subprocess.run(
         serve_command(free_port()),
@@ -267,7 +445,7 @@ def test_bentoml_build_works_offline(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (bento,) = (tmp_path / "bentoml" / "bentos" / "agmm_segmenter").glob("*/bento.yaml")
     src = bento.parent / "src"
-    assert (src / "serving" / "service.py").is_file() and (src / "agmm_deploy" / "runners.py").is_file()
+    assert (src / "serving" / "service.py").is_file() and (src / "agmm_deploy" / "runtime" / "__init__.py").is_file()
     assert not (src / "tests").exists()
     requirements = (bento.parent / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu" in requirements and "bentoml" in requirements

@@ -1,0 +1,214 @@
+"""The service's batcher: the model inputs of concurrent requests (letterboxed canvases and sliding-window
+tiles) run together, counted in model inputs, with a deadline per request.
+
+A request arrives as ``agmm_deploy.inference.Windows`` (its image already decoded, checked and priced at the
+door). ``submit`` queues it, or refuses it at once with ``Overloaded`` when the work already queued would keep
+it past its deadline. One worker thread drains the queue in the manner of Triton's dynamic batcher: it takes up
+to ``max_batch_size`` model inputs in arrival order (a tiled image may span several batches, and several images
+share one), waiting at most ``wait_s`` for more while a batch is not full, runs them with
+``agmm_deploy.inference.run_slices``, and hands each finished request its uint8 label map. Work that can no
+longer finish by its deadline is dropped from the queue with ``Overloaded``; work whose caller went away
+(client disconnected, request cancelled) is dropped silently. Neither is ever run.
+
+Why not BentoML's adaptive batching (``@bentoml.api(batchable=True)``): its dispatcher counts requests, not
+model inputs, so a 352-tile photo and a 1-canvas thumbnail weigh the same in a batch of ``max_batch_size``; it
+fits its latency model per request, so after a burst of tiled requests it overestimates everyone's cost and
+holds lone requests back; and it answers overload with a bare 503 "An unexpected error has occurred". It also
+takes its inputs through a serialisation round trip (base64 images in JSON), which this path has no use for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from agmm_deploy.inference import Windows
+
+logger = logging.getLogger("bentoml.agmm_deploy")
+
+Slices = list[tuple[Windows, int, int]]
+
+
+class Overloaded(Exception):
+    """The request cannot be served within its deadline; ``retry_after_s`` is when the queue should have room."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Result:
+    labels: np.ndarray  # (H, W) uint8 class ids
+    batch_size: int  # model inputs in the batch that ran this image's last input
+
+
+@dataclass(eq=False)
+class _Job:
+    windows: Windows
+    deadline: float  # time.monotonic() by which the result is due
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    sent: int = 0  # inputs handed to a batch so far
+
+    @property
+    def remaining(self) -> int:
+        return self.windows.count - self.sent
+
+
+class Batcher:
+    """Batches model inputs across requests on one worker thread.
+
+    Args:
+        run_batch: runs the inputs of the given slices together (``run_slices`` with the runner) and returns
+            how many ran.
+        max_batch_size: most model inputs in one batch.
+        max_latency_s: a request's deadline, from its submission.
+        wait_s: how long a batch that is not full waits for more inputs (0: run what is there).
+        seconds_per_input: the first estimate of the time per model input (from the warm-up); then a running
+            mean of the batches' measured times.
+    """
+
+    def __init__(self, run_batch: Callable[[Slices], int], *, max_batch_size: int, max_latency_s: float,
+                 wait_s: float, seconds_per_input: float, on_batch: Callable[[int], None] | None = None) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_s
+        self.wait_s = wait_s
+        self.seconds_per_input = seconds_per_input
+        self.on_batch = on_batch
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._queued_inputs = 0  # inputs of queued jobs not yet handed to a batch
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="agmm-batcher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the request side (event loop thread)
+
+    def submit(self, windows: Windows) -> concurrent.futures.Future:
+        """Queues one image's inputs; raises Overloaded when the queue would keep it past its deadline."""
+        with self._cond:
+            ahead = self._queued_inputs
+            expected = (ahead + windows.count) * self.seconds_per_input
+            if expected > self.max_latency_s:
+                retry = max(1, math.ceil(ahead * self.seconds_per_input))
+                raise Overloaded(f"the server is busy: {ahead} model inputs are queued ahead of this image's "
+                                 f"{windows.count}, about {expected:.1f} s of work, over the "
+                                 f"{self.max_latency_s * 1000:.0f} ms limit (AGMM_MAX_LATENCY_MS). "
+                                 f"Retry in {retry} s.", retry)
+            job = _Job(windows, deadline=time.monotonic() + self.max_latency_s)
+            self._queue.append(job)
+            self._queued_inputs += windows.count
+            self._cond.notify()
+        return job.future
+
+    async def segment(self, windows: Windows) -> Result:
+        """The label map of one image; cancelling the awaiting task drops its queued work."""
+        return await asyncio.wrap_future(self.submit(windows))
+
+    def queued_inputs(self) -> int:
+        with self._cond:
+            return self._queued_inputs
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the worker thread
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                end = time.monotonic() + self.wait_s
+                while self._queued_inputs < self.max_batch_size and not self._closed:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                slices = self._take()
+            if slices:
+                self._run(slices)
+
+    def _take(self) -> Slices:
+        """Up to max_batch_size inputs, in arrival order; drops cancelled and hopeless jobs. Under the lock."""
+        now = time.monotonic()
+        slices: Slices = []
+        taken = ahead = 0
+        for job in list(self._queue):
+            if job.future.done():  # cancelled by its caller: the client went away
+                self._drop(job)
+                continue
+            if now + (ahead + job.remaining) * self.seconds_per_input > job.deadline:
+                self._drop(job)
+                retry = max(1, math.ceil(self._queued_inputs * self.seconds_per_input))
+                _settle(job.future, error=Overloaded(
+                    f"the server is busy: this image's {job.windows.count} model inputs could not be run within "
+                    f"the {self.max_latency_s * 1000:.0f} ms limit (AGMM_MAX_LATENCY_MS). Retry in {retry} s.",
+                    retry))
+                continue
+            ahead += job.remaining
+            if taken < self.max_batch_size:
+                take = min(job.remaining, self.max_batch_size - taken)
+                slices.append((job, job.sent, job.sent + take))
+                job.sent += take
+                taken += take
+                self._queued_inputs -= take
+                if job.remaining == 0:
+                    self._queue.remove(job)
+        return slices
+
+    def _drop(self, job: _Job) -> None:
+        self._queue.remove(job)
+        self._queued_inputs -= job.remaining
+
+    def _run(self, slices: list[tuple[_Job, int, int]]) -> None:
+        start = time.perf_counter()
+        jobs = list(dict.fromkeys(job for job, _, _ in slices))
+        try:
+            with torch.inference_mode():
+                count = self.run_batch([(job.windows, a, b) for job, a, b in slices])
+                finished = [(job, job.windows.labels().cpu().numpy()) for job in jobs if job.windows.done]
+        except Exception as err:  # the model failed: every job in the batch gets the error, the worker goes on
+            logger.exception("the model failed on a batch of %d inputs", sum(b - a for _, a, b in slices))
+            for job in jobs:
+                with self._cond:
+                    if job in self._queue:
+                        self._drop(job)
+                _settle(job.future, error=RuntimeError(f"the model failed on this image's batch ({err})"))
+            return
+        elapsed = time.perf_counter() - start
+        # A running mean over batches: the queue's wait estimates follow the load actually seen.
+        self.seconds_per_input = 0.8 * self.seconds_per_input + 0.2 * elapsed / count
+        for job, labels in finished:
+            job.windows = None  # frees the image and the accumulated scores now, not when the caller is done
+            _settle(job.future, result=Result(labels, count))
+        if self.on_batch is not None:
+            self.on_batch(count)
+
+
+def _settle(future: concurrent.futures.Future, result: Result | None = None,
+            error: BaseException | None = None) -> None:
+    """Sets a result or an error unless the caller cancelled the future meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
