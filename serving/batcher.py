@@ -2,12 +2,13 @@
 tiles) run together, counted in model inputs, with a deadline per request.
 
 A request arrives as ``agmm_deploy.inference.Windows`` (its image already decoded, checked and priced at the
-door). ``submit`` queues it, or refuses it at once with ``Overloaded`` when the work already queued would keep
-it past its deadline. One worker thread drains the queue in the manner of Triton's dynamic batcher: it takes up
+door). ``submit`` queues it, or refuses it at once with ``Overloaded`` when the work queued ahead of it would
+outlast its deadline (``max_latency_s``: how long a request may wait; its own work is bounded by the door's
+limit on inputs per image, so a lone request is always served). One worker thread drains the queue in the manner of Triton's dynamic batcher: it takes up
 to ``max_batch_size`` model inputs in arrival order (a tiled image may span several batches, and several images
 share one), waiting at most ``wait_s`` for more while a batch is not full, runs them with
 ``agmm_deploy.inference.run_slices``, and hands each finished request its uint8 label map. Work that can no
-longer finish by its deadline is dropped from the queue with ``Overloaded``; work whose caller went away
+longer start by its deadline is dropped from the queue with ``Overloaded``; work whose caller went away
 (client disconnected, request cancelled) is dropped silently. Neither is ever run.
 
 Why not BentoML's adaptive batching (``@bentoml.api(batchable=True)``): its dispatcher counts requests, not
@@ -72,7 +73,7 @@ class Batcher:
         run_batch: runs the inputs of the given slices together (``run_slices`` with the runner) and returns
             how many ran.
         max_batch_size: most model inputs in one batch.
-        max_latency_s: a request's deadline, from its submission.
+        max_latency_s: how long a request may wait for the work queued ahead of it.
         wait_s: how long a batch that is not full waits for more inputs (0: run what is there).
         seconds_per_input: the first estimate of the time per model input (from the warm-up); then a running
             mean of the batches' measured times.
@@ -96,16 +97,15 @@ class Batcher:
     # ------------------------------------------------------------------ the request side (event loop thread)
 
     def submit(self, windows: Windows) -> concurrent.futures.Future:
-        """Queues one image's inputs; raises Overloaded when the queue would keep it past its deadline."""
+        """Queues one image's inputs; raises Overloaded when the work ahead of it would outlast its deadline."""
         with self._cond:
             ahead = self._queued_inputs
-            expected = (ahead + windows.count) * self.seconds_per_input
-            if expected > self.max_latency_s:
-                retry = max(1, math.ceil(ahead * self.seconds_per_input))
-                raise Overloaded(f"the server is busy: {ahead} model inputs are queued ahead of this image's "
-                                 f"{windows.count}, about {expected:.1f} s of work, over the "
-                                 f"{self.max_latency_s * 1000:.0f} ms limit (AGMM_MAX_LATENCY_MS). "
-                                 f"Retry in {retry} s.", retry)
+            wait = ahead * self.seconds_per_input
+            if wait > self.max_latency_s:
+                retry = max(1, math.ceil(wait))
+                raise Overloaded(f"the server is busy: {ahead} model inputs are queued ahead of this image, about "
+                                 f"{wait:.1f} s of work, over the {self.max_latency_s * 1000:.0f} ms a request may "
+                                 f"wait (AGMM_MAX_LATENCY_MS). Retry in {retry} s.", retry)
             job = _Job(windows, deadline=time.monotonic() + self.max_latency_s)
             self._queue.append(job)
             self._queued_inputs += windows.count
@@ -154,13 +154,12 @@ class Batcher:
             if job.future.done():  # cancelled by its caller: the client went away
                 self._drop(job)
                 continue
-            if now + (ahead + job.remaining) * self.seconds_per_input > job.deadline:
-                self._drop(job)
+            if job.sent == 0 and now + ahead * self.seconds_per_input > job.deadline:
+                self._drop(job)  # it could not even start in time: refuse it now rather than run it late
                 retry = max(1, math.ceil(self._queued_inputs * self.seconds_per_input))
                 _settle(job.future, error=Overloaded(
-                    f"the server is busy: this image's {job.windows.count} model inputs could not be run within "
-                    f"the {self.max_latency_s * 1000:.0f} ms limit (AGMM_MAX_LATENCY_MS). Retry in {retry} s.",
-                    retry))
+                    f"the server is busy: this image could not start within the {self.max_latency_s * 1000:.0f} "
+                    f"ms a request may wait (AGMM_MAX_LATENCY_MS). Retry in {retry} s.", retry))
                 continue
             ahead += job.remaining
             if taken < self.max_batch_size:
