@@ -24,13 +24,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_command(port: int) -> list[str]:
-    """The `bentoml serve` command line for 127.0.0.1:port, run from the project root."""
-    return [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+def serve_command(port: int, bento: str | None = None) -> list[str]:
+    """The `bentoml serve` command line for 127.0.0.1:port: of the project root, or of a built Bento's tag."""
+    return [sys.executable, "-m", "bentoml", "serve", *([bento] if bento else []), "--host", "127.0.0.1", "--port",
+            str(port)]
 
 
-def start_server(port: int, log: Path, env: dict[str, str], timeout_s: float = 180) -> subprocess.Popen:
+def start_server(port: int, log: Path, env: dict[str, str], timeout_s: float = 180,
+                 bento: str | None = None) -> subprocess.Popen:
     """Starts `bentoml serve` with ``env`` (AGMM_MODEL=... and friends), its output in ``log``.
+
+    ``bento``: a built Bento's tag to serve instead of the project root; it runs from ``log``'s folder, so that
+    nothing of the checkout can stand in for what the Bento lacks.
 
     Returns the process once /readyz answers 200; raises RuntimeError with the log's tail if the server exits
     first or is not ready within ``timeout_s``.
@@ -38,8 +43,8 @@ def start_server(port: int, log: Path, env: dict[str, str], timeout_s: float = 1
     env = {**env, "BENTOML_DO_NOT_TRACK": "True"}
     with open(log, "wb") as out:
         # Its own session, so stop_server can signal the CLI and the arbiter as one process group.
-        process = subprocess.Popen(serve_command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(serve_command(port, bento), cwd=log.parent if bento else ROOT, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

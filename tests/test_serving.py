@@ -439,9 +439,11 @@ def test_model_from_the_bentoml_store(tiny_model, tmp_path):
     assert path.name == "model.onnx" and str(tmp_path / "bentoml" / "models") in str(path)
 
 
-def test_bentoml_build_works_offline(tmp_path):
+def test_bentoml_build_makes_a_bento_that_bentoml_serve_serves(tiny_model, tmp_path):
+    """Offline (lock_packages: false, no uv needed), then `bentoml serve <tag>` from outside the checkout."""
+    env = _serve_env(tmp_path)
     result = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag", "."], cwd=ROOT,
-                            env=_serve_env(tmp_path), capture_output=True, text=True, timeout=300)
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     (bento,) = (tmp_path / "bentoml" / "bentos" / "agmm_segmenter").glob("*/bento.yaml")
     src = bento.parent / "src"
@@ -450,3 +452,15 @@ def test_bentoml_build_works_offline(tmp_path):
     requirements = (bento.parent / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu" in requirements and "bentoml" in requirements
     assert "nvidia/cuda" in (bento.parent / "env" / "docker" / "Dockerfile").read_text()
+
+    tag = f"agmm_segmenter:{bento.parent.name}"
+    port = free_port()
+    (tmp_path / "run").mkdir()
+    # Without the checkout on PYTHONPATH: the Bento's own src/ holds the service and the library.
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    process = start_server(port, tmp_path / "run" / "serve.log", {**env, "AGMM_MODEL": str(tiny_model)}, bento=tag)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert _mask(_post_image(url, _encode(_rgb(40, 50), "PNG"))).size == (50, 40)
+    finally:
+        stop_server(process)
