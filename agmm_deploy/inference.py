@@ -96,10 +96,17 @@ class Windows:
         """The model inputs start:stop (n, 3, th, tw) float32, made now (a 300-tile image never holds them all)."""
         th, tw = self.input_size
         if self.letterboxed:
-            x = self._normalised(self.image)[None]
-            if self.resized != self.size:
-                # Bilinear with antialiasing: a plain bilinear shrink would skip pixels and alias.
-                x = F.interpolate(x, size=self.resized, mode="bilinear", align_corners=False, antialias=True)
+            # Bilinear with antialiasing: a plain bilinear shrink would skip pixels and alias. On a CPU the uint8
+            # image is resized before normalising: torch's uint8 path is ~4x faster there (500x375 -> 512x384 on
+            # 2 cores: 17 ms against 77 ms); CUDA resizes floats only.
+            if self.resized == self.size:
+                x = self._normalised(self.image)[None]
+            elif self.device.type == "cpu" and self.image.dtype == torch.uint8:
+                x = self._normalised(F.interpolate(self.image[None], size=self.resized, mode="bilinear",
+                                                   align_corners=False, antialias=True))
+            else:
+                x = F.interpolate(self._normalised(self.image)[None], size=self.resized, mode="bilinear",
+                                  align_corners=False, antialias=True)
             rh, rw = self.resized
             return F.pad(x, (0, tw - rw, 0, th - rh))  # zero after normalising: the mean colour
         tiles = []
@@ -140,12 +147,12 @@ class Windows:
     def labels(self) -> torch.Tensor:
         """Class ids (H, W) uint8 on the image's device.
 
-        A letterboxed image skips the softmax (it never changes the argmax). ``max(0).indices`` rather than
-        ``argmax(0)``: on a CPU the latter runs as a per-output loop over K strided planes, many times slower.
+        Neither the letterbox's softmax nor the tiles' division by their cover count changes the argmax, so both
+        are skipped. ``max(0).indices`` rather than ``argmax(0)``: on a CPU the latter runs as a per-output loop
+        over K strided planes (3x slower at 640x480, K = 21).
         """
         assert self.done, f"{self.added} of {self.count} model outputs added"
-        scores = self._sum if self.letterboxed else self._sum / self._covered
-        return scores.max(dim=0).indices.to(torch.uint8)
+        return self._sum.max(dim=0).indices.to(torch.uint8)
 
 
 def run_slices(forward: Forward, slices: list[tuple[Windows, int, int]]) -> int:
