@@ -3,13 +3,13 @@ tiles) run together, counted in model inputs, with a deadline per request.
 
 A request arrives as ``agmm_deploy.inference.Windows`` (its image already decoded, checked and priced at the
 door). ``submit`` queues it, or refuses it at once with ``Overloaded`` when the work queued ahead of it would
-outlast its deadline (``max_latency_s``: how long a request may wait; its own work is bounded by the door's
-limit on inputs per image, so a lone request is always served). One worker thread drains the queue in the manner of Triton's dynamic batcher: it takes up
-to ``max_batch_size`` model inputs in arrival order (a tiled image may span several batches, and several images
-share one), waiting at most ``wait_s`` for more while a batch is not full, runs them with
-``agmm_deploy.inference.run_slices``, and hands each finished request its uint8 label map. Work that can no
-longer start by its deadline is dropped from the queue with ``Overloaded``; work whose caller went away
-(client disconnected, request cancelled) is dropped silently. Neither is ever run.
+outlast its deadline (``max_latency_s``: how long a request may wait; its own work is bounded by the door's limit
+on inputs per image, so a lone request is always served). One worker thread drains the queue in the manner of
+Triton's dynamic batcher: it takes up to ``max_batch_size`` model inputs in arrival order (a tiled image may span
+several batches, and several images share one), waiting at most ``wait_s`` for more while a batch is not full,
+runs them with ``agmm_deploy.inference.run_slices``, and hands each finished request its uint8 label map. Work
+that can no longer start by its deadline is dropped from the queue with ``Overloaded``; work whose caller went
+away (client disconnected, request cancelled) is dropped silently. Neither is ever run.
 
 Why not BentoML's adaptive batching (``@bentoml.api(batchable=True)``): its dispatcher counts requests, not
 model inputs, so a 352-tile photo and a 1-canvas thumbnail weigh the same in a batch of ``max_batch_size``; it

@@ -234,13 +234,14 @@ class RequestDoor:
                                "(curl -F image=@photo.jpg)") from None
         try:
             items = form.multi_items()
-            got = [f"{name} ({'file' if isinstance(value, UploadFile) else 'text'})" for name, value in items]
-            images = [value for name, value in items if name == "image"]
-            if len(images) != 1 or not isinstance(images[0], UploadFile) or not {n for n, _ in items} <= {"image", *fields}:
-                also = f" and optionally {', '.join(sorted(fields))}" if fields else ""
+            kinds = {name: "file" if isinstance(value, UploadFile) else "text" for name, value in items}
+            expected = {"image": "file", **{name: "text" for name in fields}}
+            if [name for name, _ in items].count("image") != 1 or any(expected.get(n) != k for n, k in kinds.items()):
+                also = f" and optionally the text field {', '.join(sorted(fields))}" if fields else ""
+                got = [f"{name[:40]} ({'file' if isinstance(value, UploadFile) else 'text'})" for name, value in items]
                 raise Refusal(400, "expected one file upload in a multipart field named 'image' (curl -F "
                                    f"image=@photo.jpg){also}; got fields {got}")
-            upload = Upload(data=await images[0].read())
+            upload = Upload(data=await form["image"].read())
             if "alpha" in form:
                 upload.alpha = _alpha(form["alpha"])
             return upload

@@ -237,6 +237,10 @@ BAD_INPUTS = {
     "wrong field name": (dict(files={"file": ("x.png", _encode(_rgb(20, 20), "PNG"))}), 400, "'image'"),
     "unknown extra field": (dict(files={"image": ("x.png", _encode(_rgb(8, 8), "PNG")), "extra": ("y", b"\x89")}),
                             400, "'image'"),
+    "alpha out of range": (dict(route="overlay", files={"image": ("x.png", _encode(_rgb(8, 8), "PNG"))},
+                                data={"alpha": "2"}), 400, "alpha='2' is not a number in [0, 1]"),
+    "alpha sent as a file": (dict(route="overlay", files={"image": ("x.png", _encode(_rgb(8, 8), "PNG")),
+                                                          "alpha": ("a.txt", b"0.5")}), 400, "alpha (file)"),
     "multipart to segment_batch": (dict(route="segment_batch", files={"image": ("x.png", b"x")}), 415, "JSON"),
     "wrong json to segment_batch": (dict(route="segment_batch", json={"images": "x"}), 400, "images"),
 }
