@@ -102,10 +102,12 @@ def test_run_slices_hands_each_image_its_own_logits():
 
 @pytest.mark.gpu
 def test_cuda_and_cpu_give_the_same_labels():
+    """Tiles are cut identically on both devices; a letterboxed image is resized as uint8 on a CPU (faster there)
+    and as float on CUDA, which moves the odd near-tie pixel of a random-weight model."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, 3, padding=1)
     rng = np.random.default_rng(0)
-    for h, w in [(40, 50), (150, 230)]:
+    for (h, w), agreement in [((150, 230), 0.999), ((40, 50), 0.99)]:  # tiled / letterboxed
         image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
         labels = []
         for device in ("cpu", "cuda"):
@@ -115,4 +117,4 @@ def test_cuda_and_cpu_give_the_same_labels():
                 for batch in chunks([windows], 8):
                     run_slices(net, batch)
             labels.append(windows.labels().cpu())
-        assert (labels[0] == labels[1]).float().mean() > 0.999
+        assert (labels[0] == labels[1]).float().mean() > agreement, (h, w)

@@ -153,7 +153,7 @@ def test_served_mask_equals_agmm_predict(server, tiny_model):
     from agmm_deploy.inference import segment_image
     from agmm_deploy.runtime import load_runner
 
-    runner = load_runner(tiny_model, device="cpu")
+    runner = load_runner(tiny_model)  # on the device the server uses (auto), as agmm-predict would run there
     for h, w in [(40, 50), (150, 230)]:  # fits the 64x64 input / larger than it on both axes
         rgb = _rgb(h, w, seed=h)
         served = np.asarray(_mask(_post_image(server, _encode(rgb, "PNG"))))
