@@ -31,6 +31,25 @@ def click_pixel(x: float, y: float, width: int, height: int) -> tuple[int, int]:
     return min(int(np.floor(x)), width - 1), min(int(np.floor(y)), height - 1)
 
 
+def polygon_pixels(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The pixels whose centres lie inside a polygon (corner coordinates), as a (H, W) bool array.
+
+    A pixel-centre test, not cv2.fillPoly: fillPoly counts pixels touched by the outline, so a polygon drawn
+    along pixel edges (x = 36 .. 54, the usual way around pixels 36..53) would gain a column and a row.
+    """
+    from matplotlib.path import Path as _Path  # C++ point-in-polygon; matplotlib is a base dependency
+
+    inside = np.zeros((height, width), bool)
+    x0, y0 = np.floor(points.min(0)).astype(int).clip(0, [width, height])
+    x1, y1 = np.ceil(points.max(0)).astype(int).clip(0, [width, height])
+    if x1 <= x0 or y1 <= y0:
+        return inside
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    centres = np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], 1)
+    inside[y0:y1, x0:x1] = _Path(points).contains_points(centres).reshape(yy.shape)
+    return inside
+
+
 def shape_pixels(shape: Shape, height: int, width: int, click_radius: int, scribble_width: int) -> np.ndarray:
     """The pixels one shape marks, as a (H, W) bool array."""
     canvas = np.zeros((height, width), np.uint8)
@@ -43,7 +62,7 @@ def shape_pixels(shape: Shape, height: int, width: int, click_radius: int, scrib
         else:
             cv2.polylines(canvas, [_fixed(shape.points)], False, 1, scribble_width, cv2.LINE_8, _SHIFT)
     elif shape.kind == "polygon":
-        cv2.fillPoly(canvas, [_fixed(shape.points)], 1, cv2.LINE_8, _SHIFT)
+        return polygon_pixels(shape.points, height, width)
     elif shape.kind == "mask":
         h, w = shape.mask.shape
         top, left = shape.top, shape.left
@@ -77,7 +96,8 @@ def rasterize(shapes: list[Shape], class_ids: dict[str, int], height: int, width
 class Region:
     """One connected region of one class in a predicted label map.
 
-    polygon: (N, 2) corner coordinates of its outer boundary (holes are not kept: tools' polygons have none);
+    polygon: (N, 2) corner coordinates of its outer boundary, a quarter pixel inside the pixels' outline so that
+        every pixel centre is clearly in or out (holes are not kept: the tools' polygons have none);
     mask: its (H, W) bool pixels, holes included.
     """
 
@@ -101,9 +121,10 @@ def label_regions(label_map: np.ndarray, num_classes: int, min_area: int = 1) ->
             if stats[index, cv2.CC_STAT_AREA] < min_area:
                 continue
             mask = components == index
-            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            # Traced at twice the resolution, the boundary runs through the centres of the outer half-pixels: a
+            # quarter pixel inside the outline, so polygon_pixels gives back exactly these pixels.
+            double = cv2.resize(mask.astype(np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(double, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             outer = max(contours, key=len).reshape(-1, 2).astype(np.float64)
-            # findContours returns centres of boundary pixels; +0.5 turns them into the tools' corner coordinates,
-            # and rasterize's -0.5 turns them back, so a polygon fills the same pixels again.
-            regions.append(Region(class_id, outer + 0.5, mask))
+            regions.append(Region(class_id, (outer + 0.5) / 2, mask))
     return regions
