@@ -80,17 +80,19 @@ def test_cvat_xml_written_by_datumaro_imports_clicks_scribble_polygon_and_mask(t
 def test_label_studio_export_imports_keypoints_polygon_and_brush_rle_as_cvat_does(tmp_path):
     """The LS fixture holds the same clicks, polygon and painted patch as the CVAT one, minus the scribble; its
     brush RLE was encoded by label-studio-sdk's encoder, so this checks our decoder against theirs."""
-    assert run_import(DATA / "label_studio.json", tmp_path / "ls") == 0
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    assert run_import(DATA / "label_studio.json", tmp_path / "ls", "--classes", str(classes)) == 0
     assert run_import(DATA / "cvat.xml", tmp_path / "cvat") == 0
-    # Label Studio's upload prefix ("0000000a-") is stripped to find img_*.png
+    # Label Studio's upload prefix ("00000001-") is stripped to find img_*.png
     for stem in ("img_0", "img_1", "img_2"):
         ls = read_png(tmp_path / "ls" / "train" / "labels" / f"{stem}.png")
         ref = read_png(tmp_path / "cvat" / "train" / "labels" / f"{stem}.png")
         scribble = (ref == DISK) & (ls == IGNORE_INDEX)
         assert scribble.any() and (ls[~scribble] == ref[~scribble]).all()
-    # LS keeps no label list: classes in order of first use, here the same order
-    assert (tmp_path / "ls" / "classes.txt").read_text().splitlines() == ["disk", "box", "background"] or \
-        (tmp_path / "ls" / "classes.txt").read_text().splitlines() == list(CLASSES)
+    # A JSON export keeps no label list: without --classes, ids follow the order of first use
+    assert run_import(DATA / "label_studio.json", tmp_path / "ls_own") == 0
+    assert (tmp_path / "ls_own" / "classes.txt").read_text().splitlines() == ["disk", "box", "background"]
 
 
 def test_coco_keypoints_and_csv_give_the_same_clicks(tmp_path, capsys):

@@ -7,6 +7,12 @@ Rerun it when a tool's format changes (a new CVAT / datumaro / Label Studio rele
 
 It needs only numpy, opencv and Pillow besides the tools' packages; the test suite needs none of the tools.
 
+The same venv checks that the tools' own readers parse our pre-annotations (written with the project's venv):
+
+    agmm-labels preannotate PRED --classes classes.txt --format cvat --shape mask --out /tmp/pre.xml
+    agmm-labels preannotate PRED --classes classes.txt --format label-studio --shape mask --out /tmp/pre.json
+    /tmp/labels-venv/bin/python tests/data/labels/make_fixtures.py --check /tmp/pre.xml /tmp/pre.json PRED
+
 What writes what:
 * ``images/img_{0..3}.png``: small scenes (background, a disk, a box), drawn here; the known shapes let the
   tests check where every label lands.
@@ -139,7 +145,43 @@ def write_coco_and_csv() -> None:
     (HERE / "clicks.csv").write_text("\n".join(rows) + "\n")
 
 
+def check_preannotations(cvat_xml: Path, ls_json: Path, masks: Path) -> None:
+    """Parses our CVAT XML with datumaro and decodes our brush RLE with label-studio-sdk; compares to the maps."""
+    from datumaro.components.annotation import AnnotationType
+    from datumaro.components.dataset import Dataset
+    from label_studio_sdk.converter.brush import decode_rle
+
+    with tempfile.TemporaryDirectory() as tmp:  # datumaro wants the images beside the XML, in images/
+        shutil.copyfile(cvat_xml, Path(tmp) / "annotations.xml")
+        shutil.copytree(masks, Path(tmp) / "images")
+        dataset = Dataset.import_from(str(Path(tmp) / "annotations.xml"), "cvat")
+        names = [c.name for c in dataset.categories()[AnnotationType.label]]
+        for item in dataset:
+            label_map = np.asarray(Image.open(masks / f"{Path(item.id).stem}.png"))
+            for ann in item.annotations:
+                if ann.type == AnnotationType.mask:
+                    assert (label_map[ann.image.astype(bool)] == ann.label).all(), (item.id, names[ann.label])
+            kinds = sorted({ann.type.name for ann in item.annotations})
+            print(f"datumaro read {cvat_xml} {item.id}: {len(item.annotations)} {kinds} shape(s), labels {names}")
+    for task in json.loads(ls_json.read_text()):
+        stem = Path(task["data"]["image"]).stem
+        label_map = np.asarray(Image.open(masks / f"{stem}.png"))
+        for result in task["predictions"][0]["result"]:
+            if result["type"] != "brushlabels":
+                continue
+            h, w = result["original_height"], result["original_width"]
+            mask = np.reshape(decode_rle(result["value"]["rle"]), (h, w, 4))[:, :, 3] > 0
+            values = np.unique(label_map[mask])
+            assert len(values) == 1, (stem, values)
+        print(f"label-studio-sdk decoded {len(task['predictions'][0]['result'])} brush mask(s) of {stem}")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--check"]:
+        check_preannotations(*(Path(a) for a in sys.argv[2:5]))
+        sys.exit(0)
     write_images()
     write_cvat()
     write_label_studio()
