@@ -14,7 +14,8 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from agmm_deploy.labels.annotations import Export, ImageAnnotations, LabelsError, PredictedImage, Shape, hex_colour
+from agmm_deploy.labels.annotations import (Export, ImageAnnotations, LabelsError, PredictedImage, Shape,
+                                            hex_colour)
 from agmm_deploy.labels.rasterize import label_regions
 
 _POINT_SHAPES = {"points": "point", "polyline": "polyline", "polygon": "polygon"}
@@ -97,6 +98,9 @@ def read(path: Path) -> Export:
                 ignored[element.tag] = ignored.get(element.tag, 0) + 1
         width, height = image.get("width"), image.get("height")
         images.append(ImageAnnotations(name, shapes, int(width) if width else None, int(height) if height else None))
+    tracks = len(root.findall("track"))
+    if tracks:  # video annotation: shapes per frame of a track, not per image
+        ignored["track"] = tracks
     return Export(images, tuple(labels), colours, ignored)
 
 

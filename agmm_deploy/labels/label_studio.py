@@ -151,8 +151,9 @@ def read(path: Path) -> Export:
                     raise LabelsError(f"{where} was drawn on an image rotated {result['image_rotation']} degrees in "
                                       "Label Studio; remove the rotation there and export again")
                 w, h = result.get("original_width"), result.get("original_height")
-                if not (isinstance(w, int) and isinstance(h, int)):
+                if not (isinstance(w, (int, float)) and isinstance(h, (int, float))):
                     raise LabelsError(f"{where} lacks original_width / original_height")
+                w, h = int(w), int(h)
                 width, height = width or w, height or h
                 for label in label_list:
                     if label not in labels:
