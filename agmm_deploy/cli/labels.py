@@ -87,7 +87,8 @@ def print_summary(summary: ImportSummary, source: str) -> None:
     else:
         print("  images with no label at all: 0")
     if summary.ignored:
-        print("  shapes without pixel labels, not imported: " + ", ".join(f"{k} {v}" for k, v in summary.ignored.items()))
+        counts = ", ".join(f"{kind} {count}" for kind, count in summary.ignored.items())
+        print(f"  shapes without pixel labels, not imported: {counts}")
     print(f"next: python -m training.run --dataset folder --data-root {summary.root} --out runs/mine")
 
 

@@ -111,7 +111,9 @@ def _check_image(entry: ImageAnnotations, path: Path, size: tuple[int, int], sto
                             f"orientation {orientation} turns it to {width}x{height} as shown (and as trained); "
                             "re-upload the image with the rotation applied (e.g. exiftran -ai) and annotate it upright")
         else:
-            turned = f" after its EXIF orientation {orientation} (stored {stored[0]}x{stored[1]})" if orientation != 1 else ""
+            turned = ""
+            if orientation != 1:
+                turned = f" after its EXIF orientation {orientation} (stored {stored[0]}x{stored[1]})"
             problems.append(f"image {entry.name}: the export says {said} but {path} is {width}x{height}{turned}; "
                             "was the image replaced or resized after annotation?")
         return problems

@@ -109,8 +109,8 @@ def main() -> None:
         server, url, headers = start_server(Path(tmp))
         try:
             pid, tasks = set_up_project(url, headers)
-            print(f"label-studio {requests.get(f'{url}/api/version', headers=headers, timeout=30).json().get('release')}"
-                  f" at {url}: project {pid}, tasks {[t['id'] for t in tasks]}")
+            version = requests.get(f"{url}/api/version", headers=headers, timeout=30).json().get("release")
+            print(f"label-studio {version} at {url}: project {pid}, tasks {[t['id'] for t in tasks]}")
             if command == "export":
                 for index, task in enumerate(tasks):
                     requests.post(f"{url}/api/tasks/{task['id']}/annotations", headers=headers, timeout=60,
