@@ -78,13 +78,14 @@ def test_cvat_xml_written_by_datumaro_imports_clicks_scribble_polygon_and_mask(t
 
 
 def test_label_studio_export_imports_keypoints_polygon_and_brush_rle_as_cvat_does(tmp_path):
-    """The LS fixture holds the same clicks, polygon and painted patch as the CVAT one, minus the scribble; its
-    brush RLE was encoded by label-studio-sdk's encoder, so this checks our decoder against theirs."""
+    """The LS fixture, exported by a real Label Studio 1.23.2 server, holds the same clicks, polygon and painted
+    patch as the CVAT one, minus the scribble; its brush RLE comes from Label Studio's own encoder, so this
+    checks our decoder against theirs."""
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(CLASSES) + "\n")
     assert run_import(DATA / "label_studio.json", tmp_path / "ls", "--classes", str(classes)) == 0
     assert run_import(DATA / "cvat.xml", tmp_path / "cvat") == 0
-    # Label Studio's upload prefix ("00000001-") is stripped to find img_*.png
+    # Label Studio's upload prefix ("/data/upload/1/bc557573-img_0.png") is stripped to find img_*.png
     for stem in ("img_0", "img_1", "img_2"):
         ls = read_png(tmp_path / "ls" / "train" / "labels" / f"{stem}.png")
         ref = read_png(tmp_path / "cvat" / "train" / "labels" / f"{stem}.png")

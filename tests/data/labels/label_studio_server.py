@@ -60,9 +60,9 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, dict]:
         if server.poll() is not None:
             raise RuntimeError(f"label-studio exited with {server.returncode}; see {data_dir / 'server.log'}")
         try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+            if requests.get(f"{url}/health", timeout=10).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # still starting (migrations on first run)
             pass
         time.sleep(1)
     else:
@@ -75,7 +75,9 @@ def set_up_project(url: str, headers: dict) -> tuple[int, list[dict]]:
                             json={"title": "agmm fixtures", "label_config": LABEL_CONFIG}, timeout=60)
     project.raise_for_status()
     pid = project.json()["id"]
-    files = [("file", (f"img_{k}.png", open(HERE / "images" / f"img_{k}.png", "rb"), "image/png")) for k in range(3)]
+    # one form field per file: files sharing a field name arrive as one
+    files = [(f"file{k}", (f"img_{k}.png", (HERE / "images" / f"img_{k}.png").read_bytes(), "image/png"))
+             for k in range(3)]
     requests.post(f"{url}/api/projects/{pid}/import", headers=headers, files=files, timeout=120).raise_for_status()
     tasks = requests.get(f"{url}/api/tasks", headers=headers, params={"project": pid, "page_size": 100}, timeout=60)
     tasks.raise_for_status()

@@ -18,10 +18,11 @@ What writes what:
   tests check where every label lands.
 * ``cvat.xml``: "CVAT for images 1.1" XML written by datumaro's CVAT exporter (CVAT's own dataset library):
   clicks as ``<points>``, scribbles as ``<polyline>``, a ``<polygon>`` and a ``<mask>``.
-* ``label_studio.json``: a Label Studio JSON export built here from Label Studio's documented export schema
-  (KeyPointLabels / PolygonLabels / BrushLabels results with percent coordinates and original sizes), NOT
-  taken from a running Label Studio server; its brush RLE is encoded by label-studio-sdk's own brush encoder
-  (``label_studio_sdk.converter.brush.mask2rle``).
+* ``label_studio.json``: the JSON export of a real Label Studio server (1.23.2), written by
+  ``label_studio_server.py export`` beside this file (it posts the same clicks, polygon and painted patch through
+  the server's API). Where no server can be run, ``--label-studio-from-schema`` writes a stand-in built here from
+  Label Studio's documented export schema, its brush RLE encoded by label-studio-sdk
+  (``label_studio_sdk.converter.brush.mask2rle``); the committed file is the server's.
 * ``coco_keypoints.json`` and ``clicks.csv``: written here from the COCO keypoints specification and the
   ``image,x,y,class`` layout (no tool involved).
 """
@@ -103,6 +104,7 @@ def write_cvat() -> None:
 
 
 def write_label_studio() -> None:
+    """A stand-in for the server's export, from the documented schema (see label_studio_server.py for the real one)."""
     from label_studio_sdk.converter.brush import mask2rle
 
     tasks = []
@@ -184,6 +186,7 @@ if __name__ == "__main__":
         sys.exit(0)
     write_images()
     write_cvat()
-    write_label_studio()
+    if "--label-studio-from-schema" in sys.argv:
+        write_label_studio()
     write_coco_and_csv()
     print(f"wrote fixtures to {HERE}")
