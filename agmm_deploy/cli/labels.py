@@ -24,8 +24,9 @@ from agmm_deploy.labels import FORMATS, LabelsError, detect_format, get_format
 from agmm_deploy.labels.annotations import PredictedImage
 from agmm_deploy.labels.dataset import ImportSummary, import_labels, read_classes
 
-# The paper's labels, as training/synthetic.py draws them from full labels: a click marks a disk of radius 2
-# (5 pixels across) inside its segment, a scribble is a 3-pixel-wide line (the width of the VOC scribbles).
+# As training/synthetic.py draws the paper's label settings from full labels: a click marks a small disk of
+# radius 2 (5 pixels across) inside its segment, a scribble is a 3-pixel-wide line through its region, so that
+# imported labels look like the ones the recipe was tuned on.
 CLICK_RADIUS = 2
 SCRIBBLE_WIDTH = 3
 
@@ -44,11 +45,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                      "the export's label list (CVAT, COCO) or the labels in order of first use (Label Studio, CSV)")
     imp.add_argument("--format", choices=readable, default=None, help="force the format instead of detecting it")
     imp.add_argument("--click-radius", type=int, default=CLICK_RADIUS,
-                     help=f"radius in pixels of the disk each click marks (default {CLICK_RADIUS}: the paper's click "
-                     "labels are small disks, 5 pixels across, well inside the clicked object; 0 = one pixel)")
+                     help=f"radius in pixels of the disk each click marks (default {CLICK_RADIUS}: a disk 5 pixels "
+                     "across, as the toolkit's synthetic click labels after the paper's; 0 = the clicked pixel)")
     imp.add_argument("--scribble-width", type=int, default=SCRIBBLE_WIDTH,
-                     help=f"width in pixels of each scribble line (default {SCRIBBLE_WIDTH}, as the VOC scribbles "
-                     "the paper trains on); wider lines spill over object edges on small images")
+                     help=f"width in pixels of each scribble line (default {SCRIBBLE_WIDTH}, as the toolkit's "
+                     "synthetic VOC-style scribbles); wider lines spill over object edges on small images")
     writable = [f.name for f in FORMATS if f.write is not None]
     pre = commands.add_parser("preannotate", help="agmm-predict label PNGs -> CVAT XML or Label Studio tasks")
     pre.add_argument("masks", type=Path, help="folder of label PNGs written by agmm-predict (<stem>.png)")
