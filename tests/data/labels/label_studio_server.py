@@ -56,6 +56,15 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, dict]:
     server = subprocess.Popen([str(binary), "start", "--no-browser", "--port", str(port), "--data-dir", str(data_dir)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(server, url, data_dir)
+    except BaseException:
+        os.killpg(server.pid, 15)
+        raise
+    return server, url, {"Authorization": f"Token {token}"}
+
+
+def wait_until_up(server: subprocess.Popen, url: str, data_dir: Path) -> None:
     for _ in range(600):
         if server.poll() is not None:
             raise RuntimeError(f"label-studio exited with {server.returncode}; see {data_dir / 'server.log'}")
@@ -67,7 +76,6 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, dict]:
         time.sleep(1)
     else:
         raise RuntimeError(f"label-studio did not answer on {url} within 10 minutes")
-    return server, url, {"Authorization": f"Token {token}"}
 
 
 def set_up_project(url: str, headers: dict) -> tuple[int, list[dict]]:
