@@ -36,8 +36,17 @@ def setup(tmp_path_factory):
     return folder, ckpt, onnx_path, images
 
 
+@pytest.fixture
+def strict_fp32():
+    """The reference in strict fp32, as agmm-export makes it: PyTorch allows TF32 convolutions on GPUs by default."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("precision, min_agreement", [("fp32", 0.999), ("fp16", 0.99)])
-def test_engine_builds_runs_and_meets_the_gates(setup, precision, min_agreement):
+def test_engine_builds_runs_and_meets_the_gates(setup, strict_fp32, precision, min_agreement):
     from agmm_deploy.export.tensorrt import build_engine
 
     folder, ckpt, onnx_path, images = setup
