@@ -129,8 +129,8 @@ def test_missing_image_folders_fail_before_exporting(checkpoint, tmp_path, capsy
     out = tmp_path / "out"
     assert main([str(checkpoint), "--parity-images", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "nowhere holds no images" in capsys.readouterr().err and not out.exists()
-    assert main([str(checkpoint), "--int8", "--out", str(out)]) == 2
-    assert "--int8 applies to the TensorRT engine" in capsys.readouterr().err
+    assert main([str(checkpoint), "--precision", "int8", "--out", str(out)]) == 2
+    assert "--precision int8 needs --calib-images DIR" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("names", [tuple("abcde"), tuple(f"c{i}" for i in range(21))])

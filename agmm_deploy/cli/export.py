@@ -1,4 +1,8 @@
-"""agmm-export CKPT: checkpoint -> model.onnx (+ model.engine) -> parity against PyTorch -> parity.json.
+"""agmm-export CKPT: checkpoint -> model.onnx (+ model.<precision>.onnx, + model.engine) -> parity against
+PyTorch -> parity.json.
+
+``--precision fp16|int8`` adds an ONNX Runtime model of that precision (agmm_deploy.export.precision: fp16 for
+onnxruntime-cuda, int8 static quantisation for onnxruntime-cpu) and, with ``--trt``, builds the engine at it.
 
 Exit codes: 0 exported and every parity gate held; 1 a parity gate failed (the artifacts are renamed to
 ``<name>.failed`` so that nothing deploys them); 2 unusable checkpoint, arguments, image folders or output
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agmm_deploy.cli import class_names, positive_int
+from agmm_deploy.export.precision import PRECISIONS, get_precision
 
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT, EXIT_BUILD = 0, 1, 2, 3, 4
 
@@ -30,9 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <checkpoint folder>/<checkpoint stem>_export)")
     parser.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="TensorRT engine in fp16")
-    precision.add_argument("--int8", action="store_true", help="TensorRT engine in int8 (needs --calib-images)")
+    parser.add_argument("--precision", default="fp32", choices=[p.name for p in PRECISIONS],
+                        help="fp16: also model.fp16.onnx for onnxruntime-cuda; int8: also model.int8.onnx, statically "
+                        "quantised for onnxruntime-cpu (needs --calib-images); with --trt, the engine's precision")
     parser.add_argument("--calib-images", type=Path, default=None, help="folder of images for int8 calibration")
     parser.add_argument("--calib-count", type=positive_int, default=64, help="at most this many calibration images")
     parser.add_argument("--height", type=positive_int, default=None, help="input height (default: the training crop)")
@@ -120,11 +125,10 @@ def prepare(args: argparse.Namespace) -> Job:
     from agmm_deploy.export.parity import generated_images, load_parity_images
     from agmm_deploy.transforms import normalize
 
-    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
-    if precision != "fp32" and not args.trt:
-        raise UsageError(f"--{precision} applies to the TensorRT engine (the ONNX model is fp32); add --trt")
-    if args.int8 and args.calib_images is None:
-        raise UsageError("--int8 needs --calib-images DIR (a few dozen representative images)")
+    precision = get_precision(args.precision)
+    if precision.calibrated and args.calib_images is None:
+        raise UsageError(f"--precision {precision.name} needs --calib-images DIR (a few dozen representative "
+                         "images)")
     try:
         loaded = load_model(args.checkpoint, backbone=args.backbone, num_classes=args.num_classes,
                             dataset=args.dataset, classes=args.classes)
@@ -135,10 +139,10 @@ def prepare(args: argparse.Namespace) -> Job:
     except ValueError as err:
         raise UsageError(f"{args.checkpoint}: {err}") from None
     size = (args.height or loaded.meta.input_size[0], args.width or loaded.meta.input_size[1])
-    job = Job(loaded, "", precision, size, args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export")
+    job = Job(loaded, "", precision.name, size, args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export")
     # Image folders are read first, so that a wrong path fails in a second rather than after the export.
     try:
-        if args.int8:
+        if precision.calibrated:
             job.calib, _, _ = load_parity_images(args.calib_images, loaded.meta, size, limit=args.calib_count)
         if args.parity_images is not None and not args.no_parity:
             job.images, job.labels, _ = load_parity_images(args.parity_images, loaded.meta, size,
@@ -152,7 +156,7 @@ def prepare(args: argparse.Namespace) -> Job:
         job.source = "generated (seed 0)"
     # fp32 weights dominate every artifact: the ONNX file, and as much again for an engine.
     weights = sum(t.numel() * 4 for t in [*loaded.model.parameters(), *loaded.model.buffers()])
-    check_output_folder(job.out, (1 + args.trt) * weights + (1 << 20))
+    check_output_folder(job.out, (1 + args.trt + (precision.convert is not None)) * weights + (1 << 20))
     job.sha256 = sha256_file(args.checkpoint)
     return job
 
@@ -185,6 +189,7 @@ def _export(args: argparse.Namespace, job: Job) -> int:
 
     from agmm_deploy.export.onnx import export_onnx
     from agmm_deploy.export.parity import check_artifacts, set_aside
+    from agmm_deploy.export.precision import convert_precision
     from agmm_deploy.runtime.pytorch import TorchRunner
     from agmm_deploy.runtime.trt import tensorrt_missing
 
@@ -193,7 +198,8 @@ def _export(args: argparse.Namespace, job: Job) -> int:
     print(f"agmm-export: {args.checkpoint} (sha256 {job.sha256[:12]}): DeepLabV3+ {config.backbone} ({config.stem} "
           f"stem, OS {config.output_stride}), {meta.num_classes} classes, input {height}x{width}")
     trt_missing = tensorrt_missing() if args.trt else None
-    steps = 2 + (args.trt and not trt_missing) + (not args.no_parity)
+    precision = get_precision(job.precision)
+    steps = 2 + (precision.convert is not None) + (args.trt and not trt_missing) + (not args.no_parity)
     step = 1
     print(f"[{step}/{steps}] exporting ONNX (opset {args.opset}, dynamic batch "
           f"{'no' if args.no_dynamic_batch else 'yes'}, dynamic H/W {'yes' if args.dynamic_hw else 'no'})", flush=True)
@@ -207,6 +213,15 @@ def _export(args: argparse.Namespace, job: Job) -> int:
           f"{exported.seconds:.1f} s")
     artifacts = [exported.path]
 
+    if precision.convert is not None:
+        step += 1
+        print(f"[{step}/{steps}] converting to {precision.name} for ONNX Runtime on {precision.device}"
+              f"{f' ({len(job.calib)} calibration images)' if precision.calibrated else ''}", flush=True)
+        converted = convert_precision(exported.path, out / precision.file_name, precision.name, job.calib)
+        print(f"      wrote {converted.path} ({converted.size_bytes / 1e6:.1f} MB, {converted.precision}, for "
+              f"{converted.device}) in {converted.seconds:.1f} s")
+        artifacts.append(converted.path)
+
     if args.trt and not trt_missing:
         from agmm_deploy.export.tensorrt import build_engine
 
@@ -215,7 +230,7 @@ def _export(args: argparse.Namespace, job: Job) -> int:
         try:
             engine = build_engine(exported.path, out / "model.engine", precision=job.precision,
                                   max_batch=args.max_batch, dynamic_hw=args.dynamic_hw, calib_images=job.calib,
-                                  calib_cache=(out / "calibration.cache") if args.int8 else None,
+                                  calib_cache=(out / "calibration.cache") if job.calib is not None else None,
                                   workspace_gb=args.workspace_gb)
         except (RuntimeError, ValueError) as err:
             return _fail(f"TensorRT engine build failed: {err}", EXIT_BUILD)
@@ -243,11 +258,11 @@ def _export(args: argparse.Namespace, job: Job) -> int:
         print(f"      wrote {out / 'parity.json'}")
         if not result.passed:
             code = EXIT_PARITY
-            moved = set_aside(artifacts)
+            moved = set_aside([Path(b.artifact) for b in result.backends if not b.passed])
     step += 1
     print(f"[{step}/{steps}] done: {out} (peak RSS {_peak_rss_gib():.2f} GiB)")
     if code == EXIT_PARITY:
-        print(f"agmm-export: parity FAILED: the exported model does not match PyTorch within the gates above, so it "
+        print(f"agmm-export: parity FAILED: an exported model does not match PyTorch within the gates above, so it "
               f"was renamed to {', '.join(p.name for p in moved)} where nothing deploys it", file=sys.stderr)
         return code
     if trt_missing:

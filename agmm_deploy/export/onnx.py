@@ -73,7 +73,8 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
         simplify: run onnxslim over the graph.
         checkpoint_sha256: sha256 of the source checkpoint, recorded for traceability.
         precision: must be ``fp32``: the exported graph is always float32, and runners pick their parity
-            gates from the recorded precision (fp16/int8 are TensorRT engine precisions, see build_engine).
+            gates from the recorded precision (fp16/int8 artifacts are converted from it: convert_precision,
+            build_engine).
         max_batch: the largest batch the artifact is meant for (recorded; runners split bigger batches).
     Returns:
         OnnxExport describing the file.
@@ -85,9 +86,9 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
     import onnx
 
     if precision != "fp32":
-        raise ValueError(f"precision={precision!r} cannot be exported to ONNX: the graph is always float32. "
-                         "Export fp32 and build a TensorRT engine with precision='fp16' or 'int8' (agmm-export "
-                         "--trt --fp16/--int8).")
+        raise ValueError(f"precision={precision!r} cannot be exported to ONNX directly: the exported graph is "
+                         "float32. Export fp32, then convert it (agmm_deploy.export.precision.convert_precision, "
+                         "agmm-export --precision fp16|int8) or build a TensorRT engine from it (--trt).")
     check_meta_matches_model(model, meta)
     start = time.perf_counter()
     path = Path(path)
@@ -120,7 +121,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
     real_opset = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
     meta = ModelMeta(**{**meta.to_dict(), "input_size": (height, width)})
     write_onnx_metadata(
-        proto, meta, opset=real_opset, precision=precision, versions=library_versions(),
+        proto, meta, opset=real_opset, precision=precision, device="any", versions=library_versions(),
         checkpoint_sha256=checkpoint_sha256, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
         max_batch=(max_batch if dynamic_batch else 1), input=INPUT_NAME, outputs=list(outputs),
         model_config=(net.config.to_dict() if hasattr(net, "config") else None),
