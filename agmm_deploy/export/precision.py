@@ -146,8 +146,8 @@ def get_precision(name: str) -> Precision:
         if precision.name == name:
             return precision
     raise ValueError(f"precision {name!r} has no ONNX Runtime artifact; expected one of "
-                     f"{', '.join(p.name for p in PRECISIONS)} (bf16 runs nowhere in ONNX Runtime's CPU or CUDA "
-                     "kernels for these convolutions; fp16/int8 TensorRT engines come from --trt)")
+                     f"{', '.join(p.name for p in PRECISIONS)} (bf16: ONNX opset 18, which the export emits, "
+                     "allows no bfloat16 convolutions; fp16/int8 TensorRT engines come from --trt)")
 
 
 @dataclass(frozen=True)
