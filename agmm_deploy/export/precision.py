@@ -84,6 +84,8 @@ def quantize_int8(onnx_path: Path, out_path: Path, calib_images: np.ndarray | No
     """fp32 ONNX -> int8 QDQ ONNX by static post-training quantisation with ONNX Runtime's own tools.
 
     Per-channel int8 weights, uint8 activations whose ranges come from running ``calib_images`` (MinMax).
+    uint8 activations (U8S8) rather than ONNX Runtime's int8 default (S8S8): DeepLabV3+ R50 at 256x512, batch 1,
+    2 shared AVX-512 VNNI cores, median of 5 round-robin calls: fp32 6737 ms, U8S8 2880 ms, S8S8 5008 ms.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
