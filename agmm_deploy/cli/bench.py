@@ -213,7 +213,8 @@ def format_table(rows: list[Row], flops: float | None, gemm: dict[str, float]) -
         reference = eager.get((r.batch, r.device), eager.get((r.batch, "cpu")))
         ratio = f"{reference / r.p50_ms:.2f}x" if reference else "-"
         gflops = flops * r.batch / (r.p50_ms / 1000) / 1e9 if flops else None
-        peak = gemm.get(r.device)
+        # The measured GEMM rate is fp32's: a share of it says nothing for int8/fp16 kernels.
+        peak = gemm.get(r.device) if r.precision == "fp32" else None
         share = f"{100 * gflops / peak:.0f}%" if gflops and peak else "-"
         lines.append(f"{r.backend:<18} {r.artifact:<8} {r.precision:<9} {r.batch:>5} {r.p50_ms:>9.1f} "
                      f"{r.p90_ms:>9.1f} {r.images_per_s:>7.2f} {ratio:>8} "
