@@ -51,11 +51,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the sibling serve_traffic
 
 from benchmarks.serve_traffic import (BAD, CLIENT, GOOD, MIXED_SIZES, ODD, Probe, SizeClass, Status,  # noqa: E402
-                                      hostile_probes, image_probes, parse_mix, slow_upload, synthetic_photo)
+                                      hostile_probes, image_probes, parse_mix, post, slow_upload)
 from serving.launch import free_port, start_server, stop_server  # noqa: E402
 
 TRAFFICS = ("model-size", "mixed", "hostile")
-SLOW_KIND = "slow upload (1 byte per interval)"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -95,6 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slow-interval", type=float, default=0.5)
     parser.add_argument("--assumed-tile-limit", type=int, default=256, help="hostile, when /info reports no "
                         "tile limit: images with more tiles count as bad inputs")
+    parser.add_argument("--only", nargs="+", metavar="WORD", help="hostile: send only the bad inputs whose "
+                        "name contains one of these words (e.g. --only truncated bomb); good images are always sent")
     parser.add_argument("--settle", type=float, default=60.0, help="hostile: at most this many seconds waiting "
                         "for the server to go idle after the burst, before the lone request")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -153,9 +154,11 @@ class LoadResult:
         return self.rss_after[1] / self.rss_warm[1] - 1 if self.rss_warm[1] else float("nan")
 
     def statuses(self) -> dict[str, Counter]:
-        """Kind of input -> Counter of statuses, in order of first appearance."""
+        """Kind of input -> Counter of statuses; good inputs first, then bad, odd, client, each in order of first
+        appearance."""
+        order = {expect: i for i, expect in enumerate((GOOD, BAD, ODD, CLIENT))}
         table: dict[str, Counter] = {}
-        for sample in self.samples:
+        for sample in sorted(self.samples, key=lambda s: order[s.expect]):  # stable: keeps the order of arrival
             table.setdefault(sample.kind, Counter())[sample.status] += 1
         return table
 
@@ -403,7 +406,7 @@ def drive(url: str, next_probe: Callable[[], Probe], clients: int, seconds: floa
     def slow_client() -> None:
         while not stop.is_set():
             start = time.perf_counter()
-            record(SLOW_KIND, CLIENT, start, slow_upload(url, slow_data, slow_interval, stop), 0)
+            record(f"slow upload, 1 byte per {slow_interval:g} s", CLIENT, start, slow_upload(url, slow_data, slow_interval, stop), 0)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     slow_threads = [threading.Thread(target=slow_client) for _ in range(slow_clients)]
@@ -427,14 +430,14 @@ def drive(url: str, next_probe: Callable[[], Probe], clients: int, seconds: floa
 
 
 def lone_latency(url: str, image: bytes, repeats: int = 5, timeout: float = 120.0) -> float:
-    """Median seconds of ``repeats`` good requests sent one after the other (inf if one is not answered 200)."""
+    """Median seconds of ``repeats`` good requests sent one after the other; a request not answered 200
+    (a refusal, or no answer within ``timeout``) counts as infinitely slow."""
     times = []
     with requests.Session() as session:
         for _ in range(repeats):
             start = time.perf_counter()
-            response = session.post(f"{url}/segment", files={"image": ("lone.jpg", image, "image/jpeg")},
-                                    timeout=timeout)
-            times.append(time.perf_counter() - start if response.status_code == 200 else float("inf"))
+            status, _ = post(session, f"{url}/segment", timeout, files={"image": ("lone.jpg", image, "image/jpeg")})
+            times.append(time.perf_counter() - start if status == 200 else float("inf"))
     return float(np.median(times))
 
 
@@ -497,6 +500,8 @@ def run_hostile(url: str, pid: int, probes: list[Probe], args: argparse.Namespac
     result.rss_after = server_rss(pid)
     result.batch_histogram = histogram_since(url, metrics_before)
     result.failures = check_answers(result.samples)
+    if result.lone_after == float("inf"):
+        result.failures.append(f"lone good request after the burst: not answered 200 within {args.timeout:g} s")
 
 
 def main(argv: list[str] | None = None) -> LoadResult:
@@ -522,6 +527,8 @@ def main(argv: list[str] | None = None) -> LoadResult:
                                                       over_limit_tiles=args.assumed_tile_limit + 1)
                 if limit:
                     result.notes[0] += f" (/info {limit[0]})"
+                if args.only:
+                    probes = [p for p in probes if p.expect == GOOD or any(w in p.kind for w in args.only)]
                 run_hostile(url, process.pid, probes, args, result)
             else:
                 h, w = input_hw
@@ -612,7 +619,7 @@ def print_hostile(result: LoadResult, args: argparse.Namespace) -> None:
         expect = next(s.expect for s in result.samples if s.kind == kind)
         print(f"{kind:<38}{expect:<8}{format_counts(counts)}")
     by_expect: dict[str, Counter] = {}
-    for sample in result.samples:
+    for sample in sorted(result.samples, key=lambda s: (GOOD, BAD, ODD, CLIENT).index(s.expect)):
         by_expect.setdefault(sample.expect, Counter())[sample.status] += 1
     print("; ".join(f"{expect}: {format_counts(counts)}" for expect, counts in by_expect.items()))
     if overall := result.latency():
@@ -638,7 +645,7 @@ def plot_latency(samples: list[Sample], path: Path) -> None:
     axes.set_yscale("log")
     axes.set_xlabel("time the request was sent (s since the measured load began)")
     axes.set_ylabel("latency (s)")
-    axes.legend(title="status", loc="upper left", fontsize="small")
+    axes.legend(title="status", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

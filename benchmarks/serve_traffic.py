@@ -195,7 +195,7 @@ def hostile_probes(input_hw: tuple[int, int], info: dict, tile_limit: int | None
     def by_tiles(kind: str, width: int, height: int) -> str:
         """GOOD when the image is within the tile limit, else BAD; the kind names its tile count."""
         tiles = tile_count(width, height, input_hw)
-        return f"{kind} ({tiles} tiles)", GOOD if tiles <= limit else BAD
+        return f"{kind} ({tiles} tile{'s' if tiles > 1 else ''})", GOOD if tiles <= limit else BAD
 
     good = []
     for i, (name, width, height) in enumerate([("small", max(1, tw // 2), max(1, th // 2)),
