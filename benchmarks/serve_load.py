@@ -406,7 +406,8 @@ def drive(url: str, next_probe: Callable[[], Probe], clients: int, seconds: floa
     def slow_client() -> None:
         while not stop.is_set():
             start = time.perf_counter()
-            record(f"slow upload, 1 byte per {slow_interval:g} s", CLIENT, start, slow_upload(url, slow_data, slow_interval, stop), 0)
+            status = slow_upload(url, slow_data, slow_interval, stop)
+            record(f"slow upload, 1 byte per {slow_interval:g} s", CLIENT, start, status, 0)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     slow_threads = [threading.Thread(target=slow_client) for _ in range(slow_clients)]
@@ -430,14 +431,16 @@ def drive(url: str, next_probe: Callable[[], Probe], clients: int, seconds: floa
 
 
 def lone_latency(url: str, image: bytes, repeats: int = 5, timeout: float = 120.0) -> float:
-    """Median seconds of ``repeats`` good requests sent one after the other; a request not answered 200
-    (a refusal, or no answer within ``timeout``) counts as infinitely slow."""
+    """Median seconds of ``repeats`` good requests sent one after the other; inf as soon as one is not answered
+    200 (a refusal, or no answer within ``timeout``)."""
     times = []
     with requests.Session() as session:
         for _ in range(repeats):
             start = time.perf_counter()
             status, _ = post(session, f"{url}/segment", timeout, files={"image": ("lone.jpg", image, "image/jpeg")})
-            times.append(time.perf_counter() - start if status == 200 else float("inf"))
+            if status != 200:
+                return float("inf")
+            times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
@@ -625,9 +628,13 @@ def print_hostile(result: LoadResult, args: argparse.Namespace) -> None:
     if overall := result.latency():
         print(f"good images answered 200: {result.served_total:.2f} images/s, p50 {overall[0] * 1000:.0f} ms, "
               f"p99 {overall[1] * 1000:.0f} ms")
-    ratio = result.lone_after / result.lone_before if result.lone_before else float("nan")
-    print(f"lone good request: {result.lone_before * 1000:.0f} ms before the burst, {result.lone_after * 1000:.0f} "
-          f"ms after (x{ratio:.2f}, target <= 2); the server stayed busy {result.settle_s:.0f} s after the burst")
+    def took(seconds: float) -> str:
+        return f"{seconds * 1000:.0f} ms" if np.isfinite(seconds) else f"no 200 within {args.timeout:g} s"
+
+    ratio = result.lone_after / result.lone_before if np.isfinite(result.lone_before) else float("nan")
+    print(f"lone good request (median of 5): {took(result.lone_before)} before the burst, {took(result.lone_after)} "
+          f"after (x{ratio:.2f}, target <= 2); the server stayed busy {result.settle_s:.0f} s after the burst"
+          f"{' (the most waited for)' if result.settle_s >= args.settle else ''}")
 
 
 def plot_latency(samples: list[Sample], path: Path) -> None:
