@@ -142,6 +142,7 @@ class LoadResult:
     lone_before: float | None = None  # hostile: seconds of a lone good request before / after the burst
     lone_after: float | None = None
     settle_s: float | None = None  # hostile: seconds the server stayed busy after the burst
+    stop_s: float = 0.0  # seconds `bentoml serve` took to stop after SIGTERM (launch escalates to SIGKILL at 30)
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # hostile: why the check failed; empty when it passed
 
@@ -397,11 +398,11 @@ def drive(url: str, next_probe: Callable[[], Probe], clients: int, seconds: floa
             samples.append(Sample(kind, expect, start - clock_zero, time.perf_counter() - start, status, batch))
 
     def client() -> None:
-        session = requests.Session()
-        while time.perf_counter() < stop_at:
-            probe, start = next_probe(), time.perf_counter()
-            status, batch = probe.send(url, session, timeout)
-            record(probe.kind, probe.expect, start, status, batch)
+        with requests.Session() as session:  # closed at the end, so that only the server holds connections
+            while time.perf_counter() < stop_at:
+                probe, start = next_probe(), time.perf_counter()
+                status, batch = probe.send(url, session, timeout)
+                record(probe.kind, probe.expect, start, status, batch)
 
     def slow_client() -> None:
         while not stop.is_set():
@@ -525,11 +526,8 @@ def main(argv: list[str] | None = None) -> LoadResult:
             result = LoadResult(args.traffic, info, runner.backend if runner else None)
             input_hw = tuple(info["input_size"])
             if hostile:
-                limit = reported_tile_limit(info)
-                probes, result.notes = hostile_probes(input_hw, info, limit[1] if limit else None,
+                probes, result.notes = hostile_probes(input_hw, info, reported_tile_limit(info),
                                                       over_limit_tiles=args.assumed_tile_limit + 1)
-                if limit:
-                    result.notes[0] += f" (/info {limit[0]})"
                 if args.only:
                     probes = [p for p in probes if p.expect == GOOD or any(w in p.kind for w in args.only)]
                 run_hostile(url, process.pid, probes, args, result)
@@ -539,7 +537,9 @@ def main(argv: list[str] | None = None) -> LoadResult:
                 probes = image_probes(sizes)
                 run_load(url, process.pid, runner, probes, args, result)
         finally:
+            stopping = time.perf_counter()
             stop_server(process)
+    result.stop_s = time.perf_counter() - stopping
     print_report(result, args, probes)
     if args.plot:
         plot_latency(result.samples, args.plot)
@@ -635,6 +635,8 @@ def print_hostile(result: LoadResult, args: argparse.Namespace) -> None:
     print(f"lone good request (median of 5): {took(result.lone_before)} before the burst, {took(result.lone_after)} "
           f"after (x{ratio:.2f}, target <= 2); the server stayed busy {result.settle_s:.0f} s after the burst"
           f"{' (the most waited for)' if result.settle_s >= args.settle else ''}")
+    print(f"the server stopped {result.stop_s:.1f} s after SIGTERM"
+          + (" (killed: it did not stop within 30 s)" if result.stop_s >= 30 else ""))
 
 
 def plot_latency(samples: list[Sample], path: Path) -> None:

@@ -174,22 +174,23 @@ def post(session: requests.Session, url: str, timeout: float, **kwargs) -> tuple
     return response.status_code, int(response.headers.get("x-agmm-batch-size", 0) or 0)
 
 
-def hostile_probes(input_hw: tuple[int, int], info: dict, tile_limit: int | None,
-                   over_limit_tiles: int = 400) -> tuple[list[Probe], list[str]]:
+def hostile_probes(input_hw: tuple[int, int], info: dict, tile_limit: tuple[str, int] | None,
+                   over_limit_tiles: int = 257) -> tuple[list[Probe], list[str]]:
     """The hostile mix: good images of sizes around the model input, and one of each bad input (issue 15).
 
     Args:
         input_hw: the model input (H, W).
         info: the server's /info (``max_pixels`` read if present).
-        tile_limit: the largest tile count per image the server accepts, or None when it reports none; then
-            images over ``over_limit_tiles`` tiles count as bad (a server should refuse that much work).
+        tile_limit: (the /info key, the largest tile count per image the server accepts), or None when it
+            reports none; then images of ``over_limit_tiles`` tiles or more count as bad (a server should refuse
+            that much work).
         over_limit_tiles: the tile count of the over-limit probe when there is no reported limit.
     Returns:
         The probes, good and bad interleaved; notes on how the tile-dependent probes were classified.
     """
     th, tw = input_hw
-    limit = tile_limit if tile_limit is not None else over_limit_tiles - 1
-    limit_text = f"the server's limit {tile_limit}" if tile_limit is not None else f"{limit} (none in /info)"
+    limit = tile_limit[1] if tile_limit else over_limit_tiles - 1
+    limit_text = f"{limit} (/info {tile_limit[0]})" if tile_limit else f"{limit} (assumed: none in /info)"
     notes = []
 
     def by_tiles(kind: str, width: int, height: int) -> str:
