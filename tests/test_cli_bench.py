@@ -31,7 +31,8 @@ def test_flops_of_the_paper_model_match_the_spec():
 
 
 def test_table_ratio_and_gemm_share():
-    rows = [Row("pytorch", "pt", "fp32", 1, 100.0, 110.0, 5), Row("onnxruntime-cpu", "onnx", "fp32", 1, 50.0, 60.0, 5)]
+    rows = [Row("pytorch", "pt", "fp32", 1, 100.0, 110.0, 5, runtime="pytorch"),
+            Row("onnxruntime-cpu", "onnx", "fp32", 1, 50.0, 60.0, 5, runtime="onnxruntime")]
     table = format_table(rows, flops=1e9, gemm={"cpu": 40.0})
     eager, ort = table.splitlines()[2:]
     assert "1.00x" in eager and "2.00x" in ort

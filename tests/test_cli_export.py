@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_export_passes_parity_and_writes_artifacts(checkpoint, capsys):
-    code = main([str(checkpoint), "--argmax"])
+    code = main([str(checkpoint), "--device", "cpu"])
     out = capsys.readouterr().out
     folder = checkpoint.parent / "best_export"  # default: next to the checkpoint
     assert code == 0, out
@@ -44,14 +44,18 @@ def test_export_passes_parity_and_writes_artifacts(checkpoint, capsys):
     assert meta.input_size == (64, 64) and len(fields["checkpoint_sha256"]) == 64
 
 
-def test_forced_parity_failure_exits_non_zero_with_the_table(checkpoint, tmp_path, capsys):
-    code = main([str(checkpoint), "--out", str(tmp_path), "--atol", "0", "--rtol", "0", "--min-agreement", "1.01"])
+def test_forced_parity_failure_exits_1_and_sets_the_model_aside(checkpoint, tmp_path, capsys):
+    (tmp_path / "model.onnx").write_bytes(b"an earlier export")  # must not survive as if it were deployable
+    code = main([str(checkpoint), "--out", str(tmp_path), "--atol", "0", "--rtol", "0", "--min-agreement", "1.01",
+                 "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 1
     assert "FAIL onnxruntime-cpu fp32: logits not allclose (rtol=0, atol=0)" in captured.out
     assert "argmax agreement" in captured.out and "parity FAILED" in captured.out
-    assert "parity FAILED" in captured.err
+    assert "was renamed to model.onnx.failed where nothing deploys it" in captured.err
     assert json.loads((tmp_path / "parity.json").read_text())["passed"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx.failed", "parity.json"]
+    onnx.checker.check_model(str(tmp_path / "model.onnx.failed"))  # kept for inspection
 
 
 def test_raw_official_state_dict_exports(tmp_path, capsys):
@@ -67,7 +71,7 @@ def test_raw_official_state_dict_exports(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(tmp_path / "val/images" / f"{name}.jpg")
         Image.fromarray(rng.integers(0, 21, (48, 80), dtype=np.uint8)).save(tmp_path / "val/labels" / f"{name}.png")
     code = main([str(raw), "--backbone", "resnet18", "--num-classes", "21", "--dataset", "pascal",
-                 "--height", "64", "--width", "64", "--out", str(tmp_path / "out"),
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "out"), "--device", "cpu",
                  "--parity-images", str(tmp_path / "val")])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -109,7 +113,8 @@ def test_trt_without_tensorrt_writes_valid_onnx_then_exits_non_zero(checkpoint, 
         pytest.skip("TensorRT and a GPU are present here; tests/test_tensorrt.py covers --trt")
     script = Path(sys.executable).with_name("agmm-export")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([str(script), str(checkpoint), "--trt", "--out", str(tmp_path), "--parity-count", "1"],
+    proc = subprocess.run([str(script), str(checkpoint), "--trt", "--out", str(tmp_path), "--parity-count", "1",
+                           "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
@@ -124,5 +129,65 @@ def test_missing_image_folders_fail_before_exporting(checkpoint, tmp_path, capsy
     out = tmp_path / "out"
     assert main([str(checkpoint), "--parity-images", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "nowhere holds no images" in capsys.readouterr().err and not out.exists()
-    assert main([str(checkpoint), "--int8", "--out", str(out)]) == 2
-    assert "--int8 applies to the TensorRT engine" in capsys.readouterr().err
+    assert main([str(checkpoint), "--precision", "int8", "--out", str(out)]) == 2
+    assert "--precision int8 needs --calib-images DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("names", [tuple("abcde"), tuple(f"c{i}" for i in range(21))])
+def test_metadata_that_does_not_fit_the_model_is_refused_before_export(tmp_path, capsys, names):
+    path = save_checkpoint(tmp_path / "odd.pt", DeepLabV3Plus(TINY).eval(),
+                           ModelMeta.for_dataset("folder", (64, 64), classes=names))
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"odd.pt: the metadata names {len(names)} classes" in err and "a model with 19 output channels" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--parity-count", "--height", "--width", "--max-batch", "--parity-batch"])
+def test_zero_counts_and_sizes_are_refused_by_argparse(checkpoint, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: 0 is too small; expected a whole number >= 1" in capsys.readouterr().err
+
+
+def test_unusable_output_folders_exit_2_before_the_export(checkpoint, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main([str(checkpoint), "--out", str(taken)]) == 2
+    assert f"--out {taken} is a file; expected a folder" in capsys.readouterr().err
+    assert main([str(checkpoint), "--out", str(tmp_path / "model.onnx")]) == 2
+    assert "looks like a model file; --out takes a folder" in capsys.readouterr().err
+    assert main([str(checkpoint), "--out", str(taken / "sub")]) == 2  # cannot be created
+    assert f"cannot write to --out {taken / 'sub'} (Not a directory)" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_folder_exits_2_before_the_export(checkpoint, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as root: permissions do not stop writes")
+    assert main([str(checkpoint), "--out", str(locked / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to --out {locked / 'sub'} (Permission denied)" in err and "Traceback" not in err
+
+
+def test_a_full_disk_exits_2_with_a_sentence(checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert main([str(checkpoint), "--out", str(tmp_path / "small")]) == 2
+    assert "has 0 MB free; the artifacts need about" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def disk_full(*args, **kwargs):  # the disk fills up while the model is written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "full" / ".model.onnx.tmp"))
+
+    monkeypatch.setattr(onnx, "save_model", disk_full)
+    assert main([str(checkpoint), "--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "failed (No space left on device); free some space or choose another --out" in err
+    assert "Traceback" not in err and not (tmp_path / "full" / "model.onnx").exists()

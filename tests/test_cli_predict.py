@@ -46,8 +46,8 @@ def test_writes_palette_labels_and_overlays_at_the_image_size(setup, tmp_path, c
 
 def test_checkpoint_and_onnx_predict_the_same_labels(setup, tmp_path):
     ckpt, onnx_path, images = setup
-    assert main([str(ckpt), str(images / "large.png"), "--out", str(tmp_path / "a")]) == 0
-    assert main([str(onnx_path), str(images / "large.png"), "--out", str(tmp_path / "b")]) == 0
+    assert main([str(ckpt), str(images / "large.png"), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    assert main([str(onnx_path), str(images / "large.png"), "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
     a = np.asarray(Image.open(tmp_path / "a" / "large.png"))
     b = np.asarray(Image.open(tmp_path / "b" / "large.png"))
     assert (a == b).mean() > 0.999
@@ -81,13 +81,15 @@ def test_raw_state_dict_needs_the_recipe_and_takes_class_names(tmp_path, capsys)
     argv = [str(raw), str(image), "--backbone", "resnet18", "--num-classes", "3"]
     assert main(argv + ["--out", str(tmp_path / "no")]) == 2
     assert "--dataset must name the official recipe it was trained with" in capsys.readouterr().err
-    assert main(argv + ["--dataset", "cityscapes", "--classes", "sky,road,car", "--out", str(tmp_path / "o")]) == 0
+    assert main(argv + ["--dataset", "cityscapes", "--classes", "sky,road,car", "--out", str(tmp_path / "o"),
+                        "--device", "cpu"]) == 0
     # The same labels as the library call with the same flags (input 721x721, the recipe crop: letterboxed).
     from agmm_deploy.inference import segment_image
     from agmm_deploy.runtime import load_runner
     from agmm_deploy.transforms import read_image
 
-    runner = load_runner(raw, backbone="resnet18", num_classes=3, dataset="cityscapes", classes=("sky", "road", "car"))
+    runner = load_runner(raw, "cpu", backbone="resnet18", num_classes=3, dataset="cityscapes",
+                         classes=("sky", "road", "car"))
     assert runner.meta.classes == ("sky", "road", "car") and runner.model.config == config
     expected = segment_image(runner, read_image(image))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "wide.png")), expected)

@@ -267,7 +267,7 @@ def test_bentoml_build_works_offline(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (bento,) = (tmp_path / "bentoml" / "bentos" / "agmm_segmenter").glob("*/bento.yaml")
     src = bento.parent / "src"
-    assert (src / "serving" / "service.py").is_file() and (src / "agmm_deploy" / "runners.py").is_file()
+    assert (src / "serving" / "service.py").is_file() and (src / "agmm_deploy" / "runtime" / "ort.py").is_file()
     assert not (src / "tests").exists()
     requirements = (bento.parent / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu" in requirements and "bentoml" in requirements

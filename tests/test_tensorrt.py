@@ -36,8 +36,17 @@ def setup(tmp_path_factory):
     return folder, ckpt, onnx_path, images
 
 
+@pytest.fixture
+def strict_fp32():
+    """The reference in strict fp32, as agmm-export makes it: PyTorch allows TF32 convolutions on GPUs by default."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("precision, min_agreement", [("fp32", 0.999), ("fp16", 0.99)])
-def test_engine_builds_runs_and_meets_the_gates(setup, precision, min_agreement):
+def test_engine_builds_runs_and_meets_the_gates(setup, strict_fp32, precision, min_agreement):
     from agmm_deploy.export.tensorrt import build_engine
 
     folder, ckpt, onnx_path, images = setup
@@ -74,11 +83,11 @@ def test_cli_trt_writes_engine_sidecar_and_parity_row(setup, tmp_path, capsys):
     calib.mkdir()
     for i, image in enumerate(generated_images(ModelMeta.for_dataset("cityscapes", (64, 128)), 4, (64, 128))):
         Image.fromarray(image).save(calib / f"{i}.png")
-    assert main([str(ckpt), "--trt", "--fp16", "--out", str(tmp_path / "out"), "--max-batch", "4"]) == 0
+    assert main([str(ckpt), "--trt", "--precision", "fp16", "--out", str(tmp_path / "out"), "--max-batch", "4"]) == 0
     out = tmp_path / "out"
     assert (out / "model.engine").is_file() and (out / "model.engine.json").is_file()
     backends = [b["backend"] for b in json.loads((out / "parity.json").read_text())["backends"]]
     assert backends[-1] == "tensorrt" and "tensorrt" in capsys.readouterr().out
-    assert main([str(ckpt), "--trt", "--int8", "--calib-images", str(calib), "--out", str(tmp_path / "q"),
+    assert main([str(ckpt), "--trt", "--precision", "int8", "--calib-images", str(calib), "--out", str(tmp_path / "q"),
                  "--parity-images", str(calib)]) == 0  # unlabelled: the int8 mIoU gate is "not checked"
     assert (tmp_path / "q" / "calibration.cache").is_file()

@@ -1,8 +1,10 @@
 """agmm-bench MODEL...: latency and throughput of every backend at every batch size, in one table.
 
-MODEL is a checkpoint (PyTorch eager), an .onnx file (ONNX Runtime on the CPU, and on CUDA where a GPU is),
-an .engine (TensorRT), or an agmm-export output folder (its model.onnx and model.engine). A checkpoint given
-alone is exported to a temporary ONNX file first, so ``agmm-bench ckpt.pt`` compares eager with ONNX Runtime.
+MODEL is any artifact a backend of the runtime table reads (``agmm_deploy.runtime.backends()``: a checkpoint
+for PyTorch eager, an .onnx file for ONNX Runtime, an .engine for TensorRT, ...) or an agmm-export output
+folder (every model file in it). Each artifact runs on every device its backend supports among those asked
+for (``--device auto``: the CPU, plus CUDA where a GPU is). A checkpoint given alone is exported to a temporary
+ONNX file first, so ``agmm-bench ckpt.pt`` compares eager with ONNX Runtime.
 
 Columns (after Ultralytics' ``benchmark``): p50/p90 latency per call, images per second, the speed-up over
 PyTorch eager at the same batch size (>1 = faster), and the achieved GFLOP/s (model FLOPs x images / p50) next
@@ -12,8 +14,7 @@ dilated taps fall into the zero padding (ASPP rates 12/24/36 on a 64x128 feature
 so a fast backend can show more than 100 % of GEMM.
 Latency is end to end for the runner call: numpy in, numpy out (host<->device copies included on GPUs).
 Backends are timed round-robin (one call each in turn), so load from other processes on a shared machine
-falls on all of them alike and the ratios stay fair; the absolute numbers still move with that load.
-"""
+falls on all of them alike and the ratios stay fair; the absolute numbers still move with that load."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("agmm-bench", description="Benchmark PyTorch eager vs ONNX Runtime vs "
                                      "TensorRT on the same model and inputs.")
     parser.add_argument("models", type=Path, nargs="+",
-                        help="checkpoints, .onnx files, .engine files, or agmm-export output folders")
+                        help="model files (checkpoints, .onnx, .engine, ...) or agmm-export output folders")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, e.g. --batch 1 4")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per backend and batch size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
@@ -48,8 +49,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The runtime whose rows the "vs eager" column divides by.
+EAGER_BACKEND = "pytorch"
+
+
 @dataclass
 class Row:
+    """One timed (artifact, device, batch); ``backend`` is what the runner reports, ``runtime`` its table row."""
+
     backend: str
     artifact: str
     precision: str
@@ -57,6 +64,8 @@ class Row:
     p50_ms: float
     p90_ms: float
     calls: int
+    device: str = "cpu"
+    runtime: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -135,21 +144,42 @@ def _model_config(runner) -> dict | None:
     return getattr(runner, "fields", {}).get("model_config")
 
 
-def _on_gpu(backend: str) -> bool:
-    return backend.endswith("-cuda") or backend == "tensorrt"
-
-
 def _expand(models: list[Path]) -> list[Path]:
+    """Files as given; folders (agmm-export outputs) as the model files in them, by the runtime table."""
+    from agmm_deploy.runtime import describe_suffixes, model_suffixes
+
     paths = []
     for item in models:
         if item.is_dir():
-            found = [item / name for name in ("model.onnx", "model.engine") if (item / name).is_file()]
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in model_suffixes())
             if not found:
-                raise FileNotFoundError(f"{item} holds neither model.onnx nor model.engine; pass files instead")
+                raise FileNotFoundError(f"{item} holds no model file; expected {describe_suffixes()} in it, or "
+                                        "pass files instead")
             paths += found
         else:
             paths.append(item)
     return paths
+
+
+def plan_runs(paths: list[Path], devices: list[str]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(path, device) pairs in table order (eager first), each artifact on every asked device its backend runs
+    on; and one line per artifact that none of them can run.
+
+    Raises:
+        ValueError: a file whose suffix no backend reads.
+    """
+    from agmm_deploy.runtime import backend_for, backends
+
+    order = {backend.name: i for i, backend in enumerate(backends())}
+    plans, skipped = [], []
+    for path in paths:
+        backend = backend_for(path)
+        usable = [d for d in devices if d in backend.devices]
+        if not usable:
+            skipped.append(f"skipping {path}: {backend.missing(devices[-1])}")
+        plans += [(order[backend.name], device != "cpu", path, device) for device in usable]
+    plans.sort(key=lambda p: (p[0], p[1]))
+    return [(path, device) for _, _, path, device in plans], skipped
 
 
 def time_interleaved(runners: list, images: np.ndarray, iters: int, warmup: int,
@@ -175,15 +205,16 @@ def time_interleaved(runners: list, images: np.ndarray, iters: int, warmup: int,
 
 def format_table(rows: list[Row], flops: float | None, gemm: dict[str, float]) -> str:
     # Each backend is compared with PyTorch eager on the same kind of device where that was timed.
-    eager = {(r.batch, _on_gpu(r.backend)): r.p50_ms for r in rows if r.backend.startswith("pytorch")}
+    eager = {(r.batch, r.device): r.p50_ms for r in rows if r.runtime == EAGER_BACKEND}
     header = (f"{'Backend':<18} {'Format':<8} {'Precision':<9} {'Batch':>5} {'p50 ms':>9} {'p90 ms':>9} "
               f"{'img/s':>7} {'vs eager':>8} {'GFLOP/s':>8} {'% GEMM':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        reference = eager.get((r.batch, _on_gpu(r.backend)), eager.get((r.batch, False)))
+        reference = eager.get((r.batch, r.device), eager.get((r.batch, "cpu")))
         ratio = f"{reference / r.p50_ms:.2f}x" if reference else "-"
         gflops = flops * r.batch / (r.p50_ms / 1000) / 1e9 if flops else None
-        peak = gemm.get("cuda" if _on_gpu(r.backend) else "cpu")
+        # The measured GEMM rate is fp32's: a share of it says nothing for int8/fp16 kernels.
+        peak = gemm.get(r.device) if r.precision == "fp32" else None
         share = f"{100 * gflops / peak:.0f}%" if gflops and peak else "-"
         lines.append(f"{r.backend:<18} {r.artifact:<8} {r.precision:<9} {r.batch:>5} {r.p50_ms:>9.1f} "
                      f"{r.p90_ms:>9.1f} {r.images_per_s:>7.2f} {ratio:>8} "
@@ -196,20 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from agmm_deploy.checkpoint import CheckpointError
-    from agmm_deploy.runtime import get_backend, load_runner
+    from agmm_deploy.runtime import backend_for, load_runner
 
-    CHECKPOINT_SUFFIXES = get_backend("pytorch").suffixes
-    ENGINE_SUFFIXES = get_backend("tensorrt").suffixes
-
-    try:
-        paths = _expand(args.models)
-    except FileNotFoundError as err:
-        print(f"agmm-bench: error: {err}", file=sys.stderr)
-        return 2
     has_cuda = torch.cuda.is_available() and args.device != "cpu"
     devices = ["cuda"] if args.device == "cuda" else (["cpu", "cuda"] if has_cuda else ["cpu"])
+    try:
+        paths = _expand(args.models)
+        runtimes = [backend_for(p).name for p in paths]
+    except (FileNotFoundError, ValueError) as err:
+        print(f"agmm-bench: error: {err}", file=sys.stderr)
+        return 2
     tmp = tempfile.TemporaryDirectory(prefix="agmm-bench-")
-    checkpoints = [p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]
+    checkpoints = [p for p, runtime in zip(paths, runtimes) if runtime == EAGER_BACKEND]
     if checkpoints and len(paths) == len(checkpoints) and not args.no_auto_onnx:
         from agmm_deploy.checkpoint import load_model
         from agmm_deploy.export.onnx import export_onnx
@@ -223,26 +252,19 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         paths.append(onnx_path)
 
-    # (path, device) pairs in table order: eager first, then ONNX Runtime, then TensorRT.
-    order = {"ckpt": 0, "onnx": 1, "engine": 2}
-    plans = []
-    for path in paths:
-        suffix = path.suffix.lower()
-        kind = "ckpt" if suffix in CHECKPOINT_SUFFIXES else "engine" if suffix in ENGINE_SUFFIXES else "onnx"
-        for device in (devices if kind != "engine" else ["cuda"]):
-            if kind == "engine" and not has_cuda:
-                print(f"agmm-bench: skipping {path}: TensorRT engines need a CUDA GPU", file=sys.stderr)
-                continue
-            plans.append((order[kind], device != "cpu", path, device))
-    plans.sort(key=lambda p: (p[0], p[1]))
-
+    plans, skipped = plan_runs(paths, devices)
+    for line in skipped:
+        print(f"agmm-bench: {line}", file=sys.stderr)
     runners = []
-    for _, _, path, device in plans:
+    for path, device in plans:
         try:
             runners.append((path, load_runner(path, device)))
         except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
             print(f"agmm-bench: error: {err}", file=sys.stderr)
             return 2
+    if not runners:
+        print(f"agmm-bench: error: nothing to run on {'/'.join(devices)}", file=sys.stderr)
+        return 2
     first = runners[0][1]
     h = args.height or first.input_size[0]
     w = args.width or first.input_size[1]
@@ -266,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         results = time_interleaved([r for _, r in runners], images, args.iters, args.warmup, args.max_seconds)
         for (path, r), previous, (p50, p90, calls) in zip(runners, saved, results):
             r.max_batch = previous
-            rows.append(Row(r.backend, path.suffix.lstrip("."), r.precision, batch, p50, p90, calls))
+            rows.append(Row(r.backend, path.suffix.lstrip("."), r.precision, batch, p50, p90, calls,
+                            device=r.device.type, runtime=backend_for(path).name))
             print(f"  {r.backend:<18} batch {batch}: p50 {p50:.1f} ms over {calls} calls", flush=True)
     # The GEMM rates again at the end; the better of the two is the machine's (the other may have met other load).
     again = {d: measure_gemm_gflops(d, n=args.gemm_size) for d in devices}

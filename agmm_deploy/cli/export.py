@@ -1,8 +1,13 @@
-"""agmm-export CKPT: checkpoint -> model.onnx (+ model.engine) -> parity against PyTorch -> parity.json.
+"""agmm-export CKPT: checkpoint -> model.onnx (+ model.<precision>.onnx, + model.engine) -> parity against
+PyTorch -> parity.json.
 
-Exit codes: 0 exported and every parity gate held; 1 a parity gate failed; 2 bad checkpoint, arguments or
-image folders; 3 ``--trt`` asked for but TensorRT or a CUDA GPU is missing (the ONNX model is still written and
-checked); 4 TensorRT failed to build the engine.
+``--precision fp16|int8`` adds an ONNX Runtime model of that precision (agmm_deploy.export.precision: fp16 for
+onnxruntime-cuda, int8 static quantisation for onnxruntime-cpu) and, with ``--trt``, builds the engine at it.
+
+Exit codes: 0 exported and every parity gate held; 1 a parity gate failed (the artifacts are renamed to
+``<name>.failed`` so that nothing deploys them); 2 unusable checkpoint, arguments, image folders or output
+folder, or an I/O error while writing (e.g. a full disk); 3 ``--trt`` asked for but TensorRT or a CUDA GPU is
+missing (the ONNX model is still written and checked); 4 TensorRT failed to build the engine.
 """
 
 from __future__ import annotations
@@ -10,10 +15,15 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from agmm_deploy.cli import class_names
+from agmm_deploy.cli import class_names, positive_int
+from agmm_deploy.export.precision import PRECISIONS, get_precision
 
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT, EXIT_BUILD = 0, 1, 2, 3, 4
 
@@ -24,28 +34,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", type=Path, help="our .pt checkpoint, or a raw official AGMM state dict")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <checkpoint folder>/<checkpoint stem>_export)")
-    parser.add_argument("--onnx", action="store_true", help="write the ONNX model (always done; kept for clarity)")
     parser.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="TensorRT engine in fp16")
-    precision.add_argument("--int8", action="store_true", help="TensorRT engine in int8 (needs --calib-images)")
+    parser.add_argument("--precision", default="fp32", choices=[p.name for p in PRECISIONS],
+                        help="fp16: also model.fp16.onnx for onnxruntime-cuda; int8: also model.int8.onnx, statically "
+                        "quantised for onnxruntime-cpu (needs --calib-images); with --trt, the engine's precision")
     parser.add_argument("--calib-images", type=Path, default=None, help="folder of images for int8 calibration")
-    parser.add_argument("--calib-count", type=int, default=64, help="at most this many calibration images")
-    parser.add_argument("--height", type=int, default=None, help="input height (default: the training crop)")
-    parser.add_argument("--width", type=int, default=None, help="input width (default: the training crop)")
-    parser.add_argument("--max-batch", type=int, default=8, help="largest batch of the TensorRT profile / runners")
+    parser.add_argument("--calib-count", type=positive_int, default=64, help="at most this many calibration images")
+    parser.add_argument("--height", type=positive_int, default=None, help="input height (default: the training crop)")
+    parser.add_argument("--width", type=positive_int, default=None, help="input width (default: the training crop)")
+    parser.add_argument("--max-batch", type=positive_int, default=8,
+                        help="largest batch of the TensorRT profile / runners")
     parser.add_argument("--no-dynamic-batch", action="store_true", help="fix the batch dimension to 1")
     parser.add_argument("--dynamic-hw", action="store_true", help="symbolic height/width in the ONNX and engine")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (the exporter emits at least 18)")
-    parser.add_argument("--argmax", action="store_true", help="add an in-graph argmax output 'labels' (N, H, W)")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
     parser.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace")
 
     parity = parser.add_argument_group("parity")
     parity.add_argument("--parity-images", type=Path, default=None,
                         help="folder of images (DIR or DIR/images) with optional labels DIR/labels/<stem>.png")
-    parity.add_argument("--parity-count", type=int, default=2, help="images to compare (generated or from DIR)")
-    parity.add_argument("--parity-batch", type=int, default=None, help="batch size of the parity runs "
+    parity.add_argument("--parity-count", type=positive_int, default=2,
+                        help="images to compare (generated or from DIR)")
+    parity.add_argument("--parity-batch", type=positive_int, default=None, help="batch size of the parity runs "
                         "(default: 2 with a dynamic batch, so the symbolic dimension is exercised)")
     parity.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
     parity.add_argument("--atol", type=float, default=None, help="override the logits atol gate")
@@ -66,6 +76,91 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """An argument, input or output folder that cannot work; the message is one sentence (exit 2)."""
+
+
+@dataclass
+class Job:
+    """What the checks before the expensive work resolved: the model, the sizes, the images, the folder."""
+
+    loaded: Any  # agmm_deploy.checkpoint.LoadedModel
+    sha256: str
+    precision: str
+    size: tuple[int, int]
+    out: Path
+    calib: Any = None  # normalised float32 (N, 3, H, W) for int8 calibration
+    images: Any = None  # normalised float32 (N, 3, H, W) for parity
+    labels: Any = None  # uint8 (N, H, W) or None
+    source: str = ""
+
+
+def check_output_folder(out: Path, need_bytes: int) -> None:
+    """Refuses an --out that is a file, cannot be created or written, or lacks the space the artifacts need."""
+    from agmm_deploy.runtime import model_suffixes
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder to write model.onnx and parity.json into")
+    if not out.exists() and out.suffix.lower() in model_suffixes():
+        raise UsageError(f"--out {out} looks like a model file; --out takes a folder (model.onnx and "
+                         f"parity.json are written into it), e.g. --out {out.with_suffix('')}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out} ({err.strerror or err}); choose a folder you can "
+                         "write to") from None
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise UsageError(f"--out {out} has {free / 1e6:.0f} MB free; the artifacts need about "
+                         f"{need_bytes / 1e6:.0f} MB. Free some space or choose another --out")
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Every check that can fail fast, before anything is exported: flags, checkpoint, metadata against the
+    model, image folders, output folder. Raises UsageError."""
+    from agmm_deploy.checkpoint import CheckpointError, load_model, sha256_file
+    from agmm_deploy.export.onnx import check_meta_matches_model
+    from agmm_deploy.export.parity import generated_images, load_parity_images
+    from agmm_deploy.transforms import normalize
+
+    precision = get_precision(args.precision)
+    if precision.calibrated and args.calib_images is None:
+        raise UsageError(f"--precision {precision.name} needs --calib-images DIR (a few dozen representative "
+                         "images)")
+    try:
+        loaded = load_model(args.checkpoint, backbone=args.backbone, num_classes=args.num_classes,
+                            dataset=args.dataset, classes=args.classes)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    try:
+        check_meta_matches_model(loaded.model, loaded.meta)
+    except ValueError as err:
+        raise UsageError(f"{args.checkpoint}: {err}") from None
+    size = (args.height or loaded.meta.input_size[0], args.width or loaded.meta.input_size[1])
+    job = Job(loaded, "", precision.name, size, args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export")
+    # Image folders are read first, so that a wrong path fails in a second rather than after the export.
+    try:
+        if precision.calibrated:
+            job.calib, _, _ = load_parity_images(args.calib_images, loaded.meta, size, limit=args.calib_count)
+        if args.parity_images is not None and not args.no_parity:
+            job.images, job.labels, _ = load_parity_images(args.parity_images, loaded.meta, size,
+                                                           limit=args.parity_count)
+            job.source = f"{args.parity_images}{' labelled' if job.labels is not None else ''}"
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if job.images is None and not args.no_parity:
+        job.images = normalize(generated_images(loaded.meta, args.parity_count, size), loaded.meta.mean,
+                               loaded.meta.std)
+        job.source = "generated (seed 0)"
+    # fp32 weights dominate every artifact: the ONNX file, and as much again for an engine.
+    weights = sum(t.numel() * 4 for t in [*loaded.model.parameters(), *loaded.model.buffers()])
+    check_output_folder(job.out, (1 + args.trt + (precision.convert is not None)) * weights + (1 << 20))
+    job.sha256 = sha256_file(args.checkpoint)
+    return job
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # Linux reports KiB
 
@@ -77,112 +172,103 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    try:
+        job = prepare(args)
+    except UsageError as err:
+        return _fail(str(err), EXIT_USAGE)
+    try:
+        return _export(args, job)
+    except OSError as err:  # a full disk, a folder removed under us: a sentence, not a traceback
+        where = err.filename or job.out
+        return _fail(f"writing {where} failed ({err.strerror or err}); free some space or choose another --out",
+                     EXIT_USAGE)
+
+
+def _export(args: argparse.Namespace, job: Job) -> int:
     import torch
 
-    from agmm_deploy.checkpoint import CheckpointError, load_model, sha256_file
     from agmm_deploy.export.onnx import export_onnx
-    from agmm_deploy.export.parity import (check_parity, gates_for, generated_images, load_parity_images)
-    from agmm_deploy.runtime.ort import OnnxRunner
+    from agmm_deploy.export.parity import check_artifacts, set_aside
+    from agmm_deploy.export.precision import convert_precision
     from agmm_deploy.runtime.pytorch import TorchRunner
-    from agmm_deploy.runtime.trt import TensorRTRunner, tensorrt_missing
-    from agmm_deploy.transforms import normalize
+    from agmm_deploy.runtime.trt import tensorrt_missing
 
-    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
-    if precision != "fp32" and not args.trt:
-        return _fail(f"--{precision} applies to the TensorRT engine (the ONNX model is fp32); add --trt", EXIT_USAGE)
-    if args.int8 and args.calib_images is None:
-        return _fail("--int8 needs --calib-images DIR (a few dozen representative images)", EXIT_USAGE)
-
-    try:
-        loaded = load_model(args.checkpoint, backbone=args.backbone, num_classes=args.num_classes,
-                            dataset=args.dataset, classes=args.classes)
-    except CheckpointError as err:
-        return _fail(str(err), EXIT_USAGE)
-    meta, config = loaded.meta, loaded.config
-    height = args.height or meta.input_size[0]
-    width = args.width or meta.input_size[1]
-    # Image folders are read first, so that a wrong path fails in a second rather than after the export.
-    calib, images, labels, source = None, None, None, ""
-    try:
-        if args.int8:
-            calib, _, _ = load_parity_images(args.calib_images, meta, (height, width), limit=args.calib_count)
-        if args.parity_images is not None and not args.no_parity:
-            images, labels, _ = load_parity_images(args.parity_images, meta, (height, width), limit=args.parity_count)
-            source = f"{args.parity_images}{' labelled' if labels is not None else ''}"
-    except (FileNotFoundError, ValueError) as err:
-        return _fail(str(err), EXIT_USAGE)
-    if images is None and not args.no_parity:
-        images = normalize(generated_images(meta, args.parity_count, (height, width)), meta.mean, meta.std)
-        source = "generated (seed 0)"
-    out = args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export"
-    out.mkdir(parents=True, exist_ok=True)
-    sha = sha256_file(args.checkpoint)
-    print(f"agmm-export: {args.checkpoint} (sha256 {sha[:12]}): DeepLabV3+ {config.backbone} ({config.stem} stem, "
-          f"OS {config.output_stride}), {meta.num_classes} classes, input {height}x{width}")
+    meta, config = job.loaded.meta, job.loaded.config
+    (height, width), out = job.size, job.out
+    print(f"agmm-export: {args.checkpoint} (sha256 {job.sha256[:12]}): DeepLabV3+ {config.backbone} ({config.stem} "
+          f"stem, OS {config.output_stride}), {meta.num_classes} classes, input {height}x{width}")
     trt_missing = tensorrt_missing() if args.trt else None
-
-    steps = 2 + (args.trt and not trt_missing) + (not args.no_parity)
+    precision = get_precision(job.precision)
+    steps = 2 + (precision.convert is not None) + (args.trt and not trt_missing) + (not args.no_parity)
     step = 1
     print(f"[{step}/{steps}] exporting ONNX (opset {args.opset}, dynamic batch "
           f"{'no' if args.no_dynamic_batch else 'yes'}, dynamic H/W {'yes' if args.dynamic_hw else 'no'})", flush=True)
-    exported = export_onnx(loaded.model, meta, out / "model.onnx", height=height, width=width, opset=args.opset,
-                           dynamic_batch=not args.no_dynamic_batch, dynamic_hw=args.dynamic_hw, argmax=args.argmax,
-                           simplify=args.simplify, checkpoint_sha256=sha, max_batch=args.max_batch)
+    exported = export_onnx(job.loaded.model, meta, out / "model.onnx", height=height, width=width, opset=args.opset,
+                           dynamic_batch=not args.no_dynamic_batch, dynamic_hw=args.dynamic_hw,
+                           simplify=args.simplify, checkpoint_sha256=job.sha256, max_batch=args.max_batch)
     batch_dim = "1" if args.no_dynamic_batch else "batch"
     hw = "height,width" if args.dynamic_hw else f"{height},{width}"
     print(f"      wrote {exported.path} ({exported.size_bytes / 1e6:.1f} MB, opset {exported.opset}, "
           f"image ({batch_dim},3,{hw}) -> {' + '.join(exported.outputs)}, onnx.checker OK) in "
           f"{exported.seconds:.1f} s")
+    artifacts = [exported.path]
 
-    engine = None
+    if precision.convert is not None:
+        step += 1
+        print(f"[{step}/{steps}] converting to {precision.name} for ONNX Runtime on {precision.device}"
+              f"{f' ({len(job.calib)} calibration images)' if precision.calibrated else ''}", flush=True)
+        converted = convert_precision(exported.path, out / precision.file_name, precision.name, job.calib)
+        print(f"      wrote {converted.path} ({converted.size_bytes / 1e6:.1f} MB, {converted.precision}, for "
+              f"{converted.device}) in {converted.seconds:.1f} s")
+        artifacts.append(converted.path)
+
     if args.trt and not trt_missing:
         from agmm_deploy.export.tensorrt import build_engine
 
         step += 1
-        print(f"[{step}/{steps}] building TensorRT engine ({precision}, max batch {args.max_batch})", flush=True)
+        print(f"[{step}/{steps}] building TensorRT engine ({job.precision}, max batch {args.max_batch})", flush=True)
         try:
-            engine = build_engine(exported.path, out / "model.engine", precision=precision,
-                                  max_batch=args.max_batch, dynamic_hw=args.dynamic_hw, calib_images=calib,
-                                  calib_cache=(out / "calibration.cache") if args.int8 else None,
+            engine = build_engine(exported.path, out / "model.engine", precision=job.precision,
+                                  max_batch=args.max_batch, dynamic_hw=args.dynamic_hw, calib_images=job.calib,
+                                  calib_cache=(out / "calibration.cache") if job.calib is not None else None,
                                   workspace_gb=args.workspace_gb)
         except (RuntimeError, ValueError) as err:
             return _fail(f"TensorRT engine build failed: {err}", EXIT_BUILD)
         print(f"      wrote {engine.path} ({engine.size_bytes / 1e6:.1f} MB) and {engine.sidecar.name} in "
               f"{engine.seconds:.1f} s")
+        artifacts.append(engine.path)
 
     code = EXIT_OK
     if not args.no_parity:
         step += 1
         batch = args.parity_batch or (1 if args.no_dynamic_batch else min(2, args.max_batch))
-        print(f"[{step}/{steps}] parity on {len(images)} image(s), batch {batch}", flush=True)
+        print(f"[{step}/{steps}] parity on {len(job.images)} image(s), batch {batch}", flush=True)
         # The exported program and the ONNX proto are gone; collect before ONNX Runtime allocates its arena.
         gc.collect()
         # The reference is strict fp32: PyTorch lets cuDNN convolutions use TF32 by default on Ampere and later.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-        reference = TorchRunner(args.checkpoint, args.device, model=loaded.model, meta=meta)
-        candidates = [OnnxRunner(exported.path, args.device)]
-        if engine is not None:
-            candidates.append(TensorRTRunner(engine.path))
-        overrides = dict(atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
-                         max_miou_delta=args.max_miou_delta)
-        gates = {p: gates_for(p, **overrides) for p in ("fp32", "fp16", "int8")}
-        result = check_parity(reference, candidates, images, labels, gates=gates, batch_size=batch,
-                              source=source, progress=True)
+        reference = TorchRunner(args.checkpoint, args.device, model=job.loaded.model, meta=meta)
+        result = check_artifacts(reference, artifacts, job.images, job.labels, device=args.device,
+                                 batch_size=batch, source=job.source, progress=True, atol=args.atol,
+                                 rtol=args.rtol, min_agreement=args.min_agreement,
+                                 max_miou_delta=args.max_miou_delta)
         print(result.table())
         result.write_json(out / "parity.json")
         print(f"      wrote {out / 'parity.json'}")
         if not result.passed:
             code = EXIT_PARITY
+            moved = set_aside([Path(b.artifact) for b in result.backends if not b.passed])
     step += 1
     print(f"[{step}/{steps}] done: {out} (peak RSS {_peak_rss_gib():.2f} GiB)")
+    if code == EXIT_PARITY:
+        print(f"agmm-export: parity FAILED: an exported model does not match PyTorch within the gates above, so it "
+              f"was renamed to {', '.join(p.name for p in moved)} where nothing deploys it", file=sys.stderr)
+        return code
     if trt_missing:
         print(f"agmm-export: {trt_missing}, so no engine was built (the ONNX model was written and checked).",
               file=sys.stderr)
-        return EXIT_NO_TRT if code == EXIT_OK else code
-    if code == EXIT_PARITY:
-        print("agmm-export: parity FAILED: the exported model does not match PyTorch within the gates above",
-              file=sys.stderr)
+        return EXIT_NO_TRT
     return code
 
 

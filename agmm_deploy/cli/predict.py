@@ -1,4 +1,5 @@
-"""agmm-predict MODEL IMAGES... --out DIR: label PNGs and colour overlays from a checkpoint, .onnx or .engine.
+"""agmm-predict MODEL IMAGES... --out DIR: label PNGs and colour overlays from any model a backend of the runtime
+table reads (a checkpoint, .onnx, .engine, ...).
 
 For each image ``foo.jpg`` it writes ``DIR/foo.png`` (indexed PNG: pixel = class id, colours from the model's
 palette) and ``DIR/foo_overlay.png``. Images of any size: letterboxed when they fit the model input, sliding
@@ -19,9 +20,9 @@ from agmm_deploy.transforms import SLIDING_OVERLAP
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("agmm-predict", description="Segment images with a checkpoint, .onnx or "
-                                     ".engine; writes label PNGs and overlays.")
-    parser.add_argument("model", type=Path, help="checkpoint (.pt/.pth), model.onnx or model.engine")
+    parser = argparse.ArgumentParser("agmm-predict", description="Segment images with a checkpoint, .onnx, "
+                                     ".engine or any model the runtime table reads; writes label PNGs and overlays.")
+    parser.add_argument("model", type=Path, help="checkpoint (.pt/.pth), model.onnx, model.engine, ...")
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -57,23 +58,31 @@ def _same_stem(paths: list[Path]) -> list[str]:
     return [" and ".join(map(str, group)) for group in by_stem.values() if len(group) > 1]
 
 
+def _raw_state_dict_options(args: argparse.Namespace) -> dict:
+    """The raw-state-dict flags that were given, as load_runner keywords; refused for other artifacts."""
+    from agmm_deploy.runtime import backend_for
+
+    given = {key: value for key, value in dict(backbone=args.backbone, num_classes=args.num_classes,
+                                                dataset=args.dataset, classes=args.classes).items()
+             if value is not None}
+    if given and args.model.is_file() and backend_for(args.model).name != "pytorch":
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in given)
+        raise ValueError(f"{flags} describe raw official state dicts; {args.model.name} is a "
+                         f"{backend_for(args.model).artifact}, which carries its own metadata. Drop the flags.")
+    return given
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from tqdm import tqdm
 
     from agmm_deploy.checkpoint import CheckpointError
     from agmm_deploy.inference import segment_image
-    from agmm_deploy.runtime import get_backend, load_runner
-
-    CHECKPOINT_SUFFIXES = get_backend("pytorch").suffixes
+    from agmm_deploy.runtime import load_runner
     from agmm_deploy.transforms import ImageDecodeError, encode_png, overlay, palette_png, read_image
 
-    kwargs = {}
-    if args.model.suffix.lower() in CHECKPOINT_SUFFIXES:
-        kwargs = dict(backbone=args.backbone, num_classes=args.num_classes, dataset=args.dataset,
-                      classes=args.classes)
     try:
-        runner = load_runner(args.model, args.device, **kwargs)
+        runner = load_runner(args.model, args.device, **_raw_state_dict_options(args))
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"agmm-predict: error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ from agmm_deploy.contract import ModelMeta
 
 INPUT_NAME = "image"
 LOGITS_NAME = "logits"
-LABELS_NAME = "labels"
 # Bounds of the symbolic dimensions; TensorRT profiles narrow them further at build time.
 MAX_DYNAMIC_BATCH = 1024
 MIN_DYNAMIC_SIDE, MAX_DYNAMIC_SIDE = 32, 8192
@@ -36,7 +35,6 @@ class OnnxExport:
     input_size: tuple[int, int]
     dynamic_batch: bool
     dynamic_hw: bool
-    argmax: bool
     simplified: bool
     precision: str
     outputs: tuple[str, ...]
@@ -44,22 +42,23 @@ class OnnxExport:
     seconds: float
 
 
-class _LogitsAndLabels(nn.Module):
-    """Adds the in-graph argmax that serving uses to avoid shipping K x H x W floats per image."""
+def check_meta_matches_model(model: nn.Module, meta: ModelMeta) -> None:
+    """Refuses metadata whose class list does not fit the model's outputs (one name and colour per channel).
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)  # (N, K, H, W)
-        # uint8 is enough: ModelConfig caps K at 254 because label 255 means "no supervision".
-        return logits, logits.argmax(dim=1).to(torch.uint8)  # (N, H, W)
+    Raises:
+        ValueError: the metadata names another number of classes than the model has output channels.
+    """
+    net = unwrap(model)
+    channels = net.classifier.out_channels if hasattr(net, "classifier") else None
+    if channels is not None and channels != meta.num_classes:
+        shown = ", ".join(meta.classes[:5]) + (", ..." if meta.num_classes > 5 else "")
+        raise ValueError(f"the metadata names {meta.num_classes} classes ({shown}) for a model with {channels} "
+                         f"output channels; expected one class name and colour per output. Save the checkpoint "
+                         f"with the {channels} class names it was trained on.")
 
 
 def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: int, width: int,
-                opset: int = 18, dynamic_batch: bool = True, dynamic_hw: bool = False, argmax: bool = False,
-                simplify: bool = False, checkpoint_sha256: str | None = None, precision: str = "fp32",
+                opset: int = 18, dynamic_batch: bool = True, dynamic_hw: bool = False, simplify: bool = False, checkpoint_sha256: str | None = None, precision: str = "fp32",
                 max_batch: int = 8) -> OnnxExport:
     """Exports the model's ``forward`` (logits) to one ONNX file and checks it with ``onnx.checker``.
 
@@ -71,29 +70,33 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
         opset: requested ONNX opset (the dynamo exporter emits >= 18; the real one is recorded).
         dynamic_batch: symbolic batch dimension ``batch``; otherwise the graph takes exactly one image.
         dynamic_hw: symbolic ``height``/``width`` too.
-        argmax: add a second output ``labels`` (N, H, W) uint8 = argmax over classes.
         simplify: run onnxslim over the graph.
         checkpoint_sha256: sha256 of the source checkpoint, recorded for traceability.
         precision: must be ``fp32``: the exported graph is always float32, and runners pick their parity
-            gates from the recorded precision (fp16/int8 are TensorRT engine precisions, see build_engine).
+            gates from the recorded precision (fp16/int8 artifacts are converted from it: convert_precision,
+            build_engine).
         max_batch: the largest batch the artifact is meant for (recorded; runners split bigger batches).
     Returns:
         OnnxExport describing the file.
+    Raises:
+        ValueError: ``meta`` does not fit the model (check_meta_matches_model), or an unsupported precision.
     Shape:
         image: (N, 3, H, W) float32 normalised RGB. logits: (N, K, H, W) float32.
     """
     import onnx
 
     if precision != "fp32":
-        raise ValueError(f"precision={precision!r} cannot be exported to ONNX: the graph is always float32. "
-                         "Export fp32 and build a TensorRT engine with precision='fp16' or 'int8' (agmm-export "
-                         "--trt --fp16/--int8).")
+        raise ValueError(f"precision={precision!r} cannot be exported to ONNX directly: the exported graph is "
+                         "float32. Export fp32, then convert it (agmm_deploy.export.precision.convert_precision, "
+                         "agmm-export --precision fp16|int8) or build a TensorRT engine from it (--trt).")
+    check_meta_matches_model(model, meta)
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = unwrap(model).eval()
-    outputs = (LOGITS_NAME, LABELS_NAME) if argmax else (LOGITS_NAME,)
-    graph_module = (_LogitsAndLabels(net) if argmax else net).eval()
+    # One output: serving and prediction resize (letterbox) or softmax-average (tiles) the logits before the
+    # argmax, so an in-graph argmax at the model size would have no reader.
+    outputs = (LOGITS_NAME,)
 
     # An example batch of 2: torch.export specialises dimensions whose example value is 1.
     example = torch.zeros(2 if dynamic_batch else 1, 3, height, width)
@@ -105,7 +108,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
         dims[3] = torch.export.Dim("width", min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE)
     with torch.no_grad():
         program = torch.onnx.export(
-            graph_module, (example,), None, input_names=[INPUT_NAME], output_names=list(outputs),
+            net, (example,), None, input_names=[INPUT_NAME], output_names=list(outputs),
             opset_version=opset, dynamo=True, external_data=False, verbose=False,
             dynamic_shapes=({"x": dims} if dims else None),
         )
@@ -118,7 +121,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
     real_opset = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
     meta = ModelMeta(**{**meta.to_dict(), "input_size": (height, width)})
     write_onnx_metadata(
-        proto, meta, opset=real_opset, precision=precision, versions=library_versions(),
+        proto, meta, opset=real_opset, precision=precision, device="any", versions=library_versions(),
         checkpoint_sha256=checkpoint_sha256, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
         max_batch=(max_batch if dynamic_batch else 1), input=INPUT_NAME, outputs=list(outputs),
         model_config=(net.config.to_dict() if hasattr(net, "config") else None),
@@ -127,5 +130,5 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path, *, height: 
 
     atomic_write(path, lambda f: onnx.save_model(proto, f))
     return OnnxExport(path=path, opset=real_opset, input_size=(height, width), dynamic_batch=dynamic_batch,
-                      dynamic_hw=dynamic_hw, argmax=argmax, simplified=simplify, precision=precision,
+                      dynamic_hw=dynamic_hw, simplified=simplify, precision=precision,
                       outputs=outputs, size_bytes=path.stat().st_size, seconds=time.perf_counter() - start)

@@ -164,7 +164,7 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
 
     Args:
         reference: the PyTorch runner (any callable runner with ``backend``/``meta``).
-        candidates: runners to check (ONNX Runtime, TensorRT); their ``precision`` selects the gates.
+        candidates: runners to check (any backend of agmm_deploy.runtime); their ``precision`` selects the gates.
         images: normalised float32 (N, 3, H, W).
         labels: optional class ids (N, H, W) (255 = ignore); enables the mIoU columns and gates.
         gates: per-precision gates (default DEFAULT_GATES).
@@ -244,6 +244,55 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
                         input_size=(int(images.shape[2]), int(images.shape[3])), labelled=labels is not None,
                         reference_miou=ref_miou, reference_seconds=ref_seconds, backends=results,
                         reference_abs_max=ref_abs_max)
+
+
+def check_artifacts(reference: Any, paths: Sequence[str | Path], images: np.ndarray,
+                    labels: np.ndarray | None = None, *, device: str = "auto", batch_size: int = 1,
+                    source: str = "generated", progress: bool = False,
+                    **overrides: float | None) -> ParityResult:
+    """check_parity of every artifact file against the reference, each loaded by the runtime table.
+
+    Args:
+        reference: the PyTorch runner the artifacts were exported from.
+        paths: the artifacts (ONNX models, engines, ...), loaded with ``agmm_deploy.runtime.load_runner``.
+        device: where they run (auto | cpu | cuda); an artifact whose backend does not run there (an engine
+            with device='cpu') runs where its backend does.
+        overrides: Gates fields replacing the defaults of every precision (rtol, atol, min_agreement,
+            max_miou_delta); None keeps the default.
+    Returns:
+        ParityResult.
+    """
+    from agmm_deploy.runtime import backend_for, load_runner
+
+    candidates = [load_runner(path, device if device in ("auto", *backend_for(path).devices) else "auto")
+                  for path in paths]
+    gates = {precision: gates_for(precision, **overrides) for precision in DEFAULT_GATES}
+    return check_parity(reference, candidates, images, labels, gates=gates, batch_size=batch_size, source=source,
+                        progress=progress)
+
+
+FAILED_SUFFIX = ".failed"
+
+
+def set_aside(paths: Sequence[str | Path]) -> list[Path]:
+    """Renames artifacts that failed their parity gates to ``<name>.failed`` (and an engine's sidecar along).
+
+    No backend reads the ``.failed`` suffix, so neither a server (AGMM_MODEL, the model store) nor agmm-bench
+    on the folder can pick the artifact up as if it were deployable; it stays on disk for inspection.
+
+    Returns:
+        The new paths, in the order given.
+    """
+    from agmm_deploy.contract import sidecar_path
+
+    moved = []
+    for path in map(Path, paths):
+        target = path.with_name(path.name + FAILED_SUFFIX)
+        if sidecar_path(path).is_file():
+            sidecar_path(path).replace(sidecar_path(target))
+        path.replace(target)
+        moved.append(target)
+    return moved
 
 
 def generated_images(meta: ModelMeta, count: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:

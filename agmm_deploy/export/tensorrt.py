@@ -155,7 +155,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     atomic_write_bytes(engine_path, bytes(serialized))
     sidecar = write_engine_sidecar(
-        engine_path, meta, **{**fields, "precision": precision, "versions": library_versions(),
+        engine_path, meta, **{**fields, "precision": precision, "device": "cuda", "versions": library_versions(),
                               "max_batch": max_batch, "dynamic_hw": dynamic_hw, "onnx": onnx_path.name,
                               "profile": {"min": list(min_shape), "opt": list(opt_shape), "max": list(max_shape)},
                               "gpu": torch.cuda.get_device_name()})

@@ -5,13 +5,20 @@ loads it and the extra that installs it. The module (one file per backend, impor
 ``load(path, device, **kwargs) -> Runner`` and ``missing(device) -> str | None`` (why it cannot run here, or
 None). Adding a runtime is one new file plus one row.
 
+A runtime that lives outside this package (a plug-in, a test double) adds its row without editing this file:
+``AGMM_EXTRA_BACKENDS="my_package.my_runtime:ROW"`` (comma-separated ``module[:attribute]`` entries, the
+attribute ``ROW`` by default, each a ``Backend``) is read by ``backends()`` at call time, so the CLIs and a `bentoml serve` started with that
+variable in its environment all see the row.
+
     runner = load_runner("model.onnx")          # the row whose suffixes match, on CUDA when available
     logits = runner.run(images)                 # torch (N, 3, H, W) in, (N, K, H, W) out on runner.device
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -62,9 +69,41 @@ BACKENDS: tuple[Backend, ...] = (
 )
 
 
+EXTRA_BACKENDS_ENV = "AGMM_EXTRA_BACKENDS"
+
+
 def backends() -> tuple[Backend, ...]:
-    """The runtime table (read at call time, so a test may add a row)."""
-    return BACKENDS
+    """The runtime table: BACKENDS plus the rows named by AGMM_EXTRA_BACKENDS (read at call time)."""
+    return BACKENDS + extra_backends(os.environ.get(EXTRA_BACKENDS_ENV, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def extra_backends(spec: str) -> tuple[Backend, ...]:
+    """The rows named by ``spec``: comma-separated ``module[:attribute]`` entries (default ROW), each a Backend.
+
+    A row whose name or suffix another row already has is refused: a suffix must name one runtime.
+    """
+    rows: list[Backend] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        module_name, _, attribute = entry.partition(":")
+        try:
+            row = getattr(importlib.import_module(module_name), attribute or "ROW")
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"{EXTRA_BACKENDS_ENV} entry {entry!r} cannot be loaded ({err}); expected "
+                             "module:ATTRIBUTE naming a Backend row on the Python path") from None
+        if not isinstance(row, Backend):
+            raise ValueError(f"{EXTRA_BACKENDS_ENV} entry {entry!r} is a {type(row).__name__}; expected an "
+                             "agmm_deploy.runtime.Backend")
+        for other in BACKENDS + tuple(rows):
+            shared = set(row.suffixes) & set(other.suffixes)
+            if row.name == other.name or shared:
+                clash = f"the name {row.name!r}" if row.name == other.name else f"suffix {sorted(shared)[0]}"
+                raise ValueError(f"{EXTRA_BACKENDS_ENV} entry {entry!r} has {clash}, which backend "
+                                 f"{other.name!r} already has; give it its own name and suffixes")
+        rows.append(row)
+    return tuple(rows)
 
 
 def get_backend(name: str) -> Backend:
@@ -108,8 +147,15 @@ def load_runner(path: str | Path, device: str = "auto", **kwargs: Any) -> Runner
     if not path.is_file():
         raise FileNotFoundError(f"model {path} does not exist{' (it is a folder)' if path.is_dir() else ''}; "
                                 f"expected {describe_suffixes()}")
-    return backend_for(path).loader().load(path, device, **kwargs)
+    backend = backend_for(path)
+    if device == "auto" and "cuda" not in backend.devices:
+        device = "cpu"  # auto means CUDA when available *and* the backend runs there
+    elif device not in ("auto", *backend.devices):
+        raise ValueError(f"{path.name} is a {backend.artifact}, which {backend.name} runs on "
+                         f"{'/'.join(backend.devices)} only; got device={device!r}")
+    return backend.loader().load(path, device, **kwargs)
 
 
-__all__ = ["Backend", "BACKENDS", "DEFAULT_MAX_BATCH", "DEVICES", "Runner", "backend_for", "backends",
-           "describe_suffixes", "get_backend", "load_runner", "model_suffixes", "resolve_device"]
+__all__ = ["Backend", "BACKENDS", "DEFAULT_MAX_BATCH", "DEVICES", "EXTRA_BACKENDS_ENV", "Runner", "backend_for",
+           "backends", "describe_suffixes", "extra_backends", "get_backend", "load_runner", "model_suffixes",
+           "resolve_device"]

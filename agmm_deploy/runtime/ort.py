@@ -63,6 +63,13 @@ class OnnxRunner(Runner):
 
         self.path = Path(path)
         self.meta, self.fields = read_onnx_metadata(self.path)
+        if device == "auto":
+            # CUDA when both torch and this ONNX Runtime build have it; and the device the artifact was made
+            # for where there is a choice (agmm_deploy.export.precision: int8 for the CPU's VNNI kernels, fp16
+            # for CUDA). An explicit device is always honoured.
+            has_cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+            target = self.fields.get("device", "any")
+            device = "cpu" if target == "cpu" or not has_cuda else "cuda"
         device = resolve_device(device)
         providers: list[Any] = ["CPUExecutionProvider"]
         if device == "cuda":
