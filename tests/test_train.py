@@ -16,8 +16,10 @@ import yaml
 from PIL import Image
 
 from agmm_deploy.checkpoint import load_model, read_checkpoint
+from agmm_deploy.datasets import DataError, get_format
+from agmm_deploy.datasets.folder import SYNTHETIC_CLASSES
 from training import run, synthetic
-from training.data import DataError
+from training.config import ConfigError, resolve_config
 from training.engine import poly_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +39,11 @@ def tiny_args(root, out, *extra):
 
 
 def metrics_by_step(out):
-    """Step -> logged record; a resumed run overwrites the steps it repeats."""
+    """Step -> logged record; each step appears once, also after a resume (the repeated steps replace theirs)."""
     records = {}
     for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
+        assert record["step"] not in records, f"step {record['step']} logged twice"
         records[record["step"]] = record
     return records
 
@@ -170,10 +173,12 @@ def test_refusals_are_explicit(city_root, tmp_path):
 @pytest.mark.parametrize("name", ["cityscapes", "pascal"])
 def test_shipped_configs_reproduce_the_presets(name):
     config = REPO / "training" / "configs" / f"{name}.yaml"
-    resolved = run.resolve_config({"data_root": "x"}, config)
-    preset = {**run.COMMON, **run.PRESETS[name]}
-    for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug"):
+    resolved = resolve_config({"data_root": "x"}, config).to_dict()
+    row = get_format(name)
+    preset = {**row.model, **row.recipe}
+    for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug", "multi_grid"):
         assert resolved[key] == preset[key], key
+    assert tuple(resolved["aspp_rates"]) == preset["aspp_rates"]
 
 
 # The official configs/pascal.yaml and configs/cityscapes.yaml of the AGMM code, key for key.
@@ -226,7 +231,7 @@ dilations: [12, 24, 36]
 def _resolve(tmp_path, text, **flags):
     path = tmp_path / "official.yaml"
     path.write_text(text)
-    return run.resolve_config(flags, path)
+    return resolve_config(flags, path).to_dict()
 
 
 def test_official_configs_map_mode_dilation_and_accept_celoss(tmp_path):
@@ -273,8 +278,8 @@ def test_evaluate_refuses_validation_labels_without_a_labelled_pixel(tmp_path):
     for label in (root / "val" / "labels").glob("*.png"):
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(label)  # all "ignore": no IoU can exist
     torch.manual_seed(0)
-    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=len(synthetic.FOLDER_CLASSES)))
-    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), synthetic.FOLDER_CLASSES))
+    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=len(SYNTHETIC_CLASSES)))
+    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), SYNTHETIC_CLASSES))
     with pytest.raises(ValueError, match=r"hold no labelled pixel .* so there is no mIoU"):
         evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "whole", "--workers", "0", "--device",
                            "cpu", "--json", str(tmp_path / "r.json")])
