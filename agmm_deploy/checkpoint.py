@@ -26,9 +26,12 @@ from agmm_deploy.datasets import OWN_CLASSES_FORMAT, get_format, official_format
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 FORMAT = "agmm-deploy/1"
-# The official recipes a raw state dict can come from (data formats with an official input size); each fixes
-# the ASPP rates and multi-grid.
-RAW_RECIPES = tuple(row.name for row in official_formats())
+
+
+def raw_recipes() -> tuple[str, ...]:
+    """The official recipes a raw state dict can come from: the data formats with official weights (each fixes
+    the ASPP rates and multi-grid)."""
+    return tuple(row.name for row in official_formats())
 
 
 class CheckpointError(ValueError):
@@ -173,7 +176,7 @@ def _raw_config_and_meta(path: Path, state: dict[str, torch.Tensor], backbone: s
     """The architecture and metadata of a raw official state dict, from what the caller says about it."""
     # The file says nothing about the recipe, and both recipes have the same weight shapes: a strict load
     # would succeed with the wrong ASPP rates / multi-grid and give wrong logits. So the recipe is never guessed.
-    if dataset not in RAW_RECIPES:
+    if dataset not in raw_recipes():
         recipes = " or ".join(f"{row.name} (ASPP rates {'/'.join(map(str, row.model['aspp_rates']))}"
                               f"{', multi-grid' if row.model['multi_grid'] else ''})" for row in official_formats())
         raise CheckpointError(
@@ -211,7 +214,7 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
         path: our checkpoint, or a raw state dict (keys ``backbone.*``, ``head.*``, ``reduce.*``, ``fuse.*``,
             ``classifier.*``, optionally prefixed by ``module.``).
         backbone, num_classes, dataset: required for raw state dicts only; ``dataset`` (a data format with
-            an official recipe, see RAW_RECIPES) is the official recipe the weights were trained with: it selects the ASPP rates and multi-grid,
+            an official recipe, see raw_recipes()) is the official recipe the weights were trained with: it selects the ASPP rates and multi-grid,
             and the class names unless ``classes`` is given.
         input_size, classes: optional metadata for raw state dicts (default: the recipe's crop and classes);
             ``classes`` names the classes of a model trained on other data (one name per class).
@@ -240,7 +243,7 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
         if backbone is None or num_classes is None:
             raise CheckpointError(
                 f"{path} is a raw state dict without a model config; pass --backbone (e.g. resnet101), "
-                f"--num-classes (e.g. 21) and --dataset {'|'.join(RAW_RECIPES)} (the recipe it was trained with)"
+                f"--num-classes (e.g. 21) and --dataset {'|'.join(raw_recipes())} (the recipe it was trained with)"
             )
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         config, meta = _raw_config_and_meta(path, state, backbone, num_classes, dataset, input_size, classes)

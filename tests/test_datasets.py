@@ -2,7 +2,7 @@
 
 import pytest
 
-from agmm_deploy.checkpoint import RAW_RECIPES
+from agmm_deploy.checkpoint import raw_recipes
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.datasets import DATA_FORMATS, DataError, get_format
 from agmm_deploy.datasets.folder import read_classes
@@ -27,7 +27,7 @@ def test_every_row_builds_a_model_and_metadata(name):
 
 
 def test_raw_recipes_are_the_formats_with_official_weights():
-    assert RAW_RECIPES == ("cityscapes", "pascal")
+    assert raw_recipes() == ("cityscapes", "pascal")
     assert ModelConfig.pascal() == ModelConfig(backbone="resnet101", num_classes=21, multi_grid=False,
                                                aspp_rates=(6, 12, 18))
 
