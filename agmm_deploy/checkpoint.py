@@ -214,8 +214,8 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
         path: our checkpoint, or a raw state dict (keys ``backbone.*``, ``head.*``, ``reduce.*``, ``fuse.*``,
             ``classifier.*``, optionally prefixed by ``module.``).
         backbone, num_classes, dataset: required for raw state dicts only; ``dataset`` (a data format with
-            an official recipe, see raw_recipes()) is the official recipe the weights were trained with: it selects the ASPP rates and multi-grid,
-            and the class names unless ``classes`` is given.
+            an official recipe, see raw_recipes()) is the official recipe the weights were trained with: it
+            selects the ASPP rates and multi-grid, and the class names unless ``classes`` is given.
         input_size, classes: optional metadata for raw state dicts (default: the recipe's crop and classes);
             ``classes`` names the classes of a model trained on other data (one name per class).
     Returns:

@@ -16,7 +16,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +44,8 @@ ATOMIC_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
 def get_args_parser() -> argparse.ArgumentParser:
     layouts = "\n".join(f"  {row.name}: {row.layout}" for row in DATA_FORMATS.values())
     p = argparse.ArgumentParser(description="Train DeepLabV3+ with the AGMM loss on sparse labels", allow_abbrev=False,
-                                epilog=f"data formats:\n{layouts}", formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=f"data formats:\n{layouts}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # Every default is None: the value then comes from --config, else from the data format's recipe.
     p.add_argument("--config", help="YAML file of settings (our flag names with underscores, or official keys)")
     p.add_argument("--dataset", choices=sorted(DATA_FORMATS), help="the data format (layouts below)")

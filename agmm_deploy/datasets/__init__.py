@@ -7,7 +7,7 @@ how an official AGMM config's ``mode`` key reads, how evaluation runs on it, and
 in its layout. Training, synthetic data, checkpoints, ``ModelConfig.for_dataset``, ``ModelMeta.for_dataset`` and
 evaluation ask ``get_format(name)``; none of them names a format.
 
-Adding a format is one new file here (a ``FORMAT = DataFormat(...)`` row) plus its line in ``DATA_FORMATS``.
+Adding a format is one new file here (its ``FORMAT = DataFormat(...)`` row) plus its module in ``_table()``.
 
     >>> get_format("cityscapes").recipe["crop_size"]
     721
@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
-
-import numpy as np
 
 
 class DataError(ValueError):
