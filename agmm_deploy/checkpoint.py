@@ -22,11 +22,16 @@ from torch import nn
 
 from agmm_deploy.atomic import atomic_write
 from agmm_deploy.contract import ModelMeta
+from agmm_deploy.datasets import OWN_CLASSES_FORMAT, get_format, official_formats
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 
 FORMAT = "agmm-deploy/1"
-# The official recipes a raw state dict can come from; each fixes the ASPP rates and multi-grid.
-RAW_RECIPES = ("cityscapes", "pascal")
+
+
+def raw_recipes() -> tuple[str, ...]:
+    """The official recipes a raw state dict can come from: the data formats with official weights (each fixes
+    the ASPP rates and multi-grid)."""
+    return tuple(row.name for row in official_formats())
 
 
 class CheckpointError(ValueError):
@@ -171,28 +176,29 @@ def _raw_config_and_meta(path: Path, state: dict[str, torch.Tensor], backbone: s
     """The architecture and metadata of a raw official state dict, from what the caller says about it."""
     # The file says nothing about the recipe, and both recipes have the same weight shapes: a strict load
     # would succeed with the wrong ASPP rates / multi-grid and give wrong logits. So the recipe is never guessed.
-    if dataset not in RAW_RECIPES:
+    if dataset not in raw_recipes():
+        recipes = " or ".join(f"{row.name} (ASPP rates {'/'.join(map(str, row.model['aspp_rates']))}"
+                              f"{', multi-grid' if row.model['multi_grid'] else ''})" for row in official_formats())
         raise CheckpointError(
             f"{path} is a raw state dict, so --dataset must name the official recipe it was trained with: "
-            "cityscapes (ASPP rates 12/24/36, multi-grid) or pascal (ASPP rates 6/12/18); got "
-            f"{dataset!r}. A model trained on other classes takes its recipe plus its class names (--classes)."
+            f"{recipes}; got {dataset!r}. A model trained on other classes takes its recipe plus its class names "
+            "(--classes)."
         )
+    recipe = get_format(dataset)
     try:
         config = ModelConfig.for_dataset(dataset, backbone=backbone, num_classes=num_classes, stem=_infer_stem(state))
     except ValueError as err:
         raise CheckpointError(f"cannot build a model for {path}: {err}") from err
-    size = input_size or ((721, 721) if dataset == "cityscapes" else (321, 321))  # the official crops
+    size = input_size or recipe.official_input_size  # the official crop
     if classes is not None:
         if len(classes) != num_classes:
             raise CheckpointError(f"{len(classes)} class names were given for --num-classes {num_classes} "
                                   f"({path}); expected one name per class")
-        return config, ModelMeta.for_dataset("folder", size, tuple(classes))
+        return config, ModelMeta.for_dataset(OWN_CLASSES_FORMAT, size, tuple(classes))
     meta = ModelMeta.for_dataset(dataset, size)
     if meta.num_classes != num_classes:
-        other = next((name for name in RAW_RECIPES if name != dataset), dataset)
-        title = {"cityscapes": "Cityscapes", "pascal": "PASCAL VOC"}[other]
-        hint = (f"a {num_classes}-class {title} model needs --dataset {other}"
-                if num_classes == ModelMeta.for_dataset(other, size).num_classes
+        same_size = [row for row in official_formats() if len(row.classes) == num_classes]
+        hint = (f"a {num_classes}-class {same_size[0].title} model needs --dataset {same_size[0].name}" if same_size
                 else "for a model trained on other classes pass their names with --classes")
         raise CheckpointError(f"--num-classes {num_classes} does not match the {meta.num_classes} classes of "
                               f"--dataset {dataset} ({path}); {hint}")
@@ -207,9 +213,9 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
     Args:
         path: our checkpoint, or a raw state dict (keys ``backbone.*``, ``head.*``, ``reduce.*``, ``fuse.*``,
             ``classifier.*``, optionally prefixed by ``module.``).
-        backbone, num_classes, dataset: required for raw state dicts only; ``dataset`` (cityscapes | pascal)
-            is the official recipe the weights were trained with: it selects the ASPP rates and multi-grid,
-            and the class names unless ``classes`` is given.
+        backbone, num_classes, dataset: required for raw state dicts only; ``dataset`` (a data format with
+            an official recipe, see raw_recipes()) is the official recipe the weights were trained with: it
+            selects the ASPP rates and multi-grid, and the class names unless ``classes`` is given.
         input_size, classes: optional metadata for raw state dicts (default: the recipe's crop and classes);
             ``classes`` names the classes of a model trained on other data (one name per class).
     Returns:
@@ -237,7 +243,7 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
         if backbone is None or num_classes is None:
             raise CheckpointError(
                 f"{path} is a raw state dict without a model config; pass --backbone (e.g. resnet101), "
-                "--num-classes (e.g. 21) and --dataset cityscapes|pascal (the recipe it was trained with)"
+                f"--num-classes (e.g. 21) and --dataset {'|'.join(raw_recipes())} (the recipe it was trained with)"
             )
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         config, meta = _raw_config_and_meta(path, state, backbone, num_classes, dataset, input_size, classes)

@@ -16,15 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agmm_deploy.atomic import atomic_write_bytes
-from agmm_deploy.constants import (
-    CITYSCAPES_CLASSES,
-    CITYSCAPES_PALETTE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    VOC_CLASSES,
-    VOC_PALETTE,
-    default_palette,
-)
+from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
 
 @dataclass(frozen=True)
@@ -34,7 +26,7 @@ class ModelMeta:
         palette: one (R, G, B) per class.
         input_size: (H, W) the model was trained/exported at (the training crop).
         mean, std: per-channel RGB normalisation of images scaled to [0, 1].
-        dataset: cityscapes | pascal | folder (informational).
+        dataset: the data format's name, a row of agmm_deploy.datasets (informational).
     """
 
     classes: tuple[str, ...]
@@ -64,15 +56,18 @@ class ModelMeta:
 
     @classmethod
     def for_dataset(cls, dataset: str, input_size: tuple[int, int],
-                    classes: tuple[str, ...] | None = None) -> "ModelMeta":
-        """Classes and palette of ``cityscapes`` / ``pascal``, or of a user's ``folder`` class list."""
-        if dataset == "cityscapes":
-            return cls(CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, input_size, dataset=dataset)
-        if dataset == "pascal":
-            return cls(VOC_CLASSES, VOC_PALETTE, input_size, dataset=dataset)
+                    classes: tuple[str, ...] | None = None,
+                    palette: tuple[tuple[int, int, int], ...] | None = None) -> "ModelMeta":
+        """Classes and palette of a data format (``agmm_deploy.datasets``): its own, or the ``classes`` (and
+        ``palette``, default the VOC colour map) of a format whose classes come with the data."""
+        from agmm_deploy.datasets import get_format
+
+        row = get_format(dataset)
+        if row.classes is not None:
+            return cls(row.classes, row.palette, input_size, dataset=dataset)
         if classes is None:
             raise ValueError(f"dataset={dataset!r} needs an explicit class list")
-        return cls(tuple(classes), default_palette(len(classes)), input_size, dataset=dataset)
+        return cls(tuple(classes), palette or default_palette(len(classes)), input_size, dataset=dataset)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (lists for tuples) as stored in checkpoints, ONNX metadata and sidecars."""

@@ -70,23 +70,19 @@ class ModelConfig:
     @classmethod
     def cityscapes(cls, **overrides: Any) -> "ModelConfig":
         """The paper's Cityscapes config: ResNet-50, multi-grid, ASPP rates 12/24/36, 19 classes."""
-        return cls(**{"backbone": "resnet50", "num_classes": 19, "multi_grid": True,
-                      "aspp_rates": (12, 24, 36), **overrides})
+        return cls.for_dataset("cityscapes", **overrides)
 
     @classmethod
     def pascal(cls, **overrides: Any) -> "ModelConfig":
         """The paper's VOC config: ResNet-101, no multi-grid, ASPP rates 6/12/18, 21 classes."""
-        return cls(**{"backbone": "resnet101", "num_classes": 21, "multi_grid": False,
-                      "aspp_rates": (6, 12, 18), **overrides})
+        return cls.for_dataset("pascal", **overrides)
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> "ModelConfig":
-        """The preset for ``cityscapes`` or ``pascal``; ``folder`` uses the Cityscapes architecture."""
-        if dataset == "pascal":
-            return cls.pascal(**overrides)
-        if dataset in ("cityscapes", "folder"):
-            return cls.cityscapes(**overrides)
-        raise ValueError(f"dataset={dataset!r} has no preset; expected cityscapes, pascal or folder")
+        """The paper's architecture for a data format (``agmm_deploy.datasets``), with ``overrides`` applied."""
+        from agmm_deploy.datasets import get_format
+
+        return cls(**{**get_format(dataset).model, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists for tuples) as stored in checkpoints and ONNX metadata; from_dict inverts it."""

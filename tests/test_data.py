@@ -1,4 +1,5 @@
-"""Data sets: layouts and split files, label checks naming the file, the official training transform."""
+"""Data sets: layouts and split files of each format, label checks naming the file (at start-up and per item),
+the official training transform."""
 
 import numpy as np
 import pytest
@@ -7,8 +8,18 @@ from PIL import Image
 
 from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
 from training import synthetic
-from training.data import (DataError, SegmentationDataset, cityscapes_samples, folder_samples,
-                           read_class_names, read_label, train_samples, val_samples, voc_samples)
+from agmm_deploy.datasets import DataError, Sample, cityscapes, folder, get_format, pascal
+from training.data import SegmentationDataset, check_labels, read_label
+
+cityscapes_samples, voc_samples, folder_samples = cityscapes.samples, pascal.samples, folder.samples
+
+
+def train_samples(name, root, **options):
+    return get_format(name).train_samples(root, options)
+
+
+def val_samples(name, root, val_list=None):
+    return get_format(name).val_samples(root, {"val_list": val_list})
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +68,7 @@ def test_bad_data_root_and_missing_files_are_named(city_root, tmp_path):
     with pytest.raises(DataError, match="JPEGImages"):
         train_samples("pascal", tmp_path)
     with pytest.raises(DataError, match="classes.txt"):
-        read_class_names(tmp_path)
+        folder.read_classes(tmp_path)
     (tmp_path / "list.txt").write_text("leftImg8bit/train/x/missing_leftImg8bit.png gtFine/train/x/missing.png\n")
     with pytest.raises(DataError, match="missing_leftImg8bit.png"):
         cityscapes_samples(city_root, "train", list_file=tmp_path / "list.txt")
@@ -119,6 +130,7 @@ def test_training_item_unlabelled_to_k_padding_255_cls_label_before_crop(tmp_pat
         dataset.set_epoch(epoch)
         img, mask, cls_label, index = dataset[0]
         assert img.shape == (3, 40, 40) and img.dtype == torch.float32 and mask.shape == (40, 40)
+        assert mask.dtype == torch.uint8  # int64 only on the device
         assert index == 0
         assert cls_label.tolist() == [0.0, 1.0, 1.0, 0.0]  # from the whole label, whatever the crop holds
         values = set(mask.unique().tolist())
@@ -150,5 +162,36 @@ def test_validation_item_is_the_whole_image_with_its_full_label(voc_root):
     dataset = SegmentationDataset(samples, 21, train=False)
     img, mask, index = dataset[1]
     full = np.asarray(Image.open(samples[1].label))
-    assert img.shape == (3, 40, 56) and torch.equal(mask, torch.from_numpy(full.astype(np.int64)))
+    assert img.shape == (3, 40, 56) and mask.dtype == torch.uint8 and torch.equal(mask, torch.from_numpy(full.copy()))
     assert 255 in mask  # void stays void in full labels
+
+
+def test_check_labels_reads_every_file_at_start_up(tmp_path):
+    label = np.full((16, 16), 255, np.uint8)
+    label[3, 3] = 2
+    _write_pair(tmp_path / "train", "good", np.zeros((16, 16, 3), np.uint8), label)
+    samples = folder_samples(tmp_path, "train")
+    assert check_labels(samples, num_classes=4, what="training labels") == 1
+    _write_pair(tmp_path / "train", "rgb", np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match="rgb.png has mode RGB"):
+        check_labels(folder_samples(tmp_path, "train"), num_classes=4, what="training labels")
+    (tmp_path / "train" / "labels" / "rgb.png").unlink()
+    bad = label.copy()
+    bad[0, 0] = 9
+    _write_pair(tmp_path / "train", "rgb", np.zeros((16, 16, 3), np.uint8), bad)
+    with pytest.raises(DataError, match=r"rgb\.png holds values \[9\] outside 0\.\.3"):
+        check_labels(folder_samples(tmp_path, "train"), num_classes=4, what="training labels")
+    _write_pair(tmp_path / "train", "rgb", np.zeros((16, 20, 3), np.uint8), label)
+    with pytest.raises(DataError, match="is 20x16 but label .* is 16x16"):
+        check_labels(folder_samples(tmp_path, "train"), num_classes=4, what="training labels")
+
+
+def test_check_labels_refuses_a_set_without_a_labelled_pixel(tmp_path):
+    empty = np.full((8, 8), 255, np.uint8)
+    empty[0, :4] = 4  # K: unlabelled too
+    _write_pair(tmp_path / "train", "a", np.zeros((8, 8, 3), np.uint8), empty)
+    with pytest.raises(DataError, match="none of the 1 training labels holds a labelled pixel"):
+        check_labels(folder_samples(tmp_path, "train"), num_classes=4, what="training labels")
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="x.png cannot be read as an image"):
+        check_labels([Sample(tmp_path / "x.png", tmp_path / "train" / "labels" / "a.png")], 4, "labels")

@@ -3,6 +3,7 @@
 import datetime
 import gc
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training.engine import train_one_epoch
+from training.logger import RunLogger
 
 
 class TinyNet(nn.Module):
@@ -43,8 +45,9 @@ def _worker(rank, world, init_file, out_dir):
         return {"total": total}
 
     try:
-        train_one_epoch(model, loss_fn, optimizer, scheduler, loader, device=torch.device("cpu"), epoch=0, step=0,
-                        total_steps=3, is_main=False)
+        # log_every=1: the losses reach the host (and are checked) every step, before its update
+        logger = RunLogger(Path(out_dir), is_main=False, log_every=1)
+        train_one_epoch(model, loss_fn, optimizer, loader, scheduler, torch.device("cpu"), 0, logger, total_steps=3)
         outcome = "finished"
     except FloatingPointError as err:
         outcome = f"FloatingPointError at step {scheduler.last_epoch}: {err}"

@@ -10,6 +10,7 @@ from torch import nn
 
 from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.contract import ModelMeta
+from agmm_deploy.datasets.folder import SYNTHETIC_CLASSES
 from agmm_deploy.model import ModelConfig, build_model
 from training import evaluate as evaluate_cli
 from training import synthetic
@@ -82,12 +83,12 @@ def test_evaluate_cli_on_a_checkpoint_writes_table_pngs_and_json(tmp_path, tiny_
     synthetic.generate("folder", root, num_train=1, num_val=3, height=32, width=40, seed=0, progress=False)
     torch.manual_seed(0)
     net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=4))
-    meta = ModelMeta.for_dataset("folder", (32, 32), synthetic.FOLDER_CLASSES)
+    meta = ModelMeta.for_dataset("folder", (32, 32), SYNTHETIC_CLASSES)
     ckpt = save_checkpoint(tmp_path / "model.pt", net, meta)
     result = evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "sliding", "--workers", "0",
                                 "--save-png", str(tmp_path / "preds"), "--json", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
-    assert result.mode == "sliding" and result.images == 3 and result.classes == synthetic.FOLDER_CLASSES
+    assert result.mode == "sliding" and result.images == 3 and result.classes == SYNTHETIC_CLASSES
     assert "| disk |" in printed and f"mIoU {result.miou:.2f}" in printed
     pngs = sorted((tmp_path / "preds").glob("*.png"))
     assert [p.name for p in pngs] == ["val_00000.png", "val_00001.png", "val_00002.png"]
@@ -101,7 +102,7 @@ def test_evaluate_cli_on_a_checkpoint_writes_table_pngs_and_json(tmp_path, tiny_
 
 def test_evaluate_refuses_amp_on_cpu(tmp_path):
     net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=4))
-    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), synthetic.FOLDER_CLASSES))
+    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), SYNTHETIC_CLASSES))
     synthetic.generate("folder", tmp_path / "d", 1, 1, 32, 32, progress=False)
     with pytest.raises(ValueError, match="--amp bf16 needs a CUDA device"):
         evaluate_cli.main([str(ckpt), "--data-root", str(tmp_path / "d"), "--amp", "bf16", "--device", "cpu"])

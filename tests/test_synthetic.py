@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agmm_deploy.datasets.folder import SYNTHETIC_CLASSES
 from training import synthetic
 
 
@@ -57,7 +58,7 @@ def test_voc_layout_points_and_scribbles(tmp_path):
 def test_folder_layout_and_same_seed_same_bytes(tmp_path):
     a = synthetic.generate("folder", tmp_path / "a", 2, 1, 32, 32, seed=3, progress=False)
     synthetic.generate("folder", tmp_path / "b", 2, 1, 32, 32, seed=3, progress=False)
-    assert (a.root / "classes.txt").read_text().split() == list(synthetic.FOLDER_CLASSES)
+    assert (a.root / "classes.txt").read_text().split() == list(SYNTHETIC_CLASSES)
     for rel in ("train/images/train_00000.png", "train/labels/train_00001.png", "val/labels/val_00000.png"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     synthetic.generate("folder", tmp_path / "c", 2, 1, 32, 32, seed=4, progress=False)

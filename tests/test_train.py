@@ -16,8 +16,10 @@ import yaml
 from PIL import Image
 
 from agmm_deploy.checkpoint import load_model, read_checkpoint
+from agmm_deploy.datasets import DataError, get_format
+from agmm_deploy.datasets.folder import SYNTHETIC_CLASSES
 from training import run, synthetic
-from training.data import DataError
+from training.config import ConfigError, resolve_config
 from training.engine import poly_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +39,11 @@ def tiny_args(root, out, *extra):
 
 
 def metrics_by_step(out):
-    """Step -> logged record; a resumed run overwrites the steps it repeats."""
+    """Step -> logged record; each step appears once, also after a resume (the repeated steps replace theirs)."""
     records = {}
     for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
+        assert record["step"] not in records, f"step {record['step']} logged twice"
         records[record["step"]] = record
     return records
 
@@ -170,10 +173,12 @@ def test_refusals_are_explicit(city_root, tmp_path):
 @pytest.mark.parametrize("name", ["cityscapes", "pascal"])
 def test_shipped_configs_reproduce_the_presets(name):
     config = REPO / "training" / "configs" / f"{name}.yaml"
-    resolved = run.resolve_config({"data_root": "x"}, config)
-    preset = {**run.COMMON, **run.PRESETS[name]}
-    for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug"):
+    resolved = resolve_config({"data_root": "x"}, config).to_dict()
+    row = get_format(name)
+    preset = {**row.model, **row.recipe}
+    for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug", "multi_grid"):
         assert resolved[key] == preset[key], key
+    assert tuple(resolved["aspp_rates"]) == preset["aspp_rates"]
 
 
 # The official configs/pascal.yaml and configs/cityscapes.yaml of the AGMM code, key for key.
@@ -226,7 +231,7 @@ dilations: [12, 24, 36]
 def _resolve(tmp_path, text, **flags):
     path = tmp_path / "official.yaml"
     path.write_text(text)
-    return run.resolve_config(flags, path)
+    return resolve_config(flags, path).to_dict()
 
 
 def test_official_configs_map_mode_dilation_and_accept_celoss(tmp_path):
@@ -273,8 +278,8 @@ def test_evaluate_refuses_validation_labels_without_a_labelled_pixel(tmp_path):
     for label in (root / "val" / "labels").glob("*.png"):
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(label)  # all "ignore": no IoU can exist
     torch.manual_seed(0)
-    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=len(synthetic.FOLDER_CLASSES)))
-    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), synthetic.FOLDER_CLASSES))
+    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=len(SYNTHETIC_CLASSES)))
+    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), SYNTHETIC_CLASSES))
     with pytest.raises(ValueError, match=r"hold no labelled pixel .* so there is no mIoU"):
         evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "whole", "--workers", "0", "--device",
                            "cpu", "--json", str(tmp_path / "r.json")])
@@ -287,3 +292,130 @@ def test_cuda_bf16_run(city_root, tmp_path):
                                                           "--epochs", "1", "--amp", "bf16")]
     result = run.main(tiny)
     assert result.step == 2 and read_checkpoint(tmp_path / "gpu" / "last.pt")["args"]["amp"] == "bf16"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(dataset="pascal", clicks=20), r"--clicks is not used by --dataset pascal \(its data-set flags: --label, "
+                                        r"--train-list, --val-list\); remove it"),
+    (dict(dataset="cityscapes", label="scribble"), r"--label is not used by --dataset cityscapes"),
+    (dict(dataset="folder", train_list="x.txt"), r"--train-list is not used by --dataset folder \(its data-set "
+                                                 r"flags: none of them\)"),
+])
+def test_flags_of_other_data_formats_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({"data_root": "x", **flags})
+
+
+def test_config_values_are_typed_and_checked_in_one_place(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-3\nmulti_grid: 'false'\n")  # YAML 1.1 reads 1e-3 as text
+    cfg = resolve_config({"dataset": "cityscapes", "data_root": "x"}, config)
+    assert cfg.lr == 0.001 and cfg.multi_grid is False and cfg.options == {"clicks": 100, "train_list": None,
+                                                                            "val_list": None}
+    with pytest.raises(AttributeError):
+        cfg.lr = 1.0  # frozen
+    for text, message in [("epochs: 0\n", r"epochs=0 is invalid; expected an integer >= 1"),
+                          ("backbone: resnet999\n", r"backbone='resnet999' is invalid; expected one of"),
+                          ("clicks: 30\n", r"clicks=30 is not a Cityscapes setting; expected one of \[20, 50, 100\]")]:
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            resolve_config({"dataset": "cityscapes", "data_root": "x"}, config)
+
+
+def test_a_new_data_format_is_one_row_that_training_synthetic_and_checkpoints_see(tmp_path, monkeypatch):
+    """A test-only format (flat images/ and masks/ folders, two classes, its own --shade flag) added as one row."""
+    import dataclasses
+
+    from agmm_deploy.datasets import DATA_FORMATS, Flag, Sample
+    from agmm_deploy.datasets.synthetic import save_png
+
+    def samples(root, options):
+        assert options == {"shade": "light"}
+        return [Sample(p, root / "masks" / p.name) for p in sorted((root / "images").glob("*.png"))]
+
+    def write(root, split, index, rng, height, width, click_radius):
+        label = np.full((height, width), 255, np.uint8)
+        label[: height // 2, : width // 2], label[height // 2:, width // 2:] = 0, 1
+        save_png(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), root / "images" / f"{index}.png")
+        save_png(label, root / "masks" / f"{index}.png")
+        return str(index)
+
+    row = dataclasses.replace(
+        get_format("folder"), name="tiny", title="Tiny", layout="images/*.png, masks/*.png", classes=("bg", "fg"),
+        palette=((0, 0, 0), (255, 255, 255)), read_classes=None, official_mode=lambda value: {},
+        model=dict(backbone="resnet18", num_classes=2, multi_grid=False, aspp_rates=(1, 2, 3)),
+        recipe=dict(crop_size=32, epochs=1, batch_size=2, lr=0.01, head_lr_mult=1.0, colour_aug=False),
+        flags=(Flag("shade", str, ("dark", "light"), "dark", "test-only"),), train_samples=samples,
+        val_samples=lambda root, options: None, write_synthetic=write, finish_synthetic=lambda root, ids: None,
+        official_input_size=(32, 32))
+    monkeypatch.setitem(DATA_FORMATS, "tiny", row)
+
+    data = synthetic.main(["--dataset", "tiny", "--out", str(tmp_path / "data"), "--num-train", "4", "--num-val", "0",
+                           "--height", "40", "--width", "40"])
+    assert sorted(p.name for p in (data.root / "masks").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    out = tmp_path / "run"
+    result = run.main(["--dataset", "tiny", "--shade", "light", "--data-root", str(data.root), "--out", str(out),
+                       "--device", "cpu", "--workers", "0", "--max-steps", "2", "--log-every", "1"])
+    assert result.step == 2 and result.best_checkpoint is None
+    assert "no validation split: no mIoU is measured and no best.pt is written" in (out / "train.log").read_text()
+    loaded = load_model(out / "last.pt")
+    assert loaded.meta.dataset == "tiny" and loaded.meta.classes == ("bg", "fg")
+    assert loaded.config.aspp_rates == (1, 2, 3) and loaded.meta.input_size == (32, 32)
+    raw = tmp_path / "raw.pth"
+    torch.save(loaded.model.state_dict(), raw)  # as the official code would save a model of this recipe
+    assert load_model(raw, backbone="resnet18", num_classes=2, dataset="tiny").config == loaded.config
+    with pytest.raises(ConfigError, match="--shade is not used by --dataset cityscapes"):
+        run.main(tiny_args(tmp_path, tmp_path / "x", "--shade", "dark"))  # refused before any file is read
+
+
+def test_a_full_disk_ends_with_one_sentence_and_exit_2(city_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".last.pt.k1ll3d.tmp").write_bytes(b"PK half a checkpoint of a killed run")
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run.cli(tiny_args(city_root, out, "--epochs", "1", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
+    assert err.startswith(f"error: could not write {out / 'last.pt'} (") and err.endswith("checkpoint is kept")
+    assert "unexpected pos" in err and "--resume auto" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []  # ours removed, the new one too
+    assert "removed 1 temporary file(s) of an interrupted write: .last.pt.k1ll3d.tmp" in (out / "train.log").read_text()
+
+
+def test_data_errors_stop_at_start_up_with_one_sentence_and_exit_2(city_root, tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(city_root, unlabelled)
+    for label in (unlabelled / "20clicks").glob("*.png"):
+        Image.fromarray(np.full((48, 96), 255, np.uint8)).save(label)
+    assert run.cli(tiny_args(unlabelled, tmp_path / "a", "--epochs", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: none of the 8 training labels under {unlabelled} holds a labelled pixel (every value is 19 "
+                   "or 255): there is nothing to learn from. Check --data-root and that the labels hold class ids "
+                   "0..18")
+    rgb = tmp_path / "rgb"
+    shutil.copytree(city_root, rgb)
+    victim = sorted((rgb / "20clicks").glob("*.png"))[-1]  # the last file: reached late by a batch, early here
+    Image.fromarray(np.zeros((48, 96, 3), np.uint8)).save(victim)
+    assert run.cli(tiny_args(rgb, tmp_path / "b", "--epochs", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: label {victim} has mode RGB") and len(err.splitlines()) == 1
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_more_processes_than_gpus_stop_before_nccl(monkeypatch):
+    from training import distributed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("NCCL was started"))
+    with pytest.raises(distributed.DeviceError, match=r"torchrun started 2 processes on this node but 1 CUDA "
+                                                      r"device\(s\) are visible .* --nproc-per-node 1 or fewer"):
+        distributed.init_distributed("auto")

@@ -1,17 +1,8 @@
-"""Cityscapes, VOC and folder data sets with the official AGMM training augmentations.
+"""Training and evaluation items of any data format, with the official AGMM training augmentations.
 
-Layouts (docs/algorithm.md, "Labels"):
-
-* Cityscapes: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``, full labels
-  ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png``, sparse labels ``{20,50,100}clicks/<gtFine basename>``.
-* VOC: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``, sparse ``point/<id>.png`` and
-  ``scribble/<id>.png`` (the official ``point/segcls`` and ``scribble/seginst`` sub-folders are found too),
-  splits ``ImageSets/Segmentation/{train_aug,train,val}.txt``.
-* folder: ``classes.txt``, ``train/images/*``, ``train/labels/<stem>.png`` (sparse), optional
-  ``val/images/*`` and ``val/labels/<stem>.png`` (full).
-
-Split files may also be given in the official AGMM format, ``<image> <label>`` per line (paths relative to
-the root for Cityscapes, file names for VOC).
+The data formats (layouts, split files, classes) are rows of ``agmm_deploy.datasets``; this module reads their
+(image, label) pairs. Labels are checked before training starts (``check_labels``: the header of every image and
+label, the values of every label), so a bad file stops the run at start-up, not at the step that reaches it.
 
 Training samples follow the official ``dataset/sass.py``: sparse label read, unlabelled pixels (255 or K)
 set to K, ``cls_label`` taken from the whole label, then random scale 0.5-2.0 of the long side, crop with
@@ -22,156 +13,104 @@ crops as an uninterrupted one, whatever the number of workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD
-from agmm_deploy.transforms import normalize, read_image
+from agmm_deploy.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from agmm_deploy.datasets import DataError, Sample
+from agmm_deploy.transforms import ImageDecodeError, normalize, read_image
 
-CITYSCAPES_CLICKS = (20, 50, 100)
-VOC_SPARSE_FOLDERS = {"point": ("point/segcls", "point"), "scribble": ("scribble/seginst", "scribble")}
-
-
-class DataError(ValueError):
-    """A data root, split file, image or label is missing or holds values the training cannot use."""
+# Modes of a label file of class ids: 8-bit grey or indexed (the usual), 32-bit or 16-bit integers.
+LABEL_MODES = ("L", "P", "I", "I;16")
 
 
-@dataclass(frozen=True)
-class Sample:
-    image: Path
-    label: Path
+def _label_values(label: np.ndarray) -> np.ndarray:
+    """The distinct values of a label array (a 256-bin count for uint8: linear time, no sort)."""
+    if label.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    return np.unique(label)
 
 
-def _require_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise DataError(f"{path} does not exist or is not a folder; expected {what}. Check --data-root.")
-    return path
-
-
-def _read_list(list_file: Path) -> list[list[str]]:
-    if not list_file.is_file():
-        raise DataError(f"split file {list_file} does not exist")
-    rows = [line.split() for line in list_file.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise DataError(f"split file {list_file} is empty; expected one '<image> <label>' or '<id>' per line")
-    bad = [i + 1 for i, row in enumerate(rows) if len(row) not in (1, 2)]
-    if bad:
-        raise DataError(f"split file {list_file} line {bad[0]} has {len(rows[bad[0] - 1])} fields; expected "
-                        "'<image> <label>' (official AGMM format) or '<id>' (VOC ImageSets format)")
-    return rows
-
-
-def _check_files(samples: list[Sample], source: str) -> list[Sample]:
-    if not samples:
-        raise DataError(f"no samples found in {source}")
-    for sample in samples:
-        for path in (sample.image, sample.label):
-            if not path.is_file():
-                raise DataError(f"{path} is listed by {source} but does not exist")
-    return samples
-
-
-def cityscapes_samples(root: str | Path, split: str, clicks: int | None = None,
-                       list_file: str | Path | None = None) -> list[Sample]:
-    """(image, label) pairs of a Cityscapes split; the label is ``{clicks}clicks/...`` when clicks is given."""
-    root = Path(root)
-    _require_dir(root, "a Cityscapes root holding leftImg8bit/ and gtFine/")
-    if clicks is not None and clicks not in CITYSCAPES_CLICKS:
-        raise DataError(f"clicks={clicks} is not a Cityscapes setting; expected one of {CITYSCAPES_CLICKS}")
-    if list_file is not None:
-        rows = _read_list(Path(list_file))
-        if any(len(row) != 2 for row in rows):
-            raise DataError(f"split file {list_file}: Cityscapes lists need '<leftImg8bit path> <gtFine path>'")
-        pairs = [(root / img, root / gt) for img, gt in rows]
-        source = f"split file {list_file}"
-    else:
-        image_dir = _require_dir(root / "leftImg8bit" / split, f"Cityscapes images in leftImg8bit/{split}/<city>/")
-        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
-        pairs = [(img, root / "gtFine" / split / img.parent.name /
-                  img.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")) for img in images]
-        source = str(image_dir)
-    if clicks is not None:
-        sparse_dir = _require_dir(root / f"{clicks}clicks", f"the {clicks}-click labels ({clicks}clicks/<gtFine name>)")
-        pairs = [(img, sparse_dir / gt.name) for img, gt in pairs]
-    return _check_files([Sample(img, label) for img, label in pairs], source)
-
-
-def voc_samples(root: str | Path, split: str, label: str = "full", list_file: str | Path | None = None) -> list[Sample]:
-    """(image, label) pairs of a VOC split; ``label`` is full (SegmentationClass), point or scribble."""
-    root = Path(root)
-    _require_dir(root / "JPEGImages", "a VOC root holding JPEGImages/ and SegmentationClass/")
-    if label == "full":
-        label_dir = _require_dir(root / "SegmentationClass", "VOC full labels in SegmentationClass/")
-    elif label in VOC_SPARSE_FOLDERS:
-        candidates = [root / sub for sub in VOC_SPARSE_FOLDERS[label]]
-        found = [c for c in candidates if c.is_dir()]
-        if not found:
-            raise DataError(f"no {label} labels under {root}: expected {candidates[1]}/<id>.png "
-                            f"(or the official {candidates[0]}/)")
-        label_dir = found[0]
-    else:
-        raise DataError(f"label={label!r} is not a VOC setting; expected point, scribble or full")
-    if list_file is None:
-        sets = root / "ImageSets" / "Segmentation"
-        names = ["train_aug.txt", "train.txt"] if split == "train" else [f"{split}.txt"]
-        existing = [sets / n for n in names if (sets / n).is_file()]
-        if not existing:
-            raise DataError(f"no split file for {split!r}: expected {sets / names[-1]} (or pass --{split}-list)")
-        list_file = existing[0]
-    rows = _read_list(Path(list_file))
-    samples = []
-    for row in rows:
-        if len(row) == 2:  # official format: "<name>.jpg <name>.png"
-            samples.append(Sample(root / "JPEGImages" / row[0], label_dir / Path(row[1]).name))
-        else:
-            samples.append(Sample(root / "JPEGImages" / f"{row[0]}.jpg", label_dir / f"{row[0]}.png"))
-    return _check_files(samples, f"split file {list_file}")
-
-
-def read_class_names(root: str | Path) -> tuple[str, ...]:
-    """The class names of a folder data set, one per line of ``classes.txt``."""
-    path = Path(root) / "classes.txt"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; a folder data set needs classes.txt with one class name per line")
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-    if len(names) < 2:
-        raise DataError(f"{path} lists {len(names)} class(es); expected at least 2")
-    return names
-
-
-def folder_samples(root: str | Path, split: str) -> list[Sample]:
-    """(image, label) pairs of ``<root>/<split>/images`` and ``<root>/<split>/labels/<stem>.png``."""
-    root = Path(root)
-    image_dir = _require_dir(root / split / "images", f"the {split} images of a folder data set")
-    label_dir = _require_dir(root / split / "labels", f"the {split} labels (<image stem>.png) of a folder data set")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return _check_files([Sample(img, label_dir / f"{img.stem}.png") for img in images], str(image_dir))
-
-
-def read_label(path: Path, num_classes: int) -> np.ndarray:
-    """A label PNG as uint8 (H, W), checked: values must be 0..K-1 (classes), K (unlabelled) or 255 (ignore)."""
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P", "I", "I;16"):
-                raise DataError(f"label {path} has mode {image.mode}; expected a single-channel PNG of class ids "
-                                "(mode L or P). Convert colour-coded labels to ids first.")
-            label = np.asarray(image)
-    except (OSError, SyntaxError) as err:
-        raise DataError(f"label {path} cannot be read as an image: {err}") from err
-    values = np.unique(label)
+def _refuse_values(path: Path, values: np.ndarray, num_classes: int) -> None:
     # Mode I labels are int32: negative values must be refused here, astype(uint8) would wrap -1 to 255.
     bad = values[((values < 0) | (values > num_classes)) & (values != IGNORE_INDEX)]
     if bad.size:
         raise DataError(f"label {path} holds values {bad[:8].tolist()} outside 0..{num_classes - 1} (classes), "
                         f"{num_classes} (unlabelled) and {IGNORE_INDEX} (ignore); check --dataset / classes.txt "
                         "or convert the file to train ids")
-    return label.astype(np.uint8)
+
+
+def _refuse_mode(path: Path, mode: str) -> None:
+    if mode not in LABEL_MODES:
+        raise DataError(f"label {path} has mode {mode}; expected a single-channel PNG of class ids "
+                        "(mode L or P). Convert colour-coded labels to ids first.")
+
+
+def read_label(path: Path, num_classes: int) -> np.ndarray:
+    """A label PNG as uint8 (H, W), checked: values must be 0..K-1 (classes), K (unlabelled) or 255 (ignore)."""
+    try:
+        with Image.open(path) as image:
+            _refuse_mode(path, image.mode)
+            label = np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"label {path} cannot be read as an image: {err}") from err
+    _refuse_values(path, _label_values(label), num_classes)
+    return label.astype(np.uint8, copy=False)
+
+
+def _check_sample(sample: Sample, num_classes: int) -> int:
+    """Checks one pair from the files' headers and the label's values; returns its number of labelled pixels."""
+    try:
+        with Image.open(sample.image) as image:  # the header only: no pixels decoded
+            image_size = image.size
+    except (OSError, SyntaxError) as err:
+        reason = "not a recognised image format" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise DataError(f"image {sample.image} cannot be read as an image ({reason})") from err
+    try:
+        with Image.open(sample.label) as label:
+            _refuse_mode(sample.label, label.mode)
+            label_size = label.size
+            if label.mode in ("L", "P"):  # 8-bit: the histogram is the count of each value, in C
+                counts = np.asarray(label.histogram()[:256])
+                values = np.flatnonzero(counts)
+            else:
+                array = np.asarray(label)
+                values, counts = np.unique(array, return_counts=True)
+                counts = dict(zip(values.tolist(), counts.tolist()))
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"label {sample.label} cannot be read as an image: {err}") from err
+    if image_size != label_size:
+        raise DataError(f"image {sample.image} is {image_size[0]}x{image_size[1]} but label {sample.label} is "
+                        f"{label_size[0]}x{label_size[1]}; expected the same size")
+    _refuse_values(sample.label, values, num_classes)
+    if isinstance(counts, dict):
+        return sum(n for v, n in counts.items() if 0 <= v < num_classes)
+    return int(counts[:num_classes].sum())
+
+
+def check_labels(samples: list[Sample], num_classes: int, what: str, threads: int = 4) -> int:
+    """Checks every pair before training: image and label readable and the same size, label single-channel with
+    values 0..K-1, K or 255, and at least one labelled pixel in all.
+
+    Args:
+        what: the split in words, for the error ("training labels under data/city").
+        threads: labels decoded in parallel (PIL releases the GIL while decoding).
+    Returns:
+        The number of labelled pixels (values 0..K-1) over all labels.
+    """
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        labelled = sum(pool.map(lambda sample: _check_sample(sample, num_classes), samples))
+    if labelled == 0:
+        raise DataError(f"none of the {len(samples)} {what} holds a labelled pixel (every value is {num_classes} or "
+                        f"{IGNORE_INDEX}): there is nothing to learn from. Check --data-root and that the labels hold "
+                        f"class ids 0..{num_classes - 1}")
+    return labelled
 
 
 def random_scale(image: Image.Image, label: Image.Image, rng: np.random.Generator,
@@ -186,17 +125,23 @@ def random_scale(image: Image.Image, label: Image.Image, rng: np.random.Generato
     return image.resize((ow, oh), Image.BILINEAR), label.resize((ow, oh), Image.NEAREST)
 
 
-def random_crop(image: Image.Image, label: Image.Image, size: int,
-                rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
-    """Pads bottom/right to ``size`` (image with 0, label with 255 = no supervision), then crops randomly."""
-    w, h = image.size
-    pad_w, pad_h = max(size - w, 0), max(size - h, 0)
-    if pad_w or pad_h:
-        image = ImageOps.expand(image, border=(0, 0, pad_w, pad_h), fill=0)
-        label = ImageOps.expand(label, border=(0, 0, pad_w, pad_h), fill=IGNORE_INDEX)
-    w, h = image.size
+def random_crop(image: np.ndarray, label: np.ndarray, size: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Pads bottom/right to ``size`` (image with 0, label with 255 = no supervision), then crops randomly.
+
+    Shape: image (H, W, 3), label (H, W) uint8 -> (size, size, 3), (size, size).
+    """
+    h, w = label.shape
+    pad_h, pad_w = max(size - h, 0), max(size - w, 0)
+    if pad_h or pad_w:
+        padded_image = np.zeros((h + pad_h, w + pad_w, 3), np.uint8)
+        padded_image[:h, :w] = image
+        padded_label = np.full((h + pad_h, w + pad_w), IGNORE_INDEX, np.uint8)
+        padded_label[:h, :w] = label
+        image, label = padded_image, padded_label
+        h, w = label.shape
     x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-    return image.crop((x, y, x + size, y + size)), label.crop((x, y, x + size, y + size))
+    return image[y:y + size, x:x + size], label[y:y + size, x:x + size]
 
 
 def colour_augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -221,8 +166,10 @@ def colour_augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 class SegmentationDataset(Dataset):
     """Images with sparse labels for training (augmented crops) or full labels for evaluation (whole images).
 
-    Training items: (image (3, S, S) float32 normalised, mask (S, S) int64 with K = unlabelled and
-    255 = padding, cls_label (K,) float32, index). Evaluation items: (image (3, H, W), mask (H, W), index).
+    Training items: (image (3, S, S) float32 normalised, mask (S, S) uint8 with K = unlabelled and
+    255 = padding, cls_label (K,) float32, index). Evaluation items: (image (3, H, W), mask (H, W) uint8, index).
+    Masks stay uint8 through the loader (an eighth of int64 through worker IPC, pinning and the copy to the
+    device); the training loop makes them int64 on the device.
     """
 
     def __init__(self, samples: list[Sample], num_classes: int, train: bool, crop_size: int = 321,
@@ -246,7 +193,10 @@ class SegmentationDataset(Dataset):
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         sample = self.samples[index]
-        image = read_image(sample.image)
+        try:
+            image = read_image(sample.image)
+        except (ImageDecodeError, FileNotFoundError) as err:
+            raise DataError(str(err)) from err
         label = read_label(sample.label, self.num_classes)
         if image.shape[:2] != label.shape:
             raise DataError(f"image {sample.image} is {image.shape[1]}x{image.shape[0]} but label {sample.label} "
@@ -257,51 +207,23 @@ class SegmentationDataset(Dataset):
         image, label = self._load(index)
         if not self.train:
             tensor = torch.from_numpy(normalize(image, self.mean, self.std)[0])
-            return tensor, torch.from_numpy(label.astype(np.int64)), index
+            return tensor, torch.from_numpy(label), index
         k = self.num_classes
         # Unlabelled pixels (255 or K in the file) become K before cropping, so that crop padding alone is 255.
         label = np.where(label == IGNORE_INDEX, k, label).astype(np.uint8)
         cls_label = np.zeros(k, dtype=np.float32)
-        present = np.unique(label)
+        present = _label_values(label)
         cls_label[present[present < k]] = 1.0  # from the whole image, before the crop
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        pil_image, pil_label = Image.fromarray(image), Image.fromarray(label)
-        pil_image, pil_label = random_scale(pil_image, pil_label, rng)
-        pil_image, pil_label = random_crop(pil_image, pil_label, self.crop_size, rng)
+        # PIL resizes (bilinear / nearest, as the official code); crop and flip are array slices.
+        pil_image, pil_label = random_scale(Image.fromarray(image), Image.fromarray(label), rng)
+        image, label = random_crop(np.asarray(pil_image), np.asarray(pil_label), self.crop_size, rng)
         if rng.random() < 0.5:
-            pil_image = pil_image.transpose(Image.FLIP_LEFT_RIGHT)
-            pil_label = pil_label.transpose(Image.FLIP_LEFT_RIGHT)
+            image, label = image[:, ::-1], label[:, ::-1]
         if self.colour_aug:
-            pil_image = colour_augment(pil_image, rng)
-        tensor = torch.from_numpy(normalize(np.asarray(pil_image), self.mean, self.std)[0])
-        mask = torch.from_numpy(np.asarray(pil_label, dtype=np.int64).copy())
+            image = np.asarray(colour_augment(Image.fromarray(np.ascontiguousarray(image)), rng))
+        tensor = torch.from_numpy(normalize(image, self.mean, self.std)[0])
+        mask = torch.from_numpy(np.array(label))  # contiguous and writable
         return tensor, mask, torch.from_numpy(cls_label), index
 
 
-def val_samples(dataset: str, data_root: str | Path, val_list: str | Path | None = None) -> list[Sample] | None:
-    """The validation split with full labels (None for a folder data set without val/)."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise DataError(f"--data-root {root} does not exist or is not a folder")
-    if dataset == "cityscapes":
-        return cityscapes_samples(root, "val", list_file=val_list)
-    if dataset == "pascal":
-        return voc_samples(root, "val", label="full", list_file=val_list)
-    if dataset == "folder":
-        return folder_samples(root, "val") if (root / "val" / "images").is_dir() else None
-    raise DataError(f"dataset={dataset!r} is not supported; expected cityscapes, pascal or folder")
-
-
-def train_samples(dataset: str, data_root: str | Path, *, clicks: int | None = None, label: str = "point",
-                  train_list: str | Path | None = None) -> list[Sample]:
-    """The training split with sparse labels: Cityscapes clicks, VOC point/scribble, or folder train/labels."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise DataError(f"--data-root {root} does not exist or is not a folder")
-    if dataset == "cityscapes":
-        return cityscapes_samples(root, "train", clicks=clicks, list_file=train_list)
-    if dataset == "pascal":
-        return voc_samples(root, "train", label=label, list_file=train_list)
-    if dataset == "folder":
-        return folder_samples(root, "train")
-    raise DataError(f"dataset={dataset!r} is not supported; expected cityscapes, pascal or folder")

@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(ValueError):
+    """The requested device, or the number of processes per device, does not exist on this machine."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -36,11 +40,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name} was requested but torch.cuda.is_available() is False on this "
+            raise DeviceError(f"--device {name} was requested but torch.cuda.is_available() is False on this "
                                "machine; use --device cpu")
         return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     if name != "cpu":
-        raise ValueError(f"--device {name!r} is not understood; expected auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"--device {name!r} is not understood; expected auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
 
 
@@ -53,6 +57,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world_size = int(os.environ["WORLD_SIZE"])
     target = resolve_device(device, local_rank)
     if target.type == "cuda":
+        # Checked before the process group: NCCL with two processes on one GPU hangs or fails deep inside.
+        # Every process checks the node's process count, so they all stop, not only the ones without a GPU.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        visible = torch.cuda.device_count()
+        if max(per_node, local_rank + 1) > visible:
+            raise DeviceError(f"torchrun started {per_node} processes on this node but {visible} CUDA device(s) "
+                              f"are visible (one process per GPU); use --nproc-per-node {visible} or fewer, or "
+                              "--device cpu to run the processes on the CPU (gloo)")
         torch.cuda.set_device(target)
     if not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"

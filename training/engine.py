@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import time
 from contextlib import nullcontext
@@ -20,6 +18,7 @@ from agmm_deploy.inference import sliding_window_scores
 from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import SLIDING_OVERLAP, palette_png, sliding_window_tiles
 from training.distributed import all_reduce_mean
+from training.logger import RunLogger
 
 EVAL_MODES = ("center", "sliding", "multiscale", "whole")
 # Official multi-scale test (util/utils.py ms_test): 7 scales, each with a horizontal flip, logits averaged.
@@ -54,48 +53,71 @@ class EpochResult:
     seconds: float = 0.0
 
 
-def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, loader: Iterable, *, device: torch.device,
-                    epoch: int, step: int, total_steps: int, amp_dtype: torch.dtype | None = None,
-                    scaler: torch.amp.GradScaler | None = None, is_main: bool = True, writer=None,
-                    metrics_path: Path | None = None, logger: logging.Logger | None = None,
-                    log_every: int = 10) -> EpochResult:
+def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer, loader: Iterable,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int,
+                    logger: RunLogger, *, total_steps: int, amp_dtype: torch.dtype | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> EpochResult:
     """Runs the epoch's steps (stopping at ``total_steps``); the scheduler steps once per optimiser step.
+
+    The global step is the scheduler's (``scheduler.last_epoch``), so a resumed run continues its count. Losses
+    stay on the device and are copied to the host (averaged over ranks, checked for NaN/inf, logged) every
+    ``logger.log_every`` steps, before that step's update, and at the end of the epoch.
 
     Args:
         model: DDP(TrainForward(net)) or TrainForward(net): returns (feat, logits).
         loss_fn: (feat, logits, mask, cls_label) -> dict with ``total`` and the terms to log.
-        step: global step at the start of the epoch (the LR schedule's position).
+        loader: batches of (images (B, 3, S, S) float, masks (B, S, S) uint8, cls_label (B, K), index).
     Returns:
         EpochResult with the new global step and the epoch's mean loss terms.
     """
     model.train()
+    step = scheduler.last_epoch
     sums: dict[str, float] = {}
+    pending: list[tuple[int, list[float], torch.Tensor]] = []  # (step, lrs, stacked loss terms on the device)
+    keys: list[str] = []
     steps_run = 0
     start = time.perf_counter()
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True, leave=False)
+    bar = logger.progress(loader, desc=f"epoch {epoch}")
+
+    def report() -> None:
+        """One device-to-host copy for the pending steps; raises on every rank together if a loss is not finite."""
+        if not pending:
+            return
+        local = torch.stack([terms for _, _, terms in pending])  # (steps, terms)
+        # Averaged over ranks before the check, so that a NaN on one rank makes every rank raise here: a rank
+        # raising alone would leave the others waiting forever in DDP's gradient all-reduce.
+        averaged = all_reduce_mean(local).tolist()
+        records = []
+        for (at, lrs, _), row, own in zip(pending, averaged, local.tolist()):
+            record = dict(zip(keys, row))
+            if not math.isfinite(record["total"]):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {at}: {dict(zip(keys, own))} on "
+                                         f"this rank, {record} averaged over ranks; lower --lr or use --amp "
+                                         "none/bf16 instead of fp16")
+            for key, value in record.items():
+                sums[key] = sums.get(key, 0.0) + value
+            records.append({"step": at + 1, "lr": lrs[0], **({"lr_head": lrs[-1]} if len(lrs) > 1 else {}), **record})
+        pending.clear()
+        logger.steps(epoch, total_steps, records)
+        bar.set_postfix(loss=f"{records[-1]['total']:.3f}", lr=f"{records[-1]['lr']:.2e}")
+
     for images, masks, cls_label, _ in bar:
         if step >= total_steps:
             break
         images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True).long()  # uint8 through the loader, int64 for the loss
         cls_label = cls_label.to(device, non_blocking=True)
         lrs = [group["lr"] for group in optimizer.param_groups]
         with autocast:
             feat, logits = model(images)
         losses = loss_fn(feat, logits, masks, cls_label)  # computed in fp32 whatever the autocast
-        total = losses["total"]
-        # Averaged over ranks before the check, so that a NaN on one rank makes every rank raise here: a rank
-        # raising alone would leave the others waiting forever in DDP's gradient all-reduce.
         keys = list(losses)
-        logged = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys])).tolist()
-        record = dict(zip(keys, logged))
-        if not math.isfinite(record["total"]):
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {values} on this rank, "
-                                     f"{record} averaged over ranks; lower --lr or use --amp none/bf16 instead "
-                                     "of fp16")
+        pending.append((step, lrs, torch.stack([losses[k].detach().float() for k in keys])))
+        if steps_run == 0 or (step + 1) % logger.log_every == 0:
+            report()  # before the update: a non-finite loss stops the run with the weights of the step before
+        total = losses["total"]
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -107,23 +129,7 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         scheduler.step()
         step += 1
         steps_run += 1
-
-        for key, value in record.items():
-            sums[key] = sums.get(key, 0.0) + value
-        if is_main:
-            bar.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lrs[0]:.2e}")
-            if writer is not None:
-                for key, value in record.items():
-                    writer.add_scalar(f"loss/{key}", value, step)
-                writer.add_scalar("lr/backbone", lrs[0], step)
-                if len(lrs) > 1:
-                    writer.add_scalar("lr/head", lrs[-1], step)
-            if metrics_path is not None:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "lr": lrs[0], **record}) + "\n")
-            if logger is not None and (step % log_every == 0 or steps_run == 1):
-                terms = " ".join(f"{k}={v:.4f}" for k, v in record.items())
-                logger.info(f"epoch {epoch} step {step}/{total_steps} lr {lrs[0]:.3e} {terms}")
+    report()
     bar.close()
     means = {k: v / max(1, steps_run) for k, v in sums.items()}
     return EpochResult(step=step, losses=means, steps_run=steps_run, seconds=time.perf_counter() - start)
@@ -187,7 +193,8 @@ def evaluate(net: nn.Module, loader: Iterable, *, device: torch.device, num_clas
     matrix = ConfusionMatrix(num_classes, device=device)
     for images, labels, indices in tqdm(loader, desc=f"eval ({mode})", disable=not is_main, dynamic_ncols=True,
                                         leave=False):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True).long()  # uint8 through the loader
         if mode == "center":
             images, labels = center_crop(images, labels, crop_size)
             scores = _forward_logits(net, images, amp_dtype)

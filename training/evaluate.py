@@ -6,6 +6,7 @@
 
 The data set, classes and crop size come from the checkpoint; a raw official state dict needs --dataset,
 --backbone and --num-classes. Prints the per-class IoU table and the mIoU (confusion matrix summed over ranks).
+Usage and data errors end with one sentence on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from agmm_deploy.checkpoint import load_model
-from training.data import SegmentationDataset, val_samples
+from agmm_deploy.datasets import DATA_FORMATS, DataError, get_format
+from training.data import SegmentationDataset
 from training.distributed import DistInfo, cleanup_distributed, init_distributed
 from training.engine import EVAL_MODES, evaluate
 
@@ -42,11 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("checkpoint", help="best.pt / last.pt from training.run, or an official raw state dict")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--dataset", choices=("cityscapes", "pascal", "folder"),
-                   help="default: the checkpoint's dataset")
+    p.add_argument("--dataset", choices=sorted(DATA_FORMATS), help="default: the checkpoint's dataset")
     p.add_argument("--mode", choices=EVAL_MODES, default=None,
-                   help="center | sliding | multiscale | whole (default: sliding on Cityscapes, multiscale on VOC, "
-                        "whole otherwise)")
+                   help="center | sliding | multiscale | whole (default: the data format's protocol: " + ", ".join(
+                       f"{row.name} {row.eval_mode}" for row in DATA_FORMATS.values()) + ")")
     p.add_argument("--crop-size", type=int, help="center crop / sliding tile (default: the checkpoint's input size)")
     p.add_argument("--val-list", help="split file of the validation images")
     p.add_argument("--max-images", type=int, help="first N validation images only")
@@ -80,7 +82,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
     Args:
         checkpoint: best.pt / last.pt of training.run, or an official raw state dict (then dataset, backbone
             and num_classes say what it is).
-        mode: center | sliding | multiscale | whole; default sliding on Cityscapes, multiscale on VOC, else whole.
+        mode: center | sliding | multiscale | whole; default the data format's ``eval_mode`` (the paper's protocol).
         crop_size: center crop / sliding tile; default the checkpoint's input size.
         save_png, json_path: optional outputs, written by the main process.
     Returns:
@@ -89,17 +91,20 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
     loaded = load_model(checkpoint, backbone=backbone, num_classes=num_classes, dataset=dataset)
     meta = loaded.meta
     dataset = dataset or meta.dataset
-    if dataset not in ("cityscapes", "pascal", "folder"):
+    if dataset not in DATA_FORMATS:
         raise ValueError(f"{checkpoint} does not say which data set it was trained on (got {dataset!r}); "
-                         "pass --dataset cityscapes|pascal|folder")
-    mode = mode or {"cityscapes": "sliding", "pascal": "multiscale"}.get(dataset, "whole")
+                         f"pass --dataset {'|'.join(DATA_FORMATS)}")
+    data = get_format(dataset)
+    mode = mode or data.eval_mode
     crop = crop_size or meta.input_size[0]
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if amp_dtype is not None and dist_info.device.type != "cuda":
         raise ValueError(f"--amp {amp} needs a CUDA device; this run is on {dist_info.device}. Use --amp none.")
-    samples = val_samples(dataset, data_root, val_list)
+    if val_list is not None and "val_list" not in {flag.name for flag in data.flags}:
+        raise ValueError(f"--val-list is not used by --dataset {dataset} (its layout: {data.layout}); remove it")
+    samples = data.val_samples(Path(data_root), {"val_list": val_list})
     if not samples:
-        raise ValueError(f"{data_root} has no validation split (expected val/images and val/labels)")
+        raise DataError(f"{data_root} has no validation split ({data.title} layout: {data.layout})")
     val_set = SegmentationDataset(samples, meta.num_classes, train=False, mean=meta.mean, std=meta.std)
     shard = list(range(len(val_set)))[:max_images][dist_info.rank::dist_info.world_size]
     loader = DataLoader(Subset(val_set, shard), batch_size=1, num_workers=workers)
@@ -129,5 +134,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: exit code 0, or 2 with one sentence for an error the user can fix."""
+    try:
+        main(argv)
+    except ValueError as err:  # DataError, CheckpointError, DeviceError and the refusals above: the user's to fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
