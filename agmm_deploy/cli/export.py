@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agmm_deploy.checkpoint import raw_recipes
 from agmm_deploy.cli import class_names, positive_int
 from agmm_deploy.export.precision import PRECISIONS, get_precision
 
@@ -69,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     raw = parser.add_argument_group("raw official state dicts")
     raw.add_argument("--backbone", default=None, help="e.g. resnet101")
     raw.add_argument("--num-classes", type=int, default=None, help="e.g. 21")
-    raw.add_argument("--dataset", default=None, choices=("cityscapes", "pascal"),
+    raw.add_argument("--dataset", default=None, choices=raw_recipes(),
                      help="the official recipe it was trained with: selects ASPP rates/multi-grid and class names")
     raw.add_argument("--classes", type=class_names, default=None,
                      help="comma-separated class names, for a model trained on other classes than the recipe's")

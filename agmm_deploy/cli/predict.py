@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from agmm_deploy.checkpoint import raw_recipes
 from agmm_deploy.cli import class_names
 from agmm_deploy.constants import IMAGE_SUFFIXES
 from agmm_deploy.transforms import SLIDING_OVERLAP
@@ -32,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlay")
     parser.add_argument("--backbone", default=None, help="raw official state dicts only, e.g. resnet101")
     parser.add_argument("--num-classes", type=int, default=None, help="raw official state dicts only")
-    parser.add_argument("--dataset", default=None, choices=("cityscapes", "pascal"),
+    parser.add_argument("--dataset", default=None, choices=raw_recipes(),
                         help="raw official state dicts only: the official recipe it was trained with")
     parser.add_argument("--classes", type=class_names, default=None,
                         help="raw official state dicts only: comma-separated class names, for a model trained on "
