@@ -20,6 +20,7 @@ from agmm_deploy.labels import cvat, detect_format, label_studio
 from agmm_deploy.labels.annotations import PredictedImage
 from agmm_deploy.labels.rasterize import rasterize
 from agmm_deploy.transforms import palette_png
+from agmm_deploy.datasets.folder import read_classes as trainer_classes
 
 DATA = Path(__file__).resolve().parent / "data" / "labels"
 IMAGES = DATA / "images"
@@ -59,7 +60,7 @@ def test_format_is_detected_from_the_file(name, fmt):
 def test_cvat_xml_written_by_datumaro_imports_clicks_scribble_polygon_and_mask(tmp_path, capsys):
     out = tmp_path / "data"
     assert run_import(DATA / "cvat.xml", out) == 0
-    assert (out / "classes.txt").read_text().splitlines() == list(CLASSES)  # the trainer's format, ids in CVAT's order
+    assert list(trainer_classes(out)[0]) == list(CLASSES)  # the trainer's format, ids in CVAT's order
     assert sorted(p.name for p in (out / "train" / "images").iterdir()) == ["img_0.png", "img_1.png", "img_2.png"]
     label = read_png(out / "train" / "labels" / "img_0.png")  # (48, 64)
     assert label.shape == (48, 64)
@@ -93,7 +94,7 @@ def test_label_studio_export_imports_keypoints_polygon_and_brush_rle_as_cvat_doe
         assert scribble.any() and (ls[~scribble] == ref[~scribble]).all()
     # A JSON export keeps no label list: without --classes, ids follow the order of first use
     assert run_import(DATA / "label_studio.json", tmp_path / "ls_own") == 0
-    assert (tmp_path / "ls_own" / "classes.txt").read_text().splitlines() == ["disk", "box", "background"]
+    assert list(trainer_classes(tmp_path / "ls_own")[0]) == ["disk", "box", "background"]
 
 
 def test_coco_keypoints_and_csv_give_the_same_clicks(tmp_path, capsys):
@@ -105,7 +106,7 @@ def test_coco_keypoints_and_csv_give_the_same_clicks(tmp_path, capsys):
     csv = read_png(tmp_path / "csv" / "train" / "labels" / "img_1.png")
     assert disk_pixels(coco, 18, 16, DISK) == 13 and disk_pixels(csv, 18, 16, DISK, radius=3) == 29
     assert ((coco != IGNORE_INDEX) <= (csv != IGNORE_INDEX)).all()  # radius 3 disks contain the radius 2 ones
-    assert (tmp_path / "csv" / "classes.txt").read_text().splitlines() == list(CLASSES)
+    assert list(trainer_classes(tmp_path / "csv")[0]) == list(CLASSES)
     assert "labelled pixels per class: background 78, disk 39, box 39" in capsys.readouterr().out
 
 

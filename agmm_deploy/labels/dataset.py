@@ -1,6 +1,6 @@
 """An export plus its images -> the folder data set the trainer reads, checked in full before anything is written.
 
-Written: ``classes.txt`` (one class name per line, the trainer's format), ``train/images/<file>`` (the image
+Written: ``classes.txt`` (one ``<name> R G B`` per line, the trainer's format), ``train/images/<file>`` (the image
 files as they are, EXIF included: the trainer applies the orientation, as the tools did) and
 ``train/labels/<stem>.png`` (indexed PNG: class id at marked pixels, 255 elsewhere, default palette colours).
 Everything goes into a temporary folder beside ``out`` that is renamed to ``out`` at the end, so a failure
@@ -180,8 +180,12 @@ def import_labels(export: Export, images_dir: Path, out: Path, classes: tuple[st
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp's folder is private; the data root is an ordinary folder
-        palette = default_palette(len(names))  # the trainer's colours for a folder data set
-        atomic_write_bytes(staging / "classes.txt", "".join(f"{n}\n" for n in names).encode("utf-8"))
+        # The colours the annotation tool showed where the export gives them for every class, else the trainer's
+        # default colours; classes.txt records them ("<name> R G B"), so masks and overlays keep the tool's look.
+        palette = (tuple(export.colours[n] for n in names) if all(n in export.colours for n in names)
+                   else default_palette(len(names)))
+        atomic_write_bytes(staging / "classes.txt",
+                           "".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in zip(names, palette)).encode("utf-8"))
         (staging / "train" / "images").mkdir(parents=True)
         for entry, path, (width, height) in found:
             label = rasterize(entry.shapes, class_ids, height, width, click_radius, scribble_width)
