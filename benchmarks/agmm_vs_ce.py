@@ -50,7 +50,7 @@ def main(argv=None):
             start = time.perf_counter()
             result = run.main([
                 "--dataset", "cityscapes", "--clicks", "20", "--data-root", str(data.root), "--out", str(out / loss),
-                "--backbone", args.backbone, "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size),
+                "--pretrained", "none", "--backbone", args.backbone, "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size),
                 "--lr", str(args.lr), "--head-lr-mult", "1", "--epochs", "1000", "--max-steps", str(args.steps),
                 "--eval-mode", "whole", "--eval-every", "1000", "--workers", "0", "--device", "cpu",
                 "--seed", str(args.seed), "--loss", loss, "--log-every", "50"])

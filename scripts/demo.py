@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           "--height", str(size["height"]), "--width", str(size["width"]), "--seed", "0"])
 
     train_cmd = [py, "-m", "training.run", "--dataset", "cityscapes", "--clicks", "20", "--data-root", str(data),
-                 "--backbone", "resnet18", "--crop-size", str(size["crop"]), "--batch-size", str(size["batch"]),
+                 "--pretrained", "none", "--backbone", "resnet18", "--crop-size", str(size["crop"]), "--batch-size", str(size["batch"]),
                  "--epochs", str(size["epochs"]), "--lr", "0.01", "--workers", "0", "--eval-mode", "center",
                  "--out", str(train)]
     if size["max_steps"]:

@@ -34,7 +34,7 @@ def city_root(tmp_path_factory):
 
 def tiny_args(root, out, *extra):
     return ["--dataset", "cityscapes", "--clicks", "20", "--data-root", str(root), "--out", str(out),
-            "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+            "--pretrained", "none", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2", "--workers", "0", "--device", "cpu",
             "--max-val-images", "1", "--eval-mode", "center", "--log-every", "1", *extra]
 
 
@@ -173,7 +173,7 @@ def test_refusals_are_explicit(city_root, tmp_path):
 @pytest.mark.parametrize("name", ["cityscapes", "pascal"])
 def test_shipped_configs_reproduce_the_presets(name):
     config = REPO / "training" / "configs" / f"{name}.yaml"
-    resolved = resolve_config({"data_root": "x"}, config).to_dict()
+    resolved = resolve_config({"data_root": "x", "pretrained": "none"}, config).to_dict()
     row = get_format(name)
     preset = {**row.model, **row.recipe}
     for key in ("backbone", "crop_size", "epochs", "batch_size", "lr", "head_lr_mult", "colour_aug", "multi_grid"):
@@ -231,7 +231,7 @@ dilations: [12, 24, 36]
 def _resolve(tmp_path, text, **flags):
     path = tmp_path / "official.yaml"
     path.write_text(text)
-    return resolve_config(flags, path).to_dict()
+    return resolve_config({"pretrained": "none", **flags}, path).to_dict()
 
 
 def test_official_configs_map_mode_dilation_and_accept_celoss(tmp_path):
@@ -306,10 +306,21 @@ def test_flags_of_other_data_formats_are_refused(flags, message):
         resolve_config({"data_root": "x", **flags})
 
 
+@pytest.mark.parametrize("dataset, weights", [("cityscapes", "resnet50.pth"), ("pascal", "resnet101.pth")])
+def test_the_paper_data_sets_refuse_to_train_from_random_weights_unless_told(dataset, weights):
+    with pytest.raises(ConfigError, match=rf"--dataset {dataset} needs --pretrained: the official code always "
+                                          rf"starts from ImageNet-pretrained .*Luffy03/AGMM-SASS.* Pass --pretrained "
+                                          rf"/path/to/{weights}, or --pretrained none"):
+        resolve_config({"dataset": dataset, "data_root": "x"})
+    assert resolve_config({"dataset": dataset, "data_root": "x", "pretrained": "none"}).pretrained == "none"
+    assert resolve_config({"dataset": dataset, "data_root": "x", "resume": "last.pt"}).pretrained is None
+    assert resolve_config({"dataset": "folder", "data_root": "x"}).pretrained is None  # one's own data: a choice
+
+
 def test_config_values_are_typed_and_checked_in_one_place(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("lr: 1e-3\nmulti_grid: 'false'\n")  # YAML 1.1 reads 1e-3 as text
-    cfg = resolve_config({"dataset": "cityscapes", "data_root": "x"}, config)
+    cfg = resolve_config({"dataset": "cityscapes", "data_root": "x", "pretrained": "none"}, config)
     assert cfg.lr == 0.001 and cfg.multi_grid is False and cfg.options == {"clicks": 100, "train_list": None,
                                                                             "val_list": None}
     with pytest.raises(AttributeError):
@@ -319,7 +330,7 @@ def test_config_values_are_typed_and_checked_in_one_place(tmp_path):
                           ("clicks: 30\n", r"clicks=30 is not a Cityscapes setting; expected one of \[20, 50, 100\]")]:
         config.write_text(text)
         with pytest.raises(ConfigError, match=message):
-            resolve_config({"dataset": "cityscapes", "data_root": "x"}, config)
+            resolve_config({"dataset": "cityscapes", "data_root": "x", "pretrained": "none"}, config)
 
 
 def test_a_new_data_format_is_one_row_that_training_synthetic_and_checkpoints_see(tmp_path, monkeypatch):

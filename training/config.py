@@ -22,6 +22,8 @@ from training.engine import EVAL_MODES
 
 LOSSES = ("agmm", "ce")
 AMP_MODES = ("none", "bf16", "fp16")
+# --pretrained none: random weights, chosen explicitly (the paper's data sets refuse a run that says nothing).
+PRETRAINED_NONE = "none"
 # Keys of the official YAML configs, read as ours.
 OFFICIAL_KEYS = {"lr_multi": "head_lr_mult", "dilations": "aspp_rates", "aug": "colour_aug"}
 # Official keys that need a translation or a check (see _read_official_key). conf_thresh and weight are read by
@@ -46,6 +48,8 @@ class TrainConfig:
         lr: backbone learning rate; the head gets lr x head_lr_mult.
         batch_size: images per process (per GPU).
         max_steps: stop after this many optimiser steps (the poly schedule ends there too).
+        pretrained: backbone weights (file or 'imagenet'), 'none' for random weights on purpose, or None (not
+            given: refused for a format with ``pretrained_source`` unless the run resumes).
         eval_mode: auto (the data format's schedule) or one of EVAL_MODES.
         log_every: log (and copy the losses from the device) every N steps.
     """
@@ -142,11 +146,24 @@ def resolve_config(flags: dict[str, Any], config_path: str | Path | None = None)
     if settings.get("out") is None:
         settings["out"] = f"runs/{dataset}"
     values = {name: _checked(name, value, path) for name, value in settings.items()}
+    if values.get("pretrained") is None and values.get("resume") is None and row.pretrained_source:
+        raise missing_pretrained(row, values["backbone"])
     for flag in row.flags:
         if options[flag.name] is not None and flag.choices is not None and options[flag.name] not in flag.choices:
             raise ConfigError(f"{flag.name}={options[flag.name]!r} is not a {row.title} setting; expected one of "
                               f"{list(flag.choices)}")
     return TrainConfig(**values, options=options)
+
+
+def missing_pretrained(row: DataFormat, backbone: str, why: str = "") -> ConfigError:
+    """The refusal of a paper-recipe run without backbone weights: random weights there are a wasted week."""
+    return ConfigError(f"--dataset {row.name} needs --pretrained{why}: {row.pretrained_source}. Pass --pretrained "
+                       f"/path/to/{backbone}.pth, or --pretrained none to train from random weights on purpose")
+
+
+def random_weights(pretrained: str | None) -> bool:
+    """Whether the run starts from random weights (``--pretrained`` not given, or ``none``)."""
+    return pretrained is None or pretrained.lower() == PRETRAINED_NONE
 
 
 def _read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

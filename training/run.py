@@ -27,7 +27,8 @@ from agmm_deploy.checkpoint import CheckpointError, read_checkpoint, save_checkp
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.datasets import DATA_FORMATS, DataError, format_flags
 from agmm_deploy.model import BACKBONE_DEPTHS, ModelConfig, build_model, count_parameters
-from training.config import AMP_MODES, LOSSES, ConfigError, TrainConfig, resolve_config
+from training.config import (AMP_MODES, LOSSES, ConfigError, TrainConfig, missing_pretrained, random_weights,
+                             resolve_config)
 from training.data import SegmentationDataset, check_labels
 from training.distributed import (DeviceError, DistInfo, cleanup_distributed, init_distributed,
                                   parameters_match_across_ranks)
@@ -59,7 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stem", choices=("deep", "torchvision"), help="deep = official v1c stem (default)")
     p.add_argument("--output-stride", type=int, choices=(8, 16))
     p.add_argument("--pretrained", help="backbone weights: official resnet50.pth/resnet101.pth, a torchvision "
-                                        "state dict, or 'imagenet' (torchvision stem, needs network)")
+                                        "state dict, 'imagenet' (torchvision stem, needs network), or 'none' for "
+                                        "random weights (required for cityscapes/pascal, whose recipe starts "
+                                        "from ImageNet weights)")
     p.add_argument("--crop-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process (per GPU)")
@@ -131,6 +134,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     if dist_info.distributed:
         torch.distributed.barrier()
     resume = _resume_path(cfg.resume, out)
+    if resume is None and cfg.pretrained is None and cfg.data_format.pretrained_source:
+        raise missing_pretrained(cfg.data_format, cfg.backbone, f" (--resume auto found no {out / 'last.pt'})")
     ckpt = read_checkpoint(resume) if resume else None
     logger = RunLogger(out, is_main=is_main, log_every=cfg.log_every, resume_step=ckpt and int(ckpt["step"]))
     if removed:
@@ -179,7 +184,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     model_config = ModelConfig.for_dataset(cfg.dataset, backbone=cfg.backbone, stem=cfg.stem,
                                            output_stride=cfg.output_stride, multi_grid=cfg.multi_grid,
                                            aspp_rates=cfg.aspp_rates, num_classes=num_classes)
-    net = build_model(model_config, pretrained=cfg.pretrained).to(device)
+    net = build_model(model_config, pretrained=None if random_weights(cfg.pretrained) else cfg.pretrained).to(device)
     if device.type == "cuda" and world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     model = TrainForward(net)

@@ -49,6 +49,11 @@ class Flag:
     help: str = ""
 
 
+# Where the official recipes' backbone weights come from (the official resnet.py loads them with strict=False).
+OFFICIAL_BACKBONE_WEIGHTS = ("the official code always starts from ImageNet-pretrained deep-stem ('v1c') ResNets, "
+                             "resnet50.pth / resnet101.pth, linked for download from the README of the official "
+                             "AGMM code (GitHub Luffy03/AGMM-SASS) and of UniMatch, whose backbones it uses")
+
 # Split files in the official AGMM format ('<image> <label>' per line) or VOC ids: formats with split files.
 TRAIN_LIST = Flag("train_list", help="split file: '<image> <label>' per line (official format) or VOC ids")
 VAL_LIST = Flag("val_list", help="split file of the validation images, same formats")
@@ -77,6 +82,9 @@ class DataFormat:
         eval_mode: the default of ``python -m training.evaluate`` (the paper's protocol).
         official_input_size: the official crop, for a raw official state dict trained with this recipe; None
             when no official weights exist for this format.
+        pretrained_source: for the paper's data sets, where the backbone weights of the official recipe come
+            from (a training run then refuses to start without ``--pretrained``, or ``--pretrained none``);
+            None where training from random weights is an ordinary choice.
         write_synthetic: (root, split, index, rng, height, width, click_radius) -> image id; writes one image
             with its labels in this layout. finish_synthetic(root, ids) writes split files / class lists.
     """
@@ -100,6 +108,7 @@ class DataFormat:
     final_val_epochs: int = 0
     eval_mode: str = "whole"
     official_input_size: tuple[int, int] | None = None
+    pretrained_source: str | None = None
 
     def classes_and_palette(self, root: str | Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...] | None]:
         """The class names and palette of the data set under ``root`` (fixed ones need no root)."""

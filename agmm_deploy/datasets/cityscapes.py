@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from agmm_deploy.constants import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX
-from agmm_deploy.datasets import (TRAIN_LIST, VAL_LIST, DataError, DataFormat, Flag, Sample, check_files,
-                                  read_list, require_dir, require_root)
+from agmm_deploy.datasets import (OFFICIAL_BACKBONE_WEIGHTS, TRAIN_LIST, VAL_LIST, DataError, DataFormat, Flag,
+                                  Sample, check_files, read_list, require_dir, require_root)
 
 CLICKS = (20, 50, 100)
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau")}
@@ -127,6 +127,7 @@ FORMAT = DataFormat(
     final_val_epochs=20,
     eval_mode="sliding",
     official_input_size=(721, 721),  # the paper says 769; the official code crops 721
+    pretrained_source=OFFICIAL_BACKBONE_WEIGHTS,
     write_synthetic=write_synthetic,
     finish_synthetic=finish_synthetic,
 )

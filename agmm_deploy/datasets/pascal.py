@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from agmm_deploy.constants import VOC_CLASSES, VOC_PALETTE
-from agmm_deploy.datasets import (TRAIN_LIST, VAL_LIST, DataError, DataFormat, Flag, Sample, check_files,
-                                  read_list, require_dir, require_root)
+from agmm_deploy.datasets import (OFFICIAL_BACKBONE_WEIGHTS, TRAIN_LIST, VAL_LIST, DataError, DataFormat, Flag,
+                                  Sample, check_files, read_list, require_dir, require_root)
 
 LABELS = ("point", "scribble")
 SPARSE_FOLDERS = {"point": ("point/segcls", "point"), "scribble": ("scribble/seginst", "scribble")}
@@ -115,6 +115,7 @@ FORMAT = DataFormat(
     val_mode="whole",
     eval_mode="multiscale",
     official_input_size=(321, 321),
+    pretrained_source=OFFICIAL_BACKBONE_WEIGHTS,
     write_synthetic=write_synthetic,
     finish_synthetic=finish_synthetic,
 )
