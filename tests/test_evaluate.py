@@ -60,16 +60,33 @@ def test_sliding_window_runs_each_tile_once_and_averages_softmax(tiny_net):
     assert small.shape == (1, 5, 10, 12)
 
 
-def test_multiscale_is_fourteen_passes_averaging_logits(tiny_net):
+def official_ms_test(net, img):
+    """The official util/utils.py ms_test, with the official network's eval output (``out.softmax(1)``)."""
+    model = lambda x: net(x).softmax(1)  # noqa: E731
+    _, _, h, w = img.shape
+    final = None
+    for scale in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0):
+        cur = torch.nn.functional.interpolate(img, size=(int(h * scale), int(w * scale)), mode="bilinear",
+                                              align_corners=True)
+        out = torch.nn.functional.interpolate(model(cur), (h, w), mode="bilinear", align_corners=True)
+        final = out if final is None else final + out
+        out = torch.nn.functional.interpolate(model(cur.flip(3)).flip(3), (h, w), mode="bilinear",
+                                              align_corners=True)
+        final += out
+    return final / 14
+
+
+def test_multiscale_is_fourteen_passes_averaging_softmax_as_the_official_ms_test(tiny_net):
     counter = CountingNet(tiny_net)
     image = torch.randn(1, 3, 8, 12)
-    logits = predict_multiscale(counter, image)
-    assert counter.images == 14 and logits.shape == (1, 5, 8, 12)
-    single = predict_multiscale(tiny_net, image, scales=(1.0,))
+    probs = predict_multiscale(counter, image)
+    assert counter.images == 14 and probs.shape == (1, 5, 8, 12)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 8, 12))
     with torch.no_grad():
-        plain = tiny_net(image)
-        flipped = tiny_net(image.flip(3)).flip(3)
-    torch.testing.assert_close(single, (plain + flipped) / 2, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(probs, official_ms_test(tiny_net, image), rtol=1e-4, atol=1e-6)
+        plain, flipped = tiny_net(image).softmax(1), tiny_net(image.flip(3)).flip(3).softmax(1)
+    single = predict_multiscale(tiny_net, image, scales=(1.0,))
+    torch.testing.assert_close(single, (plain + flipped) / 2, rtol=1e-4, atol=1e-6)
 
 
 def test_center_crop_takes_the_middle():

@@ -21,7 +21,7 @@ from training.distributed import all_reduce_mean
 from training.logger import RunLogger
 
 EVAL_MODES = ("center", "sliding", "multiscale", "whole")
-# Official multi-scale test (util/utils.py ms_test): 7 scales, each with a horizontal flip, logits averaged.
+# Official multi-scale test (util/utils.py ms_test): 7 scales, each with a horizontal flip, softmax averaged.
 MULTISCALE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
@@ -155,16 +155,23 @@ def predict_sliding(net: nn.Module, image: torch.Tensor, num_classes: int, tile:
 @torch.no_grad()
 def predict_multiscale(net: nn.Module, image: torch.Tensor, amp_dtype: torch.dtype | None = None,
                        scales: tuple[float, ...] = MULTISCALE_SCALES) -> torch.Tensor:
-    """Logits averaged over scales and horizontal flips (official ms_test, align_corners=True)."""
+    """Softmax probabilities averaged over scales and horizontal flips, as the official ms_test does it.
+
+    The official ms_test sums ``model(x)``, and the official network in eval mode returns ``out.softmax(1)``
+    (model/semseg/deeplabv3plus.py), so what it averages is probabilities: each pass's softmax at the scaled
+    size, resized back to the image (bilinear, align_corners=True), summed over the 2 x len(scales) passes.
+
+    Shape: image (1, 3, H, W) normalised -> (1, K, H, W) probabilities (summing to 1 over K).
+    """
     _, _, h, w = image.shape
     total = None
     for scale in scales:
         resized = F.interpolate(image, size=(int(h * scale), int(w * scale)), mode="bilinear", align_corners=True)
         both = torch.cat([resized, resized.flip(3)])
-        out = _forward_logits(net, both, amp_dtype)
-        out = torch.cat([out[:1], out[1:].flip(3)])
-        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True).sum(0, keepdim=True)
-        total = out if total is None else total + out
+        probs = _forward_logits(net, both, amp_dtype).softmax(1)  # (2, K, h * scale, w * scale)
+        probs = torch.cat([probs[:1], probs[1:].flip(3)])
+        probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=True).sum(0, keepdim=True)
+        total = probs if total is None else total + probs
     return total / (2 * len(scales))
 
 
