@@ -117,6 +117,28 @@ def test_evaluate_cli_on_a_checkpoint_writes_table_pngs_and_json(tmp_path, tiny_
     assert center.images == 2 and center.mode == "center"
 
 
+def test_folder_data_is_evaluated_by_default_as_agmm_predict_and_the_service_segment(tmp_path, capsys):
+    from agmm_deploy.inference import segment_image
+    from agmm_deploy.runtime import load_runner
+    from agmm_deploy.transforms import read_image
+
+    root = tmp_path / "data"
+    synthetic.generate("folder", root, num_train=1, num_val=2, height=24, width=28, seed=0, progress=False)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=4))
+    ckpt = save_checkpoint(tmp_path / "model.pt", net, ModelMeta.for_dataset("folder", (32, 32), SYNTHETIC_CLASSES))
+    result = evaluate_cli.main([str(ckpt), "--data-root", str(root), "--workers", "0", "--device", "cpu",
+                                "--save-png", str(tmp_path / "preds")])
+    printed = capsys.readouterr().out
+    assert result.mode == "served" and "letterboxed to the input size when the image fits it" in printed
+    runner = load_runner(ckpt, "cpu")
+    for image in sorted((root / "val" / "images").glob("*.png")):
+        served = segment_image(runner, read_image(image))  # letterboxed: 24x28 fits the 32x32 input
+        evaluated = np.asarray(Image.open(tmp_path / "preds" / image.name))
+        # The service resizes the uint8 image, evaluation the normalised one: rounding, not protocol.
+        assert (served == evaluated).mean() > 0.98
+
+
 def test_evaluate_refuses_amp_on_cpu(tmp_path):
     net = build_model(ModelConfig.cityscapes(backbone="resnet18", num_classes=4))
     ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("folder", (32, 32), SYNTHETIC_CLASSES))

@@ -34,8 +34,8 @@ def city_root(tmp_path_factory):
 
 def tiny_args(root, out, *extra):
     return ["--dataset", "cityscapes", "--clicks", "20", "--data-root", str(root), "--out", str(out),
-            "--pretrained", "none", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2", "--workers", "0", "--device", "cpu",
-            "--max-val-images", "1", "--eval-mode", "center", "--log-every", "1", *extra]
+            "--pretrained", "none", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2", "--workers",
+            "0", "--device", "cpu", "--max-val-images", "1", "--eval-mode", "center", "--log-every", "1", *extra]
 
 
 def metrics_by_step(out):
@@ -77,7 +77,8 @@ def test_tiny_run_writes_self_describing_checkpoints_logs_and_poly_lr(city_root,
         assert set(record) >= {"seg", "cls", "proto", "gmm", "total"}
         assert record["total"] == pytest.approx(record["seg"] + record["cls"] + record["proto"] + record["gmm"], rel=1e-5)
     log = (out / "train.log").read_text()
-    assert "validation (center" in log and "| **mIoU** |" in log and "finished at step 8" in log
+    assert "validation, mode center (the central crop only" in log and "| **mIoU** |" in log
+    assert "finished at step 8" in log
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["total_steps"] == 8 and resolved["head_lr_mult"] == 1.0 and resolved["colour_aug"] is False
 

@@ -14,13 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from agmm_deploy.inference import sliding_window_scores
+from agmm_deploy.inference import Windows, chunks, run_slices, sliding_window_scores
 from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import SLIDING_OVERLAP, palette_png, sliding_window_tiles
 from training.distributed import all_reduce_mean
 from training.logger import RunLogger
 
-EVAL_MODES = ("center", "sliding", "multiscale", "whole")
+EVAL_MODES = ("served", "sliding", "multiscale", "whole", "center")
+# What each mode's number measures, printed beside every mIoU so that two figures are never compared blindly.
+EVAL_MODE_TEXT = {
+    "served": "as agmm-predict and the service: letterboxed to the input size when the image fits it, else "
+              "sliding window",
+    "sliding": "sliding window of crop-size tiles, softmax averaged (the official Cityscapes protocol; what is "
+               "served for images larger than the input)",
+    "multiscale": "7 scales x flip, softmax averaged (the official VOC protocol; 14 passes, not what is served)",
+    "whole": "the whole image in one pass at its own size (not what is served)",
+    "center": "the central crop only (fast in-training check, not what is served)",
+}
 # Official multi-scale test (util/utils.py ms_test): 7 scales, each with a horizontal flip, softmax averaged.
 MULTISCALE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
@@ -152,6 +162,21 @@ def predict_sliding(net: nn.Module, image: torch.Tensor, num_classes: int, tile:
                                  overlap=SLIDING_OVERLAP, tiles_per_batch=tiles_per_batch)
 
 
+def predict_served(net: nn.Module, image: torch.Tensor, num_classes: int, input_size: int,
+                   amp_dtype: torch.dtype | None = None, tiles_per_batch: int = 4) -> torch.Tensor:
+    """What agmm-predict and the service compute (agmm_deploy.inference.Windows): an image that fits the input is
+    letterboxed (resized keeping its aspect, zero-padded after normalising, logits resized back), a larger one is
+    tiled. image (1, 3, H, W) normalised -> probabilities (1, K, H, W).
+
+    The service resizes the uint8 image before normalising on a CPU; here the normalised image is resized, so the
+    two may differ by rounding at a few pixels, never by protocol.
+    """
+    windows = Windows(image[0], (input_size, input_size), num_classes, letterbox=True)
+    for batch in chunks([windows], tiles_per_batch):
+        run_slices(lambda x: _forward_logits(net, x, amp_dtype), batch)
+    return windows.scores()[None]
+
+
 @torch.no_grad()
 def predict_multiscale(net: nn.Module, image: torch.Tensor, amp_dtype: torch.dtype | None = None,
                        scales: tuple[float, ...] = MULTISCALE_SCALES) -> torch.Tensor:
@@ -191,7 +216,7 @@ def evaluate(net: nn.Module, loader: Iterable, *, device: torch.device, num_clas
 
     Args:
         net: the plain network (not DDP); put in eval mode here.
-        mode: center | sliding | multiscale | whole (see EVAL_MODES).
+        mode: one of EVAL_MODES (what each measures: EVAL_MODE_TEXT).
         save_dir, palette, name_of: when given, writes each prediction as an indexed PNG named name_of(index).
     """
     if mode not in EVAL_MODES:
@@ -207,6 +232,8 @@ def evaluate(net: nn.Module, loader: Iterable, *, device: torch.device, num_clas
             scores = _forward_logits(net, images, amp_dtype)
         elif mode == "whole":
             scores = _forward_logits(net, images, amp_dtype)
+        elif mode == "served":
+            scores = torch.cat([predict_served(net, img[None], num_classes, crop_size, amp_dtype) for img in images])
         elif mode == "sliding":
             scores = torch.cat([predict_sliding(net, img[None], num_classes, crop_size, amp_dtype) for img in images])
         else:

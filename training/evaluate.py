@@ -25,7 +25,7 @@ from agmm_deploy.checkpoint import load_model
 from agmm_deploy.datasets import DATA_FORMATS, DataError, get_format
 from training.data import SegmentationDataset
 from training.distributed import DistInfo, cleanup_distributed, init_distributed
-from training.engine import EVAL_MODES, evaluate
+from training.engine import EVAL_MODE_TEXT, EVAL_MODES, evaluate
 
 
 @dataclass
@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True)
     p.add_argument("--dataset", choices=sorted(DATA_FORMATS), help="default: the checkpoint's dataset")
     p.add_argument("--mode", choices=EVAL_MODES, default=None,
-                   help="center | sliding | multiscale | whole (default: the data format's protocol: " + ", ".join(
+                   help="; ".join(f"{m}: {t}" for m, t in EVAL_MODE_TEXT.items()) + " (default: " + ", ".join(
                        f"{row.name} {row.eval_mode}" for row in DATA_FORMATS.values()) + ")")
     p.add_argument("--crop-size", type=int, help="center crop / sliding tile (default: the checkpoint's input size)")
     p.add_argument("--val-list", help="split file of the validation images")
@@ -82,7 +82,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
     Args:
         checkpoint: best.pt / last.pt of training.run, or an official raw state dict (then dataset, backbone
             and num_classes say what it is).
-        mode: center | sliding | multiscale | whole; default the data format's ``eval_mode`` (the paper's protocol).
+        mode: one of EVAL_MODES; default the data format's ``eval_mode`` (the paper's protocol for Cityscapes and
+            VOC, ``served`` for folder data).
         crop_size: center crop / sliding tile; default the checkpoint's input size.
         save_png, json_path: optional outputs, written by the main process.
     Returns:
@@ -121,15 +122,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
     result = EvalResult(miou=matrix.miou(), iou=[v * 100 for v in matrix.iou().tolist()], classes=meta.classes,
                         mode=mode, images=images)
     if dist_info.is_main:
-        print(f"{checkpoint}: {dataset}, {images} validation images, mode {mode} (crop {crop})")
+        print(f"{checkpoint}: {dataset}, {images} validation images, mode {mode} (crop {crop}): "
+              f"{EVAL_MODE_TEXT[mode]}")
         print(matrix.table(meta.classes))
-        print(f"mIoU {result.miou:.2f}  pixel accuracy {matrix.pixel_accuracy():.2f}")
+        print(f"mIoU {result.miou:.2f}  pixel accuracy {matrix.pixel_accuracy():.2f}  (mode {mode})")
         if save_png:
             print(f"wrote {len(shard) if dist_info.world_size == 1 else 'the'} predictions to {save_png}")
         if json_path:
             # Classes absent from both labels and predictions have no IoU: null, not NaN (invalid JSON).
             iou = {name: (None if math.isnan(v) else v) for name, v in zip(meta.classes, result.iou)}
-            json_path.write_text(json.dumps({"miou": result.miou, "mode": mode, "images": images, "iou": iou},
+            json_path.write_text(json.dumps({"miou": result.miou, "mode": mode, "measures": EVAL_MODE_TEXT[mode],
+                                             "images": images, "iou": iou},
                                             indent=2, allow_nan=False))
     return result
 

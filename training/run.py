@@ -32,7 +32,7 @@ from training.config import (AMP_MODES, LOSSES, ConfigError, TrainConfig, missin
 from training.data import SegmentationDataset, check_labels
 from training.distributed import (DeviceError, DistInfo, cleanup_distributed, init_distributed,
                                   parameters_match_across_ranks)
-from training.engine import EVAL_MODES, TrainForward, evaluate, poly_factor, train_one_epoch
+from training.engine import EVAL_MODE_TEXT, EVAL_MODES, TrainForward, evaluate, poly_factor, train_one_epoch
 from training.logger import RunLogger, WriteError, write_failed
 from training.losses import AGMMLoss, PartialCELoss
 
@@ -80,8 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p.add_argument("--eval-mode", choices=("auto", *EVAL_MODES),
-                   help="auto: the data format's schedule (Cityscapes center crop, sliding window in the last 20 "
-                        "epochs; others whole image)")
+                   help="validation mode; auto: the data format's schedule (" + "; ".join(
+                       f"{row.name} {row.val_mode}" + (f", {row.final_val_mode} in the last {row.final_val_epochs} "
+                                                       "epochs" if row.final_val_mode else "")
+                       for row in DATA_FORMATS.values()) + "). served = as agmm-predict and the service")
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     p.add_argument("--max-val-images", type=int, help="evaluate on the first N validation images only")
     p.add_argument("--log-every", type=int, help="log line (and losses copied from the device) every N steps")
@@ -250,7 +252,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 matrix = evaluate(net, val_loader, device=device, num_classes=num_classes, mode=mode,
                                   crop_size=cfg.crop_size, amp_dtype=amp_dtype, is_main=is_main)
                 miou = matrix.miou()
-                logger.info(f"epoch {epoch} validation ({mode}, {int(matrix.mat.sum())} labelled pixels): "
+                logger.info(f"epoch {epoch} validation, mode {mode} ({EVAL_MODE_TEXT[mode]}; "
+                            f"{int(matrix.mat.sum())} labelled pixels): "
                             f"mIoU {miou:.2f}, pixel accuracy {matrix.pixel_accuracy():.2f}\n{matrix.table(classes)}")
                 per_class = {f"val_iou/{name}": v * 100 for name, v in zip(classes, matrix.iou().tolist()) if v == v}
                 logger.scalars({"val/mIoU": miou, **per_class}, step)

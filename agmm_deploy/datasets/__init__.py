@@ -79,7 +79,8 @@ class DataFormat:
         official_mode: an official config's ``mode`` value -> our settings; raises ValueError with the rest of
             a sentence that starts with the key and the file.
         val_mode: evaluation during training; final_val_mode for the last final_val_epochs epochs.
-        eval_mode: the default of ``python -m training.evaluate`` (the paper's protocol).
+        eval_mode: the default of ``python -m training.evaluate``: the paper's protocol for the paper's data sets,
+            else ``served`` (what agmm-predict and the service compute). Modes: training.engine.EVAL_MODES.
         official_input_size: the official crop, for a raw official state dict trained with this recipe; None
             when no official weights exist for this format.
         pretrained_source: for the paper's data sets, where the backbone weights of the official recipe come
@@ -103,10 +104,10 @@ class DataFormat:
     finish_synthetic: Callable[[Path, dict[str, list[str]]], None]
     flags: tuple[Flag, ...] = ()
     read_classes: Callable[[Path], tuple[tuple[str, ...], tuple[tuple[int, int, int], ...] | None]] | None = None
-    val_mode: str = "whole"
+    val_mode: str = "served"
     final_val_mode: str | None = None
     final_val_epochs: int = 0
-    eval_mode: str = "whole"
+    eval_mode: str = "served"
     official_input_size: tuple[int, int] | None = None
     pretrained_source: str | None = None
 

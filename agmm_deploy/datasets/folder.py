@@ -106,8 +106,9 @@ FORMAT = DataFormat(
     train_samples=train_samples,
     val_samples=val_samples,
     official_mode=official_mode,
-    val_mode="whole",
-    eval_mode="whole",
+    # One's own data is evaluated as it will be served (agmm-predict, the service), in training and after.
+    val_mode="served",
+    eval_mode="served",
     write_synthetic=write_synthetic,
     finish_synthetic=finish_synthetic,
 )

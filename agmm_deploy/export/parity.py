@@ -129,7 +129,9 @@ class ParityResult:
         """The parity table printed by agmm-export."""
         h, w = self.input_size
         lines = [f"Parity on {self.num_images} {self.source} image(s) at {h}x{w} against {self.reference} "
-                 f"(logits up to |{self.reference_abs_max:.3g}|)"]
+                 f"(logits up to |{self.reference_abs_max:.3g}|)",
+                 f"mode: every image letterboxed to {h}x{w}, one pass; mIoU on that canvas (labels resized to it), "
+                 "to compare backends, not the served mIoU (python -m training.evaluate --mode served)"]
         header = (f"{'backend':<18} {'precision':<9} {'max|diff|':>10} {'mean|diff|':>10} {'allclose':>8} "
                   f"{'argmax agree':>12} {'mIoU':>7} {'ΔmIoU':>7} {'time s':>7}  result")
         lines += [header, "-" * len(header)]
