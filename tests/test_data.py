@@ -1,6 +1,7 @@
 """Data sets: layouts and split files of each format, label checks naming the file (at start-up and per item),
 the official training transform."""
 
+import shutil
 import numpy as np
 import pytest
 import torch
@@ -58,6 +59,16 @@ def test_voc_ids_and_official_list_format(voc_root, tmp_path):
     ids = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()
     (tmp_path / "val.txt").write_text("".join(f"{i}.jpg {i}.png\n" for i in ids))
     assert val_samples("pascal", voc_root, tmp_path / "val.txt") == val_samples("pascal", voc_root)
+
+
+def test_a_voc_root_without_train_aug_is_refused_with_the_count_of_train_txt(voc_root, tmp_path):
+    root = tmp_path / "voc"
+    shutil.copytree(voc_root, root)
+    (root / "ImageSets/Segmentation/train_aug.txt").unlink()
+    with pytest.raises(DataError, match=r"train_aug.txt does not exist: the paper trains on the 10,582-image .*"
+                                        r"/train.txt lists 3 images \(stock VOC 2012: 1,464\).* pass --train-list "):
+        train_samples("pascal", root)
+    assert len(train_samples("pascal", root, train_list=root / "ImageSets/Segmentation/train.txt")) == 3
 
 
 def test_bad_data_root_and_missing_files_are_named(city_root, tmp_path):

@@ -2,8 +2,9 @@
 
 Layout: ``JPEGImages/<id>.jpg``, full labels ``SegmentationClass/<id>.png`` (indexed PNG, 255 void), sparse
 labels ``point/<id>.png`` and ``scribble/<id>.png`` (the official ``point/segcls`` and ``scribble/seginst``
-sub-folders are found too), splits ``ImageSets/Segmentation/{train_aug,train,val}.txt``. Split files may also be
-in the official AGMM format, ``<name>.jpg <name>.png`` per line.
+sub-folders are found too), splits ``ImageSets/Segmentation/{train_aug,val}.txt`` (stock VOC's 1,464-image ``train.txt`` only when named with
+``--train-list``: see docs/paper-vs-code.md). Split files may also be in the official AGMM format,
+``<name>.jpg <name>.png`` per line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from agmm_deploy.datasets import (OFFICIAL_BACKBONE_WEIGHTS, TRAIN_LIST, VAL_LIS
                                   Sample, check_files, read_list, require_dir, require_root)
 
 LABELS = ("point", "scribble")
+# Images in the SBD-augmented VOC training list the paper trains on (train_aug.txt).
+AUG_IMAGES = 10582
 SPARSE_FOLDERS = {"point": ("point/segcls", "point"), "scribble": ("scribble/seginst", "scribble")}
 
 
@@ -38,11 +41,11 @@ def samples(root: str | Path, split: str, label: str = "full", list_file: str | 
         raise DataError(f"label={label!r} is not a VOC setting; expected point, scribble or full")
     if list_file is None:
         sets = root / "ImageSets" / "Segmentation"
-        names = ["train_aug.txt", "train.txt"] if split == "train" else [f"{split}.txt"]
-        existing = [sets / n for n in names if (sets / n).is_file()]
-        if not existing:
-            raise DataError(f"no split file for {split!r}: expected {sets / names[-1]} (or pass --{split}-list)")
-        list_file = existing[0]
+        list_file = sets / ("train_aug.txt" if split == "train" else f"{split}.txt")
+        if split == "train" and not list_file.is_file():
+            raise DataError(_missing_train_aug(list_file, sets / "train.txt"))
+        if not list_file.is_file():
+            raise DataError(f"no split file for {split!r}: expected {list_file} (or pass --{split}-list)")
     rows = read_list(Path(list_file))
     pairs = []
     for row in rows:
@@ -51,6 +54,15 @@ def samples(root: str | Path, split: str, label: str = "full", list_file: str | 
         else:
             pairs.append(Sample(root / "JPEGImages" / f"{row[0]}.jpg", label_dir / f"{row[0]}.png"))
     return check_files(pairs, f"split file {list_file}")
+
+
+def _missing_train_aug(train_aug: Path, train: Path) -> str:
+    """The refusal of a VOC root without the paper's training list: stock VOC's train.txt is 7x smaller."""
+    found = (f"{train} lists {len(read_list(train))} images (stock VOC 2012: 1,464)" if train.is_file()
+             else f"nor is there a {train.name}")
+    return (f"{train_aug} does not exist: the paper trains on the {AUG_IMAGES:,}-image SBD-augmented list (shipped "
+            f"with the official AGMM code as dataset/splits/pascal/train.txt), and {found}. Save that list as "
+            f"{train_aug}, or pass --train-list {train} to train on those images on purpose")
 
 
 def train_samples(root: Path, options: Mapping[str, Any]) -> list[Sample]:
@@ -90,18 +102,20 @@ def write_synthetic(root: Path, split: str, index: int, rng: np.random.Generator
 
 
 def finish_synthetic(root: Path, ids: dict[str, list[str]]) -> None:
-    """The VOC split files: one image id per line."""
+    """The VOC split files: one image id per line; the training ids also as train_aug.txt, the paper's list."""
     sets = root / "ImageSets" / "Segmentation"
     sets.mkdir(parents=True, exist_ok=True)
     for split, split_ids in ids.items():
         (sets / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids))
+    if "train" in ids:
+        (sets / "train_aug.txt").write_text("".join(f"{i}\n" for i in ids["train"]))
 
 
 FORMAT = DataFormat(
     name="pascal",
     title="PASCAL VOC",
     layout="JPEGImages/<id>.jpg, SegmentationClass/<id>.png, point/<id>.png, scribble/<id>.png, "
-           "ImageSets/Segmentation/{train_aug,train,val}.txt",
+           "ImageSets/Segmentation/{train_aug,val}.txt",
     classes=VOC_CLASSES,
     palette=VOC_PALETTE,
     # The official configs/pascal.yaml; lr is for the official GPU count.
