@@ -77,7 +77,8 @@ def test_tiny_run_writes_self_describing_checkpoints_logs_and_poly_lr(city_root,
         assert set(record) >= {"seg", "cls", "proto", "gmm", "total"}
         assert record["total"] == pytest.approx(record["seg"] + record["cls"] + record["proto"] + record["gmm"], rel=1e-5)
     log = (out / "train.log").read_text()
-    assert "validation, mode center (the central crop only" in log and "| **mIoU** |" in log
+    assert "validation, mode center (the central crop only" in log and log.count("mIoU ") >= 2
+    assert log.count("| **mIoU** |") == 1  # two evaluations, the per-class table with the last only (--table-every)
     assert "finished at step 8" in log
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["total_steps"] == 8 and resolved["head_lr_mult"] == 1.0 and resolved["colour_aug"] is False
@@ -167,8 +168,18 @@ def test_refusals_are_explicit(city_root, tmp_path):
         run.main(tiny_args(city_root, tmp_path / "a", "--amp", "bf16"))
     with pytest.raises(ValueError, match="--batch-size 1 cannot train BatchNorm"):
         run.main(tiny_args(city_root, tmp_path / "b", "--batch-size", "1"))
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ValueError, match=r"8 training images cannot fill one batch of 16 x 1 process\(es\); lower "
+                                         r"--batch-size to 8 or less, or add images"):
         run.main(tiny_args(city_root, tmp_path / "c", "--batch-size", "16"))
+
+
+def test_workers_above_the_cores_are_clamped_with_one_log_line(monkeypatch):
+    lines = []
+    logger = type("Logger", (), {"info": lambda self, message: lines.append(message)})()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert run._workers_within_cores(2, logger) == 2 and lines == []
+    assert run._workers_within_cores(4, logger) == 2
+    assert lines == ["--workers 4 is more than the 2 CPU core(s) this process may use: running 2 data loader workers"]
 
 
 @pytest.mark.parametrize("name", ["cityscapes", "pascal"])

@@ -52,6 +52,7 @@ class TrainConfig:
             given: refused for a format with ``pretrained_source`` unless the run resumes).
         eval_mode: auto (the data format's schedule) or one of EVAL_MODES.
         log_every: log (and copy the losses from the device) every N steps.
+        table_every: the per-class IoU table with every N-th evaluation's line (and always with the last one).
     """
 
     dataset: str
@@ -81,6 +82,7 @@ class TrainConfig:
     device: str = "auto"
     eval_mode: str = "auto"
     eval_every: int = 1
+    table_every: int = 10
     max_val_images: int | None = None
     log_every: int = 10
     resume: str | None = None
@@ -100,7 +102,7 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings of the form "int >= minimum" / "float >= minimum" (None allowed where the default is None).
 _INTS = {"crop_size": 1, "epochs": 1, "batch_size": 1, "output_stride": 1, "workers": 0, "seed": 0,
-         "max_steps": 1, "eval_every": 1, "max_val_images": 1, "log_every": 1}
+         "max_steps": 1, "eval_every": 1, "table_every": 1, "max_val_images": 1, "log_every": 1}
 _FLOATS = {"lr": 0.0, "head_lr_mult": 0.0, "momentum": 0.0, "weight_decay": 0.0, "poly_power": 0.0}
 _CHOICES = {"backbone": tuple(BACKBONE_DEPTHS), "stem": STEMS, "output_stride": tuple(DILATE_BY_OUTPUT_STRIDE),
             "loss": LOSSES, "amp": AMP_MODES, "eval_mode": ("auto", *EVAL_MODES)}  # auto: the data format's schedule

@@ -13,6 +13,7 @@ written to ``<out>/config.yaml``. Usage, data and disk errors end with one sente
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                        "epochs" if row.final_val_mode else "")
                        for row in DATA_FORMATS.values()) + "). served = as agmm-predict and the service")
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--table-every", type=int, help="per-class IoU table every N evaluations and at the end "
+                                                   "(default 10; the mIoU line comes with every evaluation)")
     p.add_argument("--max-val-images", type=int, help="evaluate on the first N validation images only")
     p.add_argument("--log-every", type=int, help="log line (and losses copied from the device) every N steps")
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <out>/last.pt if it exists")
@@ -146,6 +149,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         logger.info(f"--resume auto: no {out / 'last.pt'} yet, starting from scratch")
 
     # --- data
+    workers = _workers_within_cores(cfg.workers, logger)
     data = cfg.data_format
     classes, palette = data.classes_and_palette(cfg.data_root)
     num_classes = len(classes)
@@ -153,9 +157,9 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     train_samples = data.train_samples(Path(cfg.data_root), cfg.options)
     val_samples = data.val_samples(Path(cfg.data_root), cfg.options)
     val_samples = val_samples[:cfg.max_val_images] if val_samples else None
-    labelled = check_labels(train_samples, num_classes, f"training labels under {cfg.data_root}", cfg.workers)
+    labelled = check_labels(train_samples, num_classes, f"training labels under {cfg.data_root}", workers)
     if val_samples:
-        check_labels(val_samples, num_classes, f"validation labels under {cfg.data_root}", cfg.workers)
+        check_labels(val_samples, num_classes, f"validation labels under {cfg.data_root}", workers)
     logger.info(f"checked {len(train_samples) + len(val_samples or [])} label files: {labelled} labelled "
                 "training pixels")
     if not val_samples:
@@ -164,21 +168,24 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     train_set = SegmentationDataset(train_samples, num_classes, train=True, crop_size=cfg.crop_size,
                                     colour_aug=cfg.colour_aug, seed=cfg.seed)
     if cfg.batch_size * world > len(train_set):
+        fits = len(train_set) // world
+        lower = f"lower --batch-size to {fits} or less, or add images" if fits >= 2 else \
+            "add images (a batch needs at least 2 per process)"
         raise ConfigError(f"{len(train_set)} training images cannot fill one batch of {cfg.batch_size} x {world} "
-                          "process(es); lower --batch-size or add images")
+                          f"process(es); {lower}")
     if cfg.batch_size < 2 and not (device.type == "cuda" and world > 1):
         raise ConfigError("--batch-size 1 cannot train BatchNorm (the ASPP image-pool branch sees one value per "
                           "channel); use --batch-size 2 or more, or several GPUs (SyncBatchNorm)")
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
+                              num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
                               generator=generator)
     val_loader = None
     if val_samples:
         val_set = SegmentationDataset(val_samples, num_classes, train=False)
         shard = list(range(len(val_set)))[rank::world]  # no padding duplicates
-        val_loader = DataLoader(Subset(val_set, shard), batch_size=1, num_workers=min(2, cfg.workers),
+        val_loader = DataLoader(Subset(val_set, shard), batch_size=1, num_workers=min(2, workers),
                                 pin_memory=device.type == "cuda")
 
     # --- model, loss, optimiser, schedule
@@ -230,6 +237,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     # --- epochs
     best_path = out / "best.pt" if (out / "best.pt").is_file() else None
     epoch = start_epoch - 1
+    evaluations = 0  # in this process: the per-class table comes with every table_every-th
     with logger:
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total_steps:
@@ -252,9 +260,11 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 matrix = evaluate(net, val_loader, device=device, num_classes=num_classes, mode=mode,
                                   crop_size=cfg.crop_size, amp_dtype=amp_dtype, is_main=is_main)
                 miou = matrix.miou()
+                evaluations += 1
+                table = f"\n{matrix.table(classes)}" if last_epoch or evaluations % cfg.table_every == 0 else ""
                 logger.info(f"epoch {epoch} validation, mode {mode} ({EVAL_MODE_TEXT[mode]}; "
                             f"{int(matrix.mat.sum())} labelled pixels): "
-                            f"mIoU {miou:.2f}, pixel accuracy {matrix.pixel_accuracy():.2f}\n{matrix.table(classes)}")
+                            f"mIoU {miou:.2f}, pixel accuracy {matrix.pixel_accuracy():.2f}{table}")
                 per_class = {f"val_iou/{name}": v * 100 for name, v in zip(classes, matrix.iou().tolist()) if v == v}
                 logger.scalars({"val/mIoU": miou, **per_class}, step)
                 best_miou = max(best_miou, miou)
@@ -288,6 +298,19 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         raise ConfigError(f"--amp {amp} needs a CUDA device; this run is on {device}. Use --amp none on CPU.")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _workers_within_cores(workers: int, logger: RunLogger) -> int:
+    """``workers``, or the CPU cores this process may use when it asks for more (one log line says so).
+
+    More loader processes than cores only contend for them, and PyTorch warns about it on every loader start.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers <= cores:
+        return workers
+    logger.info(f"--workers {workers} is more than the {cores} CPU core(s) this process may use: running {cores} "
+                "data loader workers")
+    return cores
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
