@@ -145,3 +145,29 @@ def test_evaluate_refuses_amp_on_cpu(tmp_path):
     synthetic.generate("folder", tmp_path / "d", 1, 1, 32, 32, progress=False)
     with pytest.raises(ValueError, match="--amp bf16 needs a CUDA device"):
         evaluate_cli.main([str(ckpt), "--data-root", str(tmp_path / "d"), "--amp", "bf16", "--device", "cpu"])
+
+
+def test_cityscapes_predictions_go_to_the_official_evaluation_and_score_as_ours(tmp_path, capsys):
+    """--png-ids official writes labelIds under names the official script matches; its mIoU equals ours."""
+    from agmm_deploy.constants import CITYSCAPES_CLASSES
+    from agmm_deploy.datasets.cityscapes import LABEL_IDS
+    from training import cityscapes_eval
+
+    root = tmp_path / "city"
+    synthetic.generate("cityscapes", root, num_train=1, num_val=3, height=32, width=64, seed=0, progress=False)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig.cityscapes(backbone="resnet18"))
+    ckpt = save_checkpoint(tmp_path / "m.pt", net, ModelMeta.for_dataset("cityscapes", (32, 32)))
+    preds = tmp_path / "preds"
+    ours = evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "sliding", "--workers", "0",
+                              "--device", "cpu", "--save-png", str(preds), "--png-ids", "official"])
+    written = sorted(p.name for p in preds.iterdir())
+    assert written == sorted(f"{p.name[:-len('_gtFine_labelIds.png')]}_leftImg8bit.png"
+                             for p in root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+    assert set(np.unique(np.asarray(Image.open(preds / written[0])))) <= set(LABEL_IDS)
+    official = cityscapes_eval.main([str(preds), "--data-root", str(root)])
+    assert official.images == 3 and list(official.iou) == list(CITYSCAPES_CLASSES)
+    assert official.miou == pytest.approx(ours.miou, abs=1e-4)
+    assert f"official mIoU {official.miou:.2f} over 3 images" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--png-ids official: PASCAL VOC has no official ids"):
+        evaluate_cli.main([str(ckpt), "--data-root", str(root), "--dataset", "pascal", "--png-ids", "official"])

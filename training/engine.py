@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -211,13 +213,16 @@ def center_crop(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[to
 def evaluate(net: nn.Module, loader: Iterable, *, device: torch.device, num_classes: int, mode: str,
              crop_size: int, amp_dtype: torch.dtype | None = None, is_main: bool = True,
              save_dir: Path | None = None, palette: tuple[tuple[int, int, int], ...] | None = None,
-             name_of: Callable[[int], str] | None = None) -> ConfusionMatrix:
+             name_of: Callable[[int], str] | None = None,
+             official_ids: tuple[int, ...] | None = None) -> ConfusionMatrix:
     """Predicts every image of ``loader`` (batch size 1) and returns the confusion matrix summed over ranks.
 
     Args:
         net: the plain network (not DDP); put in eval mode here.
         mode: one of EVAL_MODES (what each measures: EVAL_MODE_TEXT).
         save_dir, palette, name_of: when given, writes each prediction as an indexed PNG named name_of(index).
+        official_ids: with save_dir, write each class as this id instead (a single-channel PNG, no palette): the
+            files an official evaluation reads, e.g. Cityscapes labelIds.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f"evaluation mode {mode!r} is not supported; expected one of {EVAL_MODES}")
@@ -244,6 +249,9 @@ def evaluate(net: nn.Module, loader: Iterable, *, device: torch.device, num_clas
             save_dir.mkdir(parents=True, exist_ok=True)
             for pred, index in zip(prediction.cpu().numpy(), indices.tolist()):
                 name = name_of(index) if name_of is not None else f"{index:06d}.png"
-                (save_dir / name).write_bytes(palette_png(pred, palette))
+                if official_ids is None:
+                    (save_dir / name).write_bytes(palette_png(pred, palette))
+                else:
+                    Image.fromarray(np.asarray(official_ids, np.uint8)[pred]).save(save_dir / name)
     matrix.reduce_from_all_processes()
     return matrix

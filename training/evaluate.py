@@ -28,6 +28,10 @@ from training.distributed import DistInfo, cleanup_distributed, init_distributed
 from training.engine import EVAL_MODE_TEXT, EVAL_MODES, evaluate
 
 
+# What --save-png writes: class indices (palette PNG) or the data set's official ids (DataFormat.official_ids).
+PNG_IDS = ("class", "official")
+
+
 @dataclass
 class EvalResult:
     """What ``evaluate_checkpoint`` measured: mIoU and per-class IoU in percent (NaN for a class absent from
@@ -52,7 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=int, help="center crop / sliding tile (default: the checkpoint's input size)")
     p.add_argument("--val-list", help="split file of the validation images")
     p.add_argument("--max-images", type=int, help="first N validation images only")
-    p.add_argument("--save-png", type=Path, help="write colourised predictions (indexed PNGs) into this folder")
+    p.add_argument("--save-png", type=Path, help="write each prediction as <image stem>.png into this folder")
+    p.add_argument("--png-ids", choices=PNG_IDS, default="class",
+                   help="class: class indices with the model's palette (default); official: the ids of the data "
+                        "set's official evaluation (Cityscapes labelIds, for python -m training.cityscapes_eval)")
     p.add_argument("--json", dest="json_path", type=Path, help="write the result as JSON to this file")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> EvalResult:
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_info: DistInfo,
                         dataset: str | None = None, mode: str | None = None, crop_size: int | None = None,
                         val_list: str | Path | None = None, max_images: int | None = None,
-                        save_png: Path | None = None, json_path: Path | None = None, amp: str = "none",
+                        save_png: Path | None = None, png_ids: str = "class", json_path: Path | None = None,
+                        amp: str = "none",
                         workers: int = 2, backbone: str | None = None,
                         num_classes: int | None = None) -> EvalResult:
     """mIoU of a checkpoint on the validation split of ``data_root`` (this rank's shard, matrix summed over ranks).
@@ -85,7 +93,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
         mode: one of EVAL_MODES; default the data format's ``eval_mode`` (the paper's protocol for Cityscapes and
             VOC, ``served`` for folder data).
         crop_size: center crop / sliding tile; default the checkpoint's input size.
-        save_png, json_path: optional outputs, written by the main process.
+        save_png, json_path: optional outputs, written by the main process; predictions are named after their
+            image (``<image stem>.png``, a name the official Cityscapes evaluation matches).
+        png_ids: ``class`` (indices, palette) or ``official`` (the data format's ``official_ids``).
     Returns:
         EvalResult; raises ValueError when the validation labels hold no labelled pixel (no mIoU exists).
     """
@@ -96,6 +106,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
         raise ValueError(f"{checkpoint} does not say which data set it was trained on (got {dataset!r}); "
                          f"pass --dataset {'|'.join(DATA_FORMATS)}")
     data = get_format(dataset)
+    if png_ids not in PNG_IDS:
+        raise ValueError(f"--png-ids {png_ids!r} is not supported; expected one of {PNG_IDS}")
+    if png_ids == "official" and data.official_ids is None:
+        raise ValueError(f"--png-ids official: {data.title} has no official ids other than its class indices; use "
+                         "--png-ids class")
     mode = mode or data.eval_mode
     crop = crop_size or meta.input_size[0]
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -112,7 +127,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
     net = loaded.model.to(dist_info.device)
     matrix = evaluate(net, loader, device=dist_info.device, num_classes=meta.num_classes, mode=mode, crop_size=crop,
                       amp_dtype=amp_dtype, is_main=dist_info.is_main, save_dir=save_png, palette=meta.palette,
-                      name_of=lambda index: samples[index].label.name)
+                      name_of=lambda index: f"{samples[index].image.stem}.png",
+                      official_ids=data.official_ids if png_ids == "official" else None)
     images = len(val_set) if max_images is None else min(len(val_set), max_images)
     # The matrix is summed over ranks, so every rank sees the same total and raises together.
     if int(matrix.mat.sum()) == 0:
@@ -127,7 +143,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
         print(matrix.table(meta.classes))
         print(f"mIoU {result.miou:.2f}  pixel accuracy {matrix.pixel_accuracy():.2f}  (mode {mode})")
         if save_png:
-            print(f"wrote {len(shard) if dist_info.world_size == 1 else 'the'} predictions to {save_png}")
+            ids = "official ids (single channel)" if png_ids == "official" else "class indices (palette PNG)"
+            print(f"wrote {len(shard) if dist_info.world_size == 1 else 'the'} predictions as {ids} to {save_png}")
         if json_path:
             # Classes absent from both labels and predictions have no IoU: null, not NaN (invalid JSON).
             iou = {name: (None if math.isnan(v) else v) for name, v in zip(meta.classes, result.iou)}

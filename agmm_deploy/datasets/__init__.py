@@ -86,6 +86,8 @@ class DataFormat:
         pretrained_source: for the paper's data sets, where the backbone weights of the official recipe come
             from (a training run then refuses to start without ``--pretrained``, or ``--pretrained none``);
             None where training from random weights is an ordinary choice.
+        official_ids: the id of each class in the files the data set's official evaluation reads, where they
+            differ from the class index (Cityscapes labelIds); ``training.evaluate --png-ids official`` writes them.
         write_synthetic: (root, split, index, rng, height, width, click_radius) -> image id; writes one image
             with its labels in this layout. finish_synthetic(root, ids) writes split files / class lists.
     """
@@ -110,6 +112,7 @@ class DataFormat:
     eval_mode: str = "served"
     official_input_size: tuple[int, int] | None = None
     pretrained_source: str | None = None
+    official_ids: tuple[int, ...] | None = None
 
     def classes_and_palette(self, root: str | Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...] | None]:
         """The class names and palette of the data set under ``root`` (fixed ones need no root)."""

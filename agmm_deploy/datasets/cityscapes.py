@@ -2,7 +2,8 @@
 
 Layout: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``, full labels
 ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png`` (train ids 0..18, 255 void), sparse labels
-``{20,50,100}clicks/<gtFine basename>``. Split files may be given in the official AGMM format,
+``{20,50,100}clicks/<gtFine basename>``; ``*_gtFine_labelIds.png`` (the official ids) are read only by the
+official evaluation (``python -m training.cityscapes_eval``). Split files may be given in the official AGMM format,
 ``<leftImg8bit path> <gtFine path>`` per line, relative to the root.
 """
 
@@ -19,6 +20,18 @@ from agmm_deploy.datasets import (OFFICIAL_BACKBONE_WEIGHTS, TRAIN_LIST, VAL_LIS
                                   Sample, check_files, read_list, require_dir, require_root)
 
 CLICKS = (20, 50, 100)
+
+
+def _label_ids() -> tuple[int, ...]:
+    """The official labelIds of train ids 0..18 (cityscapesscripts' table): what gtFine_labelIds.png and the
+    official evaluation (evalPixelLevelSemanticLabeling) use."""
+    from cityscapesscripts.helpers.labels import labels
+
+    return tuple(lab.id for lab in sorted((lab for lab in labels if 0 <= lab.trainId < 255), key=lambda l: l.trainId))
+
+
+LABEL_IDS = _label_ids()
+UNLABELLED_ID = 0  # 'unlabeled': void (train id 255) in gtFine_labelIds.png, ignored by the official evaluation
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau")}
 # Cityscapes train ids used for a synthetic scene's backdrop: road at the bottom, building in the middle, sky on top.
 ROAD, BUILDING, SKY = 0, 2, 10
@@ -96,6 +109,10 @@ def write_synthetic(root: Path, split: str, index: int, rng: np.random.Generator
     save_png(image, root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
     gt_name = f"{stem}_gtFine_labelTrainIds.png"
     save_png(full, root / "gtFine" / split / city / gt_name)
+    # The official evaluation reads labelIds ground truth: train ids mapped back, void -> 'unlabeled'.
+    label_ids = np.full(256, UNLABELLED_ID, np.uint8)
+    label_ids[:len(LABEL_IDS)] = LABEL_IDS
+    save_png(label_ids[full], root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
     if split == "train":
         for clicks in CLICKS:
             save_png(sample_clicks(full, clicks, rng, click_radius), root / f"{clicks}clicks" / gt_name)
@@ -128,6 +145,7 @@ FORMAT = DataFormat(
     eval_mode="sliding",
     official_input_size=(721, 721),  # the paper says 769; the official code crops 721
     pretrained_source=OFFICIAL_BACKBONE_WEIGHTS,
+    official_ids=LABEL_IDS,
     write_synthetic=write_synthetic,
     finish_synthetic=finish_synthetic,
 )
