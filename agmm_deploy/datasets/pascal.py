@@ -2,9 +2,9 @@
 
 Layout: ``JPEGImages/<id>.jpg``, full labels ``SegmentationClass/<id>.png`` (indexed PNG, 255 void), sparse
 labels ``point/<id>.png`` and ``scribble/<id>.png`` (the official ``point/segcls`` and ``scribble/seginst``
-sub-folders are found too), splits ``ImageSets/Segmentation/{train_aug,val}.txt`` (stock VOC's 1,464-image ``train.txt`` only when named with
-``--train-list``: see docs/paper-vs-code.md). Split files may also be in the official AGMM format,
-``<name>.jpg <name>.png`` per line.
+sub-folders are found too), splits ``ImageSets/Segmentation/{train_aug,val}.txt`` (stock VOC's 1,464-image
+``train.txt`` only when named with ``--train-list``: see docs/paper-vs-code.md). Split files may also be in the
+official AGMM format, ``<name>.jpg <name>.png`` per line.
 """
 
 from __future__ import annotations
