@@ -1,4 +1,4 @@
-"""The official Cityscapes evaluation of saved predictions: ``python -m training.cityscapes_eval PREDS --data-root DIR``.
+"""The official Cityscapes evaluation of saved predictions: ``python -m training.cityscapes_eval PREDS --data-root R``.
 
     python -m training.evaluate runs/city/best.pt --data-root data/cityscapes --save-png preds/ --png-ids official
     python -m training.cityscapes_eval preds/ --data-root data/cityscapes
