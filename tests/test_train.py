@@ -329,6 +329,12 @@ def test_the_paper_data_sets_refuse_to_train_from_random_weights_unless_told(dat
     assert resolve_config({"dataset": "folder", "data_root": "x"}).pretrained is None  # one's own data: a choice
 
 
+def test_resume_auto_without_a_checkpoint_needs_pretrained_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"--dataset cityscapes needs --pretrained \(--resume auto found no .*last.pt\)"):
+        run.main(["--dataset", "cityscapes", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"),
+                  "--resume", "auto", "--device", "cpu"])
+
+
 def test_config_values_are_typed_and_checked_in_one_place(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("lr: 1e-3\nmulti_grid: 'false'\n")  # YAML 1.1 reads 1e-3 as text
