@@ -1,8 +1,12 @@
 """Train DeepLabV3+ with the AGMM loss on sparse labels: ``python -m training.run``.
 
-    python -m training.run --dataset cityscapes --clicks 20 --data-root data/cityscapes --out runs/city
-    python -m training.run --dataset pascal --label scribble --data-root data/VOC2012 --out runs/voc
-    torchrun --nproc-per-node 8 -m training.run --dataset cityscapes --clicks 100 --data-root ... --amp bf16
+    python -m training.run --dataset cityscapes --clicks 20 --data-root data/cityscapes --pretrained resnet50.pth
+    python -m training.run --dataset pascal --label scribble --data-root data/VOC2012 --pretrained resnet101.pth
+    torchrun --nproc-per-node 8 -m training.run --dataset cityscapes --clicks 100 --data-root ... --pretrained ...
+    python -m training.run --dataset folder --data-root data/mine --backbone resnet18 --crop-size 256 --batch-size 4
+
+The paper's data sets refuse to start without ``--pretrained`` (``--pretrained none`` for random weights on
+purpose); docs/paper-vs-code.md lists where this recipe departs from the paper and the official code.
 
 Defaults are the data format's recipe (the official configs for Cityscapes and VOC, see agmm_deploy.datasets);
 any value can be overridden by a flag or a ``--config FILE.yaml`` (flags win over the file, the file over the
@@ -229,7 +233,9 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                     "model_config": model_config.to_dict()}
         _write(out / "config.yaml", lambda path: path.write_text(yaml.safe_dump(resolved, sort_keys=True)))
-        logger.info(f"DeepLabV3+ {model_config.backbone} ({model_config.stem} stem), "
+        weights = (f"weights of {resume}" if ckpt is not None else "random weights" if random_weights(cfg.pretrained)
+                   else f"backbone weights {cfg.pretrained}")
+        logger.info(f"DeepLabV3+ {model_config.backbone} ({model_config.stem} stem), {weights}, "
                     f"{count_parameters(net) / 1e6:.1f} M parameters, {cfg.loss} loss, on {device} x {world}")
         logger.info(f"{len(train_set)} training images ({steps_per_epoch} steps/epoch), "
                     f"{len(val_samples or [])} validation images; {total_steps} steps in all")
