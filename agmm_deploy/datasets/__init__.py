@@ -51,8 +51,8 @@ class Flag:
 
 # Where the official recipes' backbone weights come from (the official resnet.py loads them with strict=False).
 OFFICIAL_BACKBONE_WEIGHTS = ("the official code always starts from ImageNet-pretrained deep-stem ('v1c') ResNets, "
-                             "resnet50.pth / resnet101.pth, linked for download from the README of the official "
-                             "AGMM code (GitHub Luffy03/AGMM-SASS) and of UniMatch, whose backbones it uses")
+                             "resnet50.pth / resnet101.pth, linked under 'Pretrained Backbone' in the README of the "
+                             "official AGMM code (GitHub Luffy03/AGMM-SASS)")
 
 # Split files in the official AGMM format ('<image> <label>' per line) or VOC ids: formats with split files.
 TRAIN_LIST = Flag("train_list", help="split file: '<image> <label>' per line (official format) or VOC ids")
