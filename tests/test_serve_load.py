@@ -81,8 +81,7 @@ def test_mixed_traffic(tiny_model):
 
 
 def test_hostile_traffic_classifies_every_answer(tiny_model, tmp_path):
-    # The cheap inputs only: the 100000x1 strip and the over-limit photo keep today's server busy for long, and
-    # after a client left mid-upload (dropped or slow) it takes 40 s to stop.
+    # A few kinds only, to show that --only filters the bad inputs; the whole mix is the slow test's.
     result = serve_load.main(["--model", str(tiny_model), "--traffic", "hostile", *SHORT, "--duration", "3",
                               "--slow-clients", "0", "--only", "truncated", "bomb", "field", "file",
                               "--plot", str(tmp_path / "hostile.png")])
