@@ -170,6 +170,7 @@ class RequestDoor:
     - 400 when the multipart body is malformed, lacks exactly one file upload named ``image``, or carries other
       fields; or the JSON of /segment_batch is not {"images": [...]}.
     - 404 for BentoML's OpenAPI document and Swagger UI (the README documents the API).
+    - 499 (the nginx convention, for the log; nobody receives it) when the client leaves before its body came.
     The parsed upload goes to the endpoint in the request's state, and BentoML gets an empty body, so its own
     body parsing (URL downloads for file fields, file names used as temporary paths) never runs.
     """
@@ -197,8 +198,6 @@ class RequestDoor:
             upload = await self._read(path, scope, receive)
         except Refusal as refusal:
             await refusal.response(path)(scope, receive, send)
-            return
-        except _ClientGone:
             return
         await self.app(_without_body(scope, upload), _empty_body(receive), send)
 
@@ -249,19 +248,19 @@ class RequestDoor:
             await form.close()
 
 
-class _ClientGone(Exception):
-    pass
-
-
 async def _read_body(receive: Any, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) or a body slower than READ_TIMEOUT_S (408)."""
+    """The request body, refusing more than ``limit`` bytes (413), a body slower than READ_TIMEOUT_S (408), or a
+    client that left mid-body (499)."""
     body = bytearray()
 
     async def read() -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGone
+                # Answered although nobody receives it: BentoML's TimeoutMiddleware, outside the door, waits for
+                # a response to start, so a request that never answers would hold its task for the whole
+                # traffic timeout (90 s), and `bentoml serve` would wait for that task before it stops.
+                raise Refusal(499, f"the client closed the connection after {len(body)} bytes of its request body")
             body.extend(message.get("body", b""))
             if len(body) > limit:
                 raise _too_large(len(body), limit)

@@ -388,6 +388,41 @@ def test_item6_slow_uploads_are_dropped_with_408(server):
     _still_serving(server)
 
 
+def test_item6_a_client_leaving_mid_upload_leaves_no_request_behind(tiny_model, tmp_path):
+    """A client that sends half of its body and closes: its request ends at once (one 499 line in the log), and
+    `bentoml serve` stops promptly on SIGTERM. It used to hold the request task for BentoML's whole traffic timeout
+    (90 s), which the server waited for before it stopped."""
+    import signal
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    process, url = _start(tiny_model, tmp_path)
+    try:
+        image = _encode(_rgb(20, 30), "PNG")
+        body, headers = _multipart(b'Content-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
+                                   + image)
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        head = (f"POST /segment HTTP/1.1\r\nHost: {host}\r\nContent-Type: {headers['Content-Type']}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(head + body[:len(body) // 2])
+        _still_serving(url)
+    except BaseException:
+        stop_server(process)
+        raise
+    start = time.perf_counter()
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        stop_server(process)  # SIGKILL for what is left
+        pytest.fail("bentoml serve did not stop within 15 s of SIGTERM after a client left mid-upload")
+    assert time.perf_counter() - start < 15
+    text = (tmp_path / "serve.log").read_text(errors="replace")
+    assert "/segment refused with 499: the client closed the connection after" in text
+
+
 def test_item7_user_errors_are_one_log_line_without_upload_content_and_the_api_document_is_closed(served):
     url, log = served
     assert requests.get(f"{url}/docs.json", timeout=10).status_code == 404
