@@ -22,6 +22,7 @@ from io import StringIO
 from pathlib import Path
 
 from agmm_deploy.datasets import DataError
+from training.cli import run_cli
 
 
 @dataclass
@@ -96,12 +97,7 @@ def official_cityscapes_miou(predictions: str | Path, data_root: str | Path, spl
 
 def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: exit code 0, or 2 with one sentence for an error the user can fix."""
-    try:
-        main(argv)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, (DataError,))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from agmm_deploy.datasets import DATA_FORMATS, DataError, get_format
 from training.data import SegmentationDataset
 from training.distributed import DistInfo, cleanup_distributed, init_distributed
 from training.engine import EVAL_MODE_TEXT, EVAL_MODES, evaluate
+from training.cli import run_cli
 
 
 # What --save-png writes: class indices (palette PNG) or the data set's official ids (DataFormat.official_ids).
@@ -156,12 +157,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
 
 def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: exit code 0, or 2 with one sentence for an error the user can fix."""
-    try:
-        main(argv)
-    except ValueError as err:  # DataError, CheckpointError, DeviceError and the refusals above: the user's to fix
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    # ValueError: DataError, CheckpointError, DeviceError and the refusals above, the user's to fix.
+    return run_cli(main, argv, (ValueError,))
 
 
 if __name__ == "__main__":

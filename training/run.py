@@ -40,6 +40,7 @@ from training.distributed import (DeviceError, DistInfo, cleanup_distributed, in
 from training.engine import EVAL_MODE_TEXT, EVAL_MODES, TrainForward, evaluate, poly_factor, train_one_epoch
 from training.logger import RunLogger, WriteError, write_failed
 from training.losses import AGMMLoss, PartialCELoss
+from training.cli import run_cli
 
 # What a user can fix: printed as their one sentence, exit code 2 (see cli()).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, WriteError, DeviceError)
@@ -361,12 +362,7 @@ def _write(path: Path, write) -> Path:
 
 def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: exit code 0, or 2 with one sentence for an error the user can fix."""
-    try:
-        main(argv)
-    except USER_ERRORS as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, USER_ERRORS, user_message)
 
 
 def user_message(err: BaseException) -> str:
