@@ -1,6 +1,7 @@
 """The training recipe end to end on tiny synthetic data: outputs, LR schedule, config precedence,
 kill + --resume, a real 2-process gloo torchrun run, and clear failures on bad data."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from agmm_deploy.checkpoint import load_model, read_checkpoint
 from agmm_deploy.datasets import DataError, get_format
 from agmm_deploy.datasets.folder import SYNTHETIC_CLASSES
 from training import run, synthetic
-from training.config import ConfigError, resolve_config
+from training.config import ConfigError, resolve_config, resolve_for_device
 from training.engine import poly_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,8 @@ def test_tiny_run_writes_self_describing_checkpoints_logs_and_poly_lr(city_root,
                 "args"):
         assert key in ckpt, key
     assert ckpt["step"] == 8 and ckpt["epoch"] == 1 and ckpt["args"]["lr"] == 0.01
+    # the CPU default is the exact fp32 path, and the checkpoint says what ran, not "auto"
+    assert ckpt["args"]["amp"] == "none" and ckpt["args"]["memory_format"] == "contiguous"
     assert ckpt["meta"]["input_size"] == [32, 32] and ckpt["meta"]["classes"][0] == "road"
     assert ckpt["model_config"]["backbone"] == "resnet18" and ckpt["model_config"]["num_classes"] == 19
     loaded = load_model(out / "best.pt")  # rebuilt from the file alone
@@ -80,6 +83,7 @@ def test_tiny_run_writes_self_describing_checkpoints_logs_and_poly_lr(city_root,
     assert "validation, mode center (the central crop only" in log and log.count("mIoU ") >= 2
     assert log.count("| **mIoU** |") == 1  # two evaluations, the per-class table with the last only (--table-every)
     assert "finished at step 8" in log
+    assert "precision none (fp32, no autocast), memory format contiguous; the loss runs in fp32" in log
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["total_steps"] == 8 and resolved["head_lr_mult"] == 1.0 and resolved["colour_aug"] is False
 
@@ -296,6 +300,37 @@ def test_evaluate_refuses_validation_labels_without_a_labelled_pixel(tmp_path):
         evaluate_cli.main([str(ckpt), "--data-root", str(root), "--mode", "whole", "--workers", "0", "--device",
                            "cpu", "--json", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_device_defaults_bf16_channels_last_on_cuda_exact_fp32_on_cpu(city_root, tmp_path, monkeypatch):
+    cfg = resolve_config({"dataset": "cityscapes", "data_root": str(city_root), "pretrained": "none"})
+    assert (cfg.amp, cfg.memory_format) == ("auto", "auto")
+    cpu = resolve_for_device(cfg, torch.device("cpu"))
+    assert (cpu.amp, cpu.memory_format) == ("none", "contiguous")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    fast = resolve_for_device(cfg, cuda)
+    assert (fast.amp, fast.memory_format) == ("bf16", "channels_last")
+    exact = resolve_for_device(dataclasses.replace(cfg, amp="none", memory_format="contiguous"), cuda)
+    assert (exact.amp, exact.memory_format) == ("none", "contiguous")  # the flags keep the exact fp32 path
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_for_device(cfg, cuda).amp == "none"  # no bf16 on this GPU: fp32, never a quiet fp16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(ConfigError, match="--amp bf16: Tesla V100 does not support bfloat16"):
+        resolve_for_device(dataclasses.replace(cfg, amp="bf16"), cuda)
+    with pytest.raises(ConfigError, match="--amp fp16 needs a CUDA device"):
+        resolve_for_device(dataclasses.replace(cfg, amp="fp16"), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_cuda_defaults_run_bf16_channels_last(city_root, tmp_path):
+    tiny = [a if a != "cpu" else "cuda" for a in tiny_args(city_root, tmp_path / "gpu", "--max-steps", "2",
+                                                          "--epochs", "1")]
+    run.main(tiny)
+    args = read_checkpoint(tmp_path / "gpu" / "last.pt")["args"]
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "none"
+    assert args["amp"] == expected and args["memory_format"] == "channels_last"
+    assert f"precision {expected} (" in (tmp_path / "gpu" / "train.log").read_text()
 
 
 @pytest.mark.gpu

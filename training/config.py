@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from agmm_deploy.datasets import DATA_FORMATS, DataFormat, format_flags, get_format
@@ -21,7 +22,10 @@ from agmm_deploy.model import BACKBONE_DEPTHS, DILATE_BY_OUTPUT_STRIDE, STEMS
 from training.engine import EVAL_MODES
 
 LOSSES = ("agmm", "ce")
-AMP_MODES = ("none", "bf16", "fp16")
+# auto: bf16 autocast on a CUDA GPU that supports bf16, none (exact fp32) elsewhere; see resolve_for_device.
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+# auto: channels_last on CUDA (cuDNN's fast NHWC convolutions), contiguous (exactly today's fp32 path) on the CPU.
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # --pretrained none: random weights, chosen explicitly (the paper's data sets refuse a run that says nothing).
 PRETRAINED_NONE = "none"
 # Keys of the official YAML configs, read as ours.
@@ -50,6 +54,8 @@ class TrainConfig:
         max_steps: stop after this many optimiser steps (the poly schedule ends there too).
         pretrained: backbone weights (file or 'imagenet'), 'none' for random weights on purpose, or None (not
             given: refused for a format with ``pretrained_source`` unless the run resumes).
+        amp, memory_format: ``auto`` until ``resolve_for_device`` picks the device's choice (what checkpoints keep).
+        workers: data loader workers per process; None: derived from the cores per process (training.data).
         eval_mode: auto (the data format's schedule) or one of EVAL_MODES.
         log_every: log (and copy the losses from the device) every N steps.
         table_every: the per-class IoU table with every N-th evaluation's line (and always with the last one).
@@ -76,8 +82,9 @@ class TrainConfig:
     poly_power: float = 0.9
     max_steps: int | None = None
     loss: str = "agmm"
-    amp: str = "none"
-    workers: int = 4
+    amp: str = "auto"
+    memory_format: str = "auto"
+    workers: int | None = None
     seed: int = 0
     device: str = "auto"
     eval_mode: str = "auto"
@@ -105,7 +112,7 @@ _INTS = {"crop_size": 1, "epochs": 1, "batch_size": 1, "output_stride": 1, "work
          "max_steps": 1, "eval_every": 1, "table_every": 1, "max_val_images": 1, "log_every": 1}
 _FLOATS = {"lr": 0.0, "head_lr_mult": 0.0, "momentum": 0.0, "weight_decay": 0.0, "poly_power": 0.0}
 _CHOICES = {"backbone": tuple(BACKBONE_DEPTHS), "stem": STEMS, "output_stride": tuple(DILATE_BY_OUTPUT_STRIDE),
-            "loss": LOSSES, "amp": AMP_MODES, "eval_mode": ("auto", *EVAL_MODES)}  # auto: the data format's schedule
+            "loss": LOSSES, "amp": AMP_MODES, "memory_format": MEMORY_FORMATS, "eval_mode": ("auto", *EVAL_MODES)}  # auto: the data format's schedule
 _BOOLS = ("multi_grid", "colour_aug")
 
 
@@ -155,6 +162,27 @@ def resolve_config(flags: dict[str, Any], config_path: str | Path | None = None)
             raise ConfigError(f"{flag.name}={options[flag.name]!r} is not a {row.title} setting; expected one of "
                               f"{list(flag.choices)}")
     return TrainConfig(**values, options=options)
+
+
+def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` with ``amp`` and ``memory_format`` ``auto`` replaced by what this device runs fastest.
+
+    On CUDA: bf16 autocast where the GPU supports bf16 (Ampere and later; else none, never a quiet fp16 with its
+    loss scaling) and channels_last. On the CPU: none and contiguous, the exact fp32 path. An explicit
+    ``--amp bf16|fp16`` is kept and checked here: refused on the CPU, and bf16 on a GPU without it.
+    """
+    cuda = device.type == "cuda"
+    amp, memory_format = cfg.amp, cfg.memory_format
+    if amp == "auto":
+        amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "none"
+    elif amp != "none" and not cuda:
+        raise ConfigError(f"--amp {amp} needs a CUDA device; this run is on {device}. Use --amp none on CPU.")
+    elif amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16 "
+                          "(torch.cuda.is_bf16_supported() is False); use --amp fp16 or --amp none")
+    if memory_format == "auto":
+        memory_format = "channels_last" if cuda else "contiguous"
+    return dataclasses.replace(cfg, amp=amp, memory_format=memory_format)
 
 
 def missing_pretrained(row: DataFormat, backbone: str, why: str = "") -> ConfigError:

@@ -24,6 +24,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE): they share its CPU cores
 
     @property
     def is_main(self) -> bool:
@@ -55,11 +56,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ["WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     target = resolve_device(device, local_rank)
     if target.type == "cuda":
         # Checked before the process group: NCCL with two processes on one GPU hangs or fails deep inside.
         # Every process checks the node's process count, so they all stop, not only the ones without a GPU.
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         visible = torch.cuda.device_count()
         if max(per_node, local_rank + 1) > visible:
             raise DeviceError(f"torchrun started {per_node} processes on this node but {visible} CUDA device(s) "
@@ -69,7 +70,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=target if target.type == "cuda" else None)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=target)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=target, local_world_size=per_node)
 
 
 def cleanup_distributed() -> None:

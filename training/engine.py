@@ -69,7 +69,8 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
                     optimizer: torch.optim.Optimizer, loader: Iterable,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int,
                     logger: RunLogger, *, total_steps: int, amp_dtype: torch.dtype | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> EpochResult:
+                    scaler: torch.amp.GradScaler | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> EpochResult:
     """Runs the epoch's steps (stopping at ``total_steps``); the scheduler steps once per optimiser step.
 
     The global step is the scheduler's (``scheduler.last_epoch``), so a resumed run continues its count. Losses
@@ -80,6 +81,7 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         model: DDP(TrainForward(net)) or TrainForward(net): returns (feat, logits).
         loss_fn: (feat, logits, mask, cls_label) -> dict with ``total`` and the terms to log.
         loader: batches of (images (B, 3, S, S) float, masks (B, S, S) uint8, cls_label (B, K), index).
+        memory_format: the layout of the images, the network's (torch.channels_last with a channels_last network).
     Returns:
         EpochResult with the new global step and the epoch's mean loss terms.
     """
@@ -118,7 +120,7 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
     for images, masks, cls_label, _ in bar:
         if step >= total_steps:
             break
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True).long()  # uint8 through the loader, int64 for the loss
         cls_label = cls_label.to(device, non_blocking=True)
         lrs = [group["lr"] for group in optimizer.param_groups]

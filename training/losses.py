@@ -34,8 +34,6 @@ EPS = 1e-6
 # Elements of the largest temporary (B, K, C, chunk) of the distance function: 2^24 floats = 64 MB in fp32.
 DISTANCE_CHUNK_ELEMENTS = 1 << 24
 
-LOSS_KEYS = ("seg", "cls", "proto", "gmm", "total")
-
 
 def _upsample_adjoint(grid: torch.Tensor, small_size: tuple[int, int]) -> torch.Tensor:
     """Transpose of ``F.interpolate(x, grid.shape[-2:], mode="bilinear", align_corners=False)``.
@@ -190,7 +188,9 @@ def agmm_losses(feat: torch.Tensor, logits: torch.Tensor, sparse_mask: torch.Ten
     with torch.autocast(device_type=logits.device.type, enabled=False):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         feat = feat.to(dtype)
-        logits = logits.to(dtype)
+        # contiguous: a channels_last network's logits are (B, H, W, K) in memory, and every pass here (softmax over
+        # K, the per-class reductions) runs over K-planes; the bf16 -> fp32 conversion makes the copy anyway.
+        logits = logits.to(dtype, memory_format=torch.contiguous_format)
         mask = sparse_mask.long()
         present, protos = _prototypes(feat, mask, k)
         proto = _prototype_separation(protos, present)

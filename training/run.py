@@ -17,7 +17,6 @@ written to ``<out>/config.yaml``. Usage, data and disk errors end with one sente
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from agmm_deploy.checkpoint import CheckpointError, read_checkpoint, save_checkp
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.datasets import DATA_FORMATS, DataError, format_flags
 from agmm_deploy.model import BACKBONE_DEPTHS, ModelConfig, build_model, count_parameters
-from training.config import (AMP_MODES, LOSSES, ConfigError, TrainConfig, missing_pretrained, random_weights,
-                             resolve_config)
-from training.data import SegmentationDataset, check_labels
+from training.config import (AMP_MODES, LOSSES, MEMORY_FORMATS, ConfigError, TrainConfig, missing_pretrained,
+                             random_weights, resolve_config, resolve_for_device)
+from training.data import SegmentationDataset, check_labels, default_workers, usable_cores
 from training.distributed import (DeviceError, DistInfo, cleanup_distributed, init_distributed,
                                   parameters_match_across_ranks)
 from training.engine import EVAL_MODE_TEXT, EVAL_MODES, TrainForward, evaluate, poly_factor, train_one_epoch
@@ -42,6 +41,10 @@ from training.logger import RunLogger, WriteError, write_failed
 from training.losses import AGMMLoss, PartialCELoss
 from training.cli import run_cli
 
+# The autocast dtype of each resolved --amp (auto is resolved per device first, training.config.resolve_for_device).
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_TEXT = {"none": "fp32, no autocast", "bf16": "bf16 autocast", "fp16": "fp16 autocast, loss scaling"}
+MEMORY_FORMAT_OF = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 # What a user can fix: printed as their one sentence, exit code 2 (see cli()).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, WriteError, DeviceError)
 # The files this run writes atomically; a kill mid-write leaves ".<name>.<random>.tmp" beside them.
@@ -81,8 +84,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                  "ends there too); for short runs")
     p.add_argument("--loss", choices=LOSSES, help="agmm (default) or partial cross-entropy only")
     p.add_argument("--colour-aug", type=_boolean, help="photometric augmentation (default: the recipe's)")
-    p.add_argument("--amp", choices=AMP_MODES, help="mixed precision on CUDA (default none)")
-    p.add_argument("--workers", type=int, help="data loader workers per process")
+    p.add_argument("--amp", choices=AMP_MODES, help="mixed precision of the network (the loss is always fp32); "
+                                                    "auto (default): bf16 on a CUDA GPU that supports it, none "
+                                                    "(exact fp32) on the CPU. --amp none is the paper's fp32")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS,
+                   help="tensor layout of the network; auto (default): channels_last on CUDA, contiguous on the "
+                        "CPU. contiguous with --amp none is the exact fp32 path")
+    p.add_argument("--workers", type=int, help="data loader workers per process (default: the cores per process "
+                                               "less one, at most 16)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p.add_argument("--eval-mode", choices=("auto", *EVAL_MODES),
@@ -133,9 +142,11 @@ def main(argv: list[str] | None = None) -> RunResult:
 def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     """The recipe: data -> model -> optimiser -> resume -> for each epoch: train, evaluate, save."""
     device, is_main, world, rank = dist_info.device, dist_info.is_main, dist_info.world_size, dist_info.rank
-    amp_dtype = _amp_dtype(cfg.amp, device)
+    cfg = resolve_for_device(cfg, device)  # amp and memory format as run: what config.yaml and checkpoints keep
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    memory_format = MEMORY_FORMAT_OF[cfg.memory_format]
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # fixed crop size: the fastest algorithms are found once
     out = Path(cfg.out)
     removed: list[str] = []
     if is_main:
@@ -153,8 +164,12 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     if cfg.resume == "auto" and resume is None:
         logger.info(f"--resume auto: no {out / 'last.pt'} yet, starting from scratch")
 
+    logger.info(f"precision {cfg.amp} ({PRECISION_TEXT[cfg.amp]}), memory format {cfg.memory_format}"
+                + (", cudnn.benchmark on" if device.type == "cuda" else "") + "; the loss runs in fp32")
+
     # --- data
-    workers = _workers_within_cores(cfg.workers, logger)
+    workers = (default_workers(dist_info.local_world_size) if cfg.workers is None
+               else _workers_within_cores(cfg.workers, logger))
     data = cfg.data_format
     classes, palette = data.classes_and_palette(cfg.data_root)
     num_classes = len(classes)
@@ -185,22 +200,21 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                               num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-                              generator=generator)
+                              generator=generator, persistent_workers=workers > 0)
     val_loader = None
     if val_samples:
         val_set = SegmentationDataset(val_samples, num_classes, train=False)
         shard = list(range(len(val_set)))[rank::world]  # no padding duplicates
         val_loader = DataLoader(Subset(val_set, shard), batch_size=1, num_workers=min(2, workers),
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", persistent_workers=min(2, workers) > 0)
 
     # --- model, loss, optimiser, schedule
     torch.manual_seed(cfg.seed)
     model_config = ModelConfig.for_dataset(cfg.dataset, backbone=cfg.backbone, stem=cfg.stem,
                                            output_stride=cfg.output_stride, multi_grid=cfg.multi_grid,
                                            aspp_rates=cfg.aspp_rates, num_classes=num_classes)
-    net = build_model(model_config, pretrained=None if random_weights(cfg.pretrained) else cfg.pretrained).to(device)
-    if device.type == "cuda" and world > 1:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = build_model(model_config, pretrained=None if random_weights(cfg.pretrained) else cfg.pretrained)
+    net = sync_batchnorm(net, device, world).to(device, memory_format=memory_format)
     model = TrainForward(net)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -255,7 +269,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 sampler.set_epoch(epoch)
             generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the single-process shuffle order of this epoch
             result = train_one_epoch(model, loss_fn, optimizer, train_loader, scheduler, device, epoch, logger,
-                                     total_steps=total_steps, amp_dtype=amp_dtype, scaler=scaler)
+                                     total_steps=total_steps, amp_dtype=amp_dtype, scaler=scaler,
+                                     memory_format=memory_format)
             step = result.step
             terms = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
             logger.info(f"epoch {epoch} done in {result.seconds:.1f}s ({result.steps_run} steps): {terms}")
@@ -299,12 +314,13 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                      best_checkpoint=best_path)
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "none":
-        return None
-    if device.type != "cuda":
-        raise ConfigError(f"--amp {amp} needs a CUDA device; this run is on {device}. Use --amp none on CPU.")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+def sync_batchnorm(net: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """``net`` with SyncBatchNorm when several CUDA processes train it: BatchNorm statistics over the total batch,
+    as the official multi-GPU runs. Unchanged in one process and on the CPU, where gloo has no SyncBatchNorm
+    (each rank then normalises over its own batch)."""
+    if device.type == "cuda" and world_size > 1:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net
 
 
 def _workers_within_cores(workers: int, logger: RunLogger) -> int:
@@ -312,7 +328,7 @@ def _workers_within_cores(workers: int, logger: RunLogger) -> int:
 
     More loader processes than cores only contend for them, and PyTorch warns about it on every loader start.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if workers <= cores:
         return workers
     logger.info(f"--workers {workers} is more than the {cores} CPU core(s) this process may use: running {cores} "
