@@ -2,6 +2,8 @@
 
     python benchmarks/loss_speed.py                  # speed at B=2, K=19, crop 512; memory at B=4, crop 721
     python benchmarks/loss_speed.py --skip-model     # without the (slow on CPU) network step
+    git show main:training/losses.py > /tmp/old_losses.py
+    python benchmarks/loss_speed.py --skip-model --baseline /tmp/old_losses.py   # against an earlier version
 
 Speed: forward + backward of the loss alone, ours and the loop version, and of the network's own training
 step (DeepLabV3+, paper's Cityscapes config) at the same size; target: the loss adds < 15 % to a step.
@@ -15,6 +17,7 @@ The official formulation is ``training.reference_losses.official_loop_losses``, 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -64,6 +67,29 @@ def time_call(fn, device, repeats, warmup=1):
         _sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def load_baseline(path):
+    """``agmm_losses`` of another version of training/losses.py (a file), for a side-by-side timing."""
+    spec = importlib.util.spec_from_file_location("baseline_losses", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.agmm_losses
+
+
+def time_interleaved(fns, device, repeats):
+    """Best time of each function, the calls alternating so that a change in the machine's load hits all."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def loss_step(impl, feat, logits, mask, cls_label, k):
@@ -121,6 +147,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-model", action="store_true", help="skip the network forward + backward timing")
     p.add_argument("--official-memory-batch", type=int, default=1,
                    help="batch for measuring the official formulation's memory (4 needs ~10 GB)")
+    p.add_argument("--baseline", help="another version of training/losses.py to time against ours, interleaved "
+                                      "(e.g. git show main:training/losses.py > /tmp/old_losses.py)")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-crop", type=int, help=argparse.SUPPRESS)
@@ -147,6 +175,15 @@ def main(argv=None):
           f"{args.repeats}; terms agree to {diff:.1e})")
     print(f"  official formulation (loops) {t_loop * 1000:9.1f} ms")
     print(f"  ours (vectorised)            {t_ours * 1000:9.1f} ms   {t_loop / t_ours:5.1f}x faster")
+    if args.baseline:
+        old = load_baseline(args.baseline)
+        before = old(feat, logits, mask, cls_label, k)
+        agree = max(abs(float(ours[key].detach()) - float(before[key].detach())) for key in ours)
+        t_new, t_old = time_interleaved([loss_step(agmm_losses, feat, logits, mask, cls_label, k),
+                                         loss_step(old, feat, logits, mask, cls_label, k)], device,
+                                        max(5, args.repeats))
+        print(f"  --baseline {args.baseline}: {t_old * 1000:.1f} ms, ours {t_new * 1000:.1f} ms: "
+              f"{t_old / t_new:.2f}x (best of {max(5, args.repeats)}, interleaved; terms agree to {agree:.1e})")
     if not args.skip_model:
         torch.manual_seed(0)
         net = build_model(ModelConfig.cityscapes(backbone=args.backbone)).to(device).train()

@@ -120,3 +120,32 @@ def test_cuda_matches_cpu_in_float64():
     gpu = agmm_losses(feat.cuda(), logits.cuda(), mask.cuda(), cls_label.cuda(), 7)
     for key in cpu:
         torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_pixel_terms_match_loop_reference(monkeypatch):
+    # What CUDA runs (torch.compile of _dense_terms / _dense_grads), compiled here for the CPU (about a minute).
+    monkeypatch.setattr(losses, "_dense_functions", lambda device: losses._compiled_dense())
+    feat, logits, mask, cls_label = make_case(seed=1, b=3, k=7, c=16, h=7, w=9, big=(28, 36))
+    feat_a, logits_a = feat.clone().requires_grad_(), logits.clone().requires_grad_()
+    feat_b, logits_b = feat.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = agmm_losses(feat_a, logits_a, mask, cls_label, 7)
+    ref = official_loop_losses(feat_b, logits_b, mask, cls_label, 7)
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-10, atol=1e-12, msg=f"term {key}")
+    ours["total"].backward()
+    ref["total"].backward()
+    torch.testing.assert_close(logits_a.grad, logits_b.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(feat_a.grad, feat_b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_sparse_upsampling_equals_interpolate_at_the_pixels():
+    g = torch.Generator().manual_seed(0)
+    for small, big in [((5, 6), (19, 23)), ((7, 9), (28, 36)), ((181, 181), (721, 721))]:
+        res = torch.rand(2, 3, *small, generator=g, dtype=torch.float64)
+        b_l = torch.randint(0, 2, (500,), generator=g)
+        y_l, x_l = torch.randint(0, big[0], (500,), generator=g), torch.randint(0, big[1], (500,), generator=g)
+        y_l[:2], x_l[:2] = torch.tensor([0, big[0] - 1]), torch.tensor([0, big[1] - 1])  # both clamped edges
+        full = torch.nn.functional.interpolate(res, size=big, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(losses._upsampled_at(res, b_l, y_l, x_l, big), full[b_l, :, y_l, x_l],
+                                   rtol=1e-12, atol=1e-14)
