@@ -10,7 +10,10 @@ from PIL import Image
 from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
 from training import synthetic
 from agmm_deploy.datasets import DataError, Sample, cityscapes, folder, get_format, pascal
-from training.data import SegmentationDataset, check_labels, read_label
+from torch.utils.data import DataLoader
+
+from training.data import (MAX_DEFAULT_WORKERS, SegmentationDataset, check_labels, default_workers,
+                           read_label)
 
 cityscapes_samples, voc_samples, folder_samples = cityscapes.samples, pascal.samples, folder.samples
 
@@ -206,3 +209,24 @@ def test_check_labels_refuses_a_set_without_a_labelled_pixel(tmp_path):
     (tmp_path / "x.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="x.png cannot be read as an image"):
         check_labels([Sample(tmp_path / "x.png", tmp_path / "train" / "labels" / "a.png")], 4, "labels")
+
+
+def test_persistent_workers_see_each_epoch_set_after_they_started(city_root):
+    # Persistent workers hold a copy of the dataset made at their start; the epoch must still reach them, or every
+    # epoch after the first would repeat the first one's crops (and a resumed run would differ from a straight one).
+    dataset = SegmentationDataset(train_samples("cityscapes", city_root, clicks=20), 19, train=True, crop_size=32)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1, 2):
+        dataset.set_epoch(epoch)
+        images = torch.cat([batch[0] for batch in loader])
+        expected = torch.stack([dataset[i][0] for i in range(len(dataset))])  # in this process, same epoch
+        torch.testing.assert_close(images, expected, rtol=0, atol=0, msg=f"epoch {epoch}")
+    assert not torch.equal(images, torch.stack([SegmentationDataset(dataset.samples, 19, train=True,
+                                                                    crop_size=32)[i][0] for i in range(4)]))
+
+
+def test_default_workers_share_the_cores_among_the_node_processes():
+    assert default_workers(1, cores=16) == 15  # one GPU: every core but the training process's own
+    assert default_workers(8, cores=64) == 7  # eight GPUs share the node
+    assert default_workers(1, cores=128) == MAX_DEFAULT_WORKERS
+    assert default_workers(4, cores=2) == 1 and default_workers(1, cores=1) == 1  # never 0: decoding off the step
