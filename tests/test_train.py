@@ -152,6 +152,24 @@ def test_torchrun_two_gloo_processes_finish_with_identical_weights(city_root, tm
     assert resolved["world_size"] == 2 and resolved["steps_per_epoch"] == 2  # 8 images / (2 ranks x batch 2)
     assert read_checkpoint(out / "last.pt")["step"] == 3
     assert sorted(metrics_by_step(out)) == [1, 2, 3]  # rank 0 alone writes
+    log = (out / "train.log").read_text()
+    assert log.count("BatchNorm statistics per process (cpu has no SyncBatchNorm") == 1
+    assert log.count("epoch 0 done") == 1 and log.count("epoch 0 validation") == 1  # one log, written once
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl",
+                                                     "tensorboard", "train.log"]  # no second writer's files
+    assert len(list((out / "tensorboard").iterdir())) == 1
+
+
+def test_sync_batchnorm_only_for_several_cuda_processes():
+    from agmm_deploy.model import ModelConfig, build_model
+
+    def kinds(net):
+        return {type(m).__name__ for m in net.modules() if "BatchNorm" in type(m).__name__}
+
+    config = ModelConfig.cityscapes(backbone="resnet18")
+    assert kinds(run.sync_batchnorm(build_model(config), torch.device("cuda", 0), 2)) == {"SyncBatchNorm"}
+    assert kinds(run.sync_batchnorm(build_model(config), torch.device("cuda", 0), 1)) == {"BatchNorm2d"}
+    assert kinds(run.sync_batchnorm(build_model(config), torch.device("cpu"), 2)) == {"BatchNorm2d"}  # gloo
 
 
 def test_bad_data_root_and_bad_label_values_name_the_path(city_root, tmp_path):

@@ -215,6 +215,10 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                                            aspp_rates=cfg.aspp_rates, num_classes=num_classes)
     net = build_model(model_config, pretrained=None if random_weights(cfg.pretrained) else cfg.pretrained)
     net = sync_batchnorm(net, device, world).to(device, memory_format=memory_format)
+    if world > 1:
+        synced = any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
+        logger.info(f"BatchNorm statistics over the total batch of {world} processes (SyncBatchNorm)" if synced else
+                    f"BatchNorm statistics per process ({device.type} has no SyncBatchNorm; gloo runs are for checks)")
     model = TrainForward(net)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
