@@ -84,8 +84,10 @@ def test_tiny_run_writes_self_describing_checkpoints_logs_and_poly_lr(city_root,
     assert log.count("| **mIoU** |") == 1  # two evaluations, the per-class table with the last only (--table-every)
     assert "finished at step 8" in log
     assert "precision none (fp32, no autocast), memory format contiguous; the loss runs in fp32" in log
+    assert "0 data loader worker(s) per process\n" in log
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["total_steps"] == 8 and resolved["head_lr_mult"] == 1.0 and resolved["colour_aug"] is False
+    assert resolved["amp"] == "none" and resolved["memory_format"] == "contiguous" and resolved["workers"] == 0
 
 
 def test_config_file_then_flags_and_partial_ce(city_root, tmp_path):

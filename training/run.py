@@ -17,6 +17,7 @@ written to ``<out>/config.yaml``. Usage, data and disk errors end with one sente
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,11 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     # --- data
     workers = (default_workers(dist_info.local_world_size) if cfg.workers is None
                else _workers_within_cores(cfg.workers, logger))
+    derived = (f", from {usable_cores()} core(s) for {dist_info.local_world_size} process(es) on this node"
+               if cfg.workers is None else "")
+    kept = " (persistent" + (", pinned memory)" if device.type == "cuda" else ")") if workers else ""
+    logger.info(f"{workers} data loader worker(s) per process{kept}{derived}")
+    cfg = dataclasses.replace(cfg, workers=workers)  # what ran, in config.yaml and the checkpoints
     data = cfg.data_format
     classes, palette = data.classes_and_palette(cfg.data_root)
     num_classes = len(classes)
