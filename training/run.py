@@ -273,11 +273,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total_steps:
                 break
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
-            train_set.set_epoch(epoch)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the single-process shuffle order of this epoch
+            set_epoch(epoch, cfg.seed, rank, train_set, sampler, generator)
             result = train_one_epoch(model, loss_fn, optimizer, train_loader, scheduler, device, epoch, logger,
                                      total_steps=total_steps, amp_dtype=amp_dtype, scaler=scaler,
                                      memory_format=memory_format)
@@ -344,6 +340,18 @@ def _workers_within_cores(workers: int, logger: RunLogger) -> int:
     logger.info(f"--workers {workers} is more than the {cores} CPU core(s) this process may use: running {cores} "
                 "data loader workers")
     return cores
+
+
+def set_epoch(epoch: int, seed: int, rank: int, train_set: SegmentationDataset, sampler: DistributedSampler | None,
+              generator: torch.Generator) -> None:
+    """Everything random in ``epoch`` from (seed, epoch, rank) alone, so a run resumed there draws the same:
+    the augmentations (also in persistent workers), the shard and order of the images (DistributedSampler with
+    several processes: each rank a disjoint shard, reshuffled every epoch; else the loader's generator), dropout."""
+    torch.manual_seed(_epoch_seed(seed, epoch, rank))
+    train_set.set_epoch(epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    generator.manual_seed(seed * 1_000_003 + epoch)  # the single-process shuffle order of this epoch
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
