@@ -4,7 +4,7 @@ The model comes from ``AGMM_MODEL`` (any artifact the runtime table reads: an .o
 with its .json sidecar, or a .pt checkpoint) or from the BentoML model store (``AGMM_BENTO_MODEL=name:version``).
 Preprocessing comes from the model's own metadata.
 
-Endpoints (all POST):
+Endpoints (POST; /info answers GET as well):
     /segment          multipart ``image`` -> label map as a palette PNG (pixel value = class id)
     /segment_json     multipart ``image`` -> {"classes", "fractions", "height", "width", "batch_size"}
     /overlay          multipart ``image`` (+ ``alpha``) -> the image blended with the class colours, PNG
@@ -187,10 +187,12 @@ class RequestDoor:
         if path in CLOSED_PATHS and scope["method"] in ("GET", "HEAD"):
             await Refusal(404, "this server does not publish an OpenAPI document; its endpoints are POST "
                                "/segment, /segment_json, /overlay (multipart field 'image'), /segment_batch "
-                               "(JSON) and /info").response(path)(scope, receive, send)
+                               "(JSON) and GET or POST /info").response(path)(scope, receive, send)
             return
-        if path == "/info":  # takes no body; one sent anyway is not read
-            await self.app(_without_body(scope, Upload()), _empty_body(receive), send)
+        if path == "/info" and scope["method"] in ("GET", "POST"):
+            # It takes no body (one sent anyway is not read). BentoML routes its endpoints for POST only; a GET,
+            # what a browser or `curl URL/info` sends for a read, reaches it as the same POST.
+            await self.app({**_without_body(scope, Upload()), "method": "POST"}, _empty_body(receive), send)
             return
         if scope["method"] != "POST" or (path not in UPLOAD_ROUTES and path != "/segment_batch"):
             await self.app(scope, receive, send)
