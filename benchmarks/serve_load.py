@@ -571,6 +571,10 @@ def main(argv: list[str] | None = None) -> LoadResult:
         runner = None if hostile else load_raw_runner(model, args.device, args.ort_threads)
         env = server_env(model, device=args.device, max_batch_size=args.max_batch_size,
                          max_latency_ms=args.max_latency_ms, ort_threads=args.ort_threads)
+        # Its own BentoML home: `bentoml serve` keeps its Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir,
+        # wipes that folder when it starts and reports every file in it, so another server started on this machine
+        # during the run (a test, another benchmark) would erase or add to agmm_batch_inputs mid-run.
+        env["BENTOML_HOME"] = str(tmp / "bentoml")
         process = start_server(port := free_port(), args.server_log or tmp / "serve.log", env)
         url = f"http://127.0.0.1:{port}"
         try:
