@@ -7,7 +7,10 @@ outlast its deadline (``max_latency_s``: how long a request may wait; its own wo
 on inputs per image, so a lone request is always served). One worker thread drains the queue in the manner of
 Triton's dynamic batcher: it takes up to ``max_batch_size`` model inputs in arrival order (a tiled image may span
 several batches, and several images share one), waiting at most ``wait_s`` for more while a batch is not full,
-runs them with ``agmm_deploy.inference.run_slices``, and hands each finished request its uint8 label map. Work
+runs them with ``agmm_deploy.inference.run_slices``, and hands each finished request its ``Windows`` at once, the
+model's outputs gathered at the image's size; the request's own thread takes the label map from them, so that the
+worker starts the next batch instead of post-processing this one (on a CPU, the model would otherwise wait for
+the argmax of every image of the batch, and the handlers for the slowest of them). Work
 that can no longer start by its deadline is dropped from the queue with ``Overloaded``; work whose caller went
 away (client disconnected, request cancelled) is dropped silently. Neither is ever run.
 
@@ -30,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
 from agmm_deploy.inference import Windows
@@ -50,7 +52,7 @@ class Overloaded(Exception):
 
 @dataclass(frozen=True)
 class Result:
-    labels: np.ndarray  # (H, W) uint8 class ids
+    windows: Windows  # done: every model output added; ``windows.labels()`` is the label map on the device
     batch_size: int  # model inputs in the batch that ran this image's last input
 
 
@@ -113,7 +115,7 @@ class Batcher:
         return job.future
 
     async def segment(self, windows: Windows) -> Result:
-        """The label map of one image; cancelling the awaiting task drops its queued work."""
+        """One image's model outputs, all added; cancelling the awaiting task drops its queued work."""
         return await asyncio.wrap_future(self.submit(windows))
 
     def queued_inputs(self) -> int:
@@ -182,7 +184,6 @@ class Batcher:
         try:
             with torch.inference_mode():
                 count = self.run_batch([(job.windows, a, b) for job, a, b in slices])
-                finished = [(job, job.windows.labels().cpu().numpy()) for job in jobs if job.windows.done]
         except Exception as err:  # the model failed: every job in the batch gets the error, the worker goes on
             logger.exception("the model failed on a batch of %d inputs", sum(b - a for _, a, b in slices))
             for job in jobs:
@@ -194,11 +195,14 @@ class Batcher:
         elapsed = time.perf_counter() - start
         # A running mean over batches: the queue's wait estimates follow the load actually seen.
         self.seconds_per_input = 0.8 * self.seconds_per_input + 0.2 * elapsed / count
-        for job, labels in finished:
-            job.windows = None  # frees the image and the accumulated scores now, not when the caller is done
-            _settle(job.future, result=Result(labels, count))
+        # Counted before any answer goes out: a client that has its answer and then reads /metrics finds its batch
+        # there (counted after, the last batch of a load test was missing from a reading taken right after it).
         if self.on_batch is not None:
             self.on_batch(count)
+        for job in jobs:
+            if job.windows.done:
+                windows, job.windows = job.windows, None  # the caller holds the only reference from here on
+                _settle(job.future, result=Result(windows, count))
 
 
 def _settle(future: concurrent.futures.Future, result: Result | None = None,

@@ -4,7 +4,7 @@ The model comes from ``AGMM_MODEL`` (any artifact the runtime table reads: an .o
 with its .json sidecar, or a .pt checkpoint) or from the BentoML model store (``AGMM_BENTO_MODEL=name:version``).
 Preprocessing comes from the model's own metadata.
 
-Endpoints (all POST):
+Endpoints (POST; /info answers GET as well):
     /segment          multipart ``image`` -> label map as a palette PNG (pixel value = class id)
     /segment_json     multipart ``image`` -> {"classes", "fractions", "height", "width", "batch_size"}
     /overlay          multipart ``image`` (+ ``alpha``) -> the image blended with the class colours, PNG
@@ -22,9 +22,10 @@ The request path, in order:
    image never waits behind good work.
 3. The decoded uint8 image goes, as a tensor on the runner's device, to ``Batcher`` (serving/batcher.py), which
    runs the inputs of concurrent requests together, counting model inputs, and answers 503 with Retry-After
-   when the queue would keep a request past ``max_latency_ms``. Pre- and post-processing run there as torch
-   ops on the runner's device (agmm_deploy.inference); only the uint8 label map comes back.
-4. The endpoint encodes the PNG (or the JSON fractions) in a thread pool.
+   when the queue would keep a request past ``max_latency_ms``. Pre-processing, the model and the gathering of
+   its outputs at the image's size run there as torch ops on the runner's device (agmm_deploy.inference).
+4. The endpoint takes the argmax on the runner's device (only the uint8 label map leaves it) and encodes the PNG
+   (or the JSON fractions), in a thread pool, while the batcher runs the next batch.
 
 Every refusal is a JSON {"error": "<sentence>"} and one log line without the upload's content.
 """
@@ -186,10 +187,12 @@ class RequestDoor:
         if path in CLOSED_PATHS and scope["method"] in ("GET", "HEAD"):
             await Refusal(404, "this server does not publish an OpenAPI document; its endpoints are POST "
                                "/segment, /segment_json, /overlay (multipart field 'image'), /segment_batch "
-                               "(JSON) and /info").response(path)(scope, receive, send)
+                               "(JSON) and GET or POST /info").response(path)(scope, receive, send)
             return
-        if path == "/info":  # takes no body; one sent anyway is not read
-            await self.app(_without_body(scope, Upload()), _empty_body(receive), send)
+        if path == "/info" and scope["method"] in ("GET", "POST"):
+            # It takes no body (one sent anyway is not read). BentoML routes its endpoints for POST only; a GET,
+            # what a browser or `curl URL/info` sends for a read, reaches it as the same POST.
+            await self.app({**_without_body(scope, Upload()), "method": "POST"}, _empty_body(receive), send)
             return
         if scope["method"] != "POST" or (path not in UPLOAD_ROUTES and path != "/segment_batch"):
             await self.app(scope, receive, send)
@@ -329,6 +332,14 @@ def _empty_body(receive: Any) -> Any:
     return replay
 
 
+def _labels(windows: "Windows") -> np.ndarray:  # noqa: F821
+    """The label map (H, W) uint8 of an image whose model outputs are all added, taken on the runner's device."""
+    import torch
+
+    with torch.inference_mode():
+        return windows.labels().cpu().numpy()
+
+
 # ---------------------------------------------------------------------------------------------- the service
 
 @bentoml.service(
@@ -346,6 +357,8 @@ class AgmmSegmenter:
     """DeepLabV3+ trained with the AGMM loss; concurrent requests batched by model inputs (serving/batcher.py)."""
 
     def __init__(self) -> None:
+        import torch
+
         from agmm_deploy.runtime import load_runner  # torch and onnxruntime load in the worker only
 
         path = resolve_model_path()
@@ -357,6 +370,12 @@ class AgmmSegmenter:
                 kwargs["threads"] = threads
         self.runner = load_runner(path, device=os.environ.get("AGMM_DEVICE", "auto"), **kwargs)
         self.meta = self.runner.meta
+        if self.runner.device.type == "cpu" and not self.runner.backend.startswith("pytorch"):
+            # The model runs on ONNX Runtime's own thread pool (sized when the session was made, above); torch
+            # only pre- and post-processes here, an image per request thread. With its default of one OpenMP
+            # thread per core, each request thread would start its own OpenMP team, whose threads spin after
+            # every op on the cores the model needs.
+            torch.set_num_threads(1)
         h, w = self.runner.input_size
         logger.info("AGMM model %s: backend=%s precision=%s device=%s input=%dx%d classes=%d", path,
                     self.runner.backend, self.runner.precision, self.runner.device, h, w, self.meta.num_classes)
@@ -441,17 +460,25 @@ class AgmmSegmenter:
                                "(AGMM_MAX_INPUTS, reported by /info). Downscale it or send it in parts.")
         return image, image_windows(self.runner, image, name=name)
 
-    async def _segment(self, data: bytes, name: str = "the image") -> tuple[np.ndarray, "Result"]:  # noqa: F821
-        """Decode and check at the door, then the label map from the batcher; Refusal on any failure."""
+    async def _segment(self, data: bytes, name: str = "the image") -> tuple[np.ndarray, np.ndarray, int]:
+        """Decode and check at the door, the model through the batcher, the label map in a worker thread.
+
+        Returns:
+            The image (H, W, 3) uint8, its label map (H, W) uint8 and the model inputs of the batch that ran its
+            last input; Refusal on any failure.
+        """
         from serving.batcher import Overloaded
 
         image, windows = await anyio.to_thread.run_sync(self._decode, data, name)
         try:
-            return image, await self.batcher.segment(windows)
+            result = await self.batcher.segment(windows)
         except Overloaded as err:
             raise Refusal(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
         except RuntimeError as err:  # the model failed; logged with its traceback by the batcher
             raise Refusal(500, str(err)) from None
+        # Here, not in the batcher: the argmax of each image runs in its own request's thread (on the runner's
+        # device), while the batcher's thread already runs the next batch.
+        return image, await anyio.to_thread.run_sync(_labels, result.windows), result.batch_size
 
     async def _png(self, labels: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.0) -> bytes:
         """The label map as a palette PNG, or the overlay on ``image``, encoded in a worker thread."""
@@ -464,35 +491,34 @@ class AgmmSegmenter:
     async def segment(self, ctx: bentoml.Context) -> Annotated[Path, ContentType("image/png")]:
         """The label map as a palette PNG at the image's size: pixel value = class id, colours = palette."""
         try:
-            _, result = await self._segment(ctx.request.state.agmm_upload.data)
+            _, labels, batch_size = await self._segment(ctx.request.state.agmm_upload.data)
         except Refusal as refusal:
             return refusal.response("/segment", ctx)
-        return Response(await self._png(result.labels), media_type="image/png",
-                        headers={"X-AGMM-Batch-Size": str(result.batch_size)})
+        return Response(await self._png(labels), media_type="image/png",
+                        headers={"X-AGMM-Batch-Size": str(batch_size)})
 
     @bentoml.api
     async def segment_json(self, ctx: bentoml.Context) -> ClassFractions:
         """Per-class pixel fractions of the predicted label map (they sum to 1)."""
         try:
-            _, result = await self._segment(ctx.request.state.agmm_upload.data)
+            _, labels, batch_size = await self._segment(ctx.request.state.agmm_upload.data)
         except Refusal as refusal:
             return refusal.response("/segment_json", ctx)
-        labels = result.labels
         counts = np.bincount(labels.ravel(), minlength=self.meta.num_classes)
         classes = list(self.meta.classes)
         return ClassFractions(classes=classes, fractions=dict(zip(classes, (counts / labels.size).tolist())),
-                              height=labels.shape[0], width=labels.shape[1], batch_size=result.batch_size)
+                              height=labels.shape[0], width=labels.shape[1], batch_size=batch_size)
 
     @bentoml.api
     async def overlay(self, ctx: bentoml.Context) -> Annotated[Path, ContentType("image/png")]:
         """The image blended with its predicted class colours (``alpha`` = weight of the colours), PNG."""
         upload = ctx.request.state.agmm_upload
         try:
-            image, result = await self._segment(upload.data)
+            image, labels, batch_size = await self._segment(upload.data)
         except Refusal as refusal:
             return refusal.response("/overlay", ctx)
-        return Response(await self._png(result.labels, image, upload.alpha), media_type="image/png",
-                        headers={"X-AGMM-Batch-Size": str(result.batch_size)})
+        return Response(await self._png(labels, image, upload.alpha), media_type="image/png",
+                        headers={"X-AGMM-Batch-Size": str(batch_size)})
 
     @bentoml.api
     async def segment_batch(self, ctx: bentoml.Context) -> list[ImageResult]:
@@ -504,16 +530,15 @@ class AgmmSegmenter:
             except binascii.Error as err:
                 return ImageResult(error=f"image {index} is not valid base64 ({err})")
             try:
-                _, result = await self._segment(data, name=f"image {index}")
+                _, labels, batch_size = await self._segment(data, name=f"image {index}")
             except Refusal as refusal:
                 if refusal.status >= 500:
                     raise
                 return ImageResult(error=refusal.message)
-            labels = result.labels
             counts = np.bincount(labels.ravel(), minlength=self.meta.num_classes)
             png = await self._png(labels)
             return ImageResult(height=labels.shape[0], width=labels.shape[1], fractions=(counts / labels.size).tolist(),
-                               mask_png=base64.b64encode(png).decode("ascii"), batch_size=result.batch_size)
+                               mask_png=base64.b64encode(png).decode("ascii"), batch_size=batch_size)
 
         tasks = [asyncio.ensure_future(one(i, text)) for i, text in enumerate(ctx.request.state.agmm_upload.images)]
         try:

@@ -66,14 +66,21 @@ def test_model_size_traffic(tiny_model, tmp_path, capsys):
     assert "raw = best of batch [1, 8]" in out
     assert sum(result.batch_histogram.values()) > 0  # the server's agmm_batch_inputs, not an empty dict or junk
     assert all(n > 0 for n in result.batch_histogram.values())
+    # Every request was answered before /metrics was read after the run, and each answer follows its batch's count.
+    assert result.inputs_run[0] == result.inputs_answered == ok
 
 
 def test_mixed_traffic(tiny_model):
-    mix = "small=40x30*2,photo=96x72*2,street=160x80"  # 1, 4 and 10 tiles on the 64x64 model
+    mix = "small=40x30*2,photo=96x72*2,street=160x80"  # 1, 6 and 12 tiles on the 64x64 model (stride 1/3 of the tile)
     result = serve_load.main(["--model", str(tiny_model), "--traffic", "mixed", "--mix", mix, *SHORT,
                               "--duration", "4", "--rounds", "1", "--raw-seconds", "0.2"])
     _check_counts(result)
     assert {s.kind for s in result.samples} <= {"small 40x30", "photo 96x72", "street 160x80"}
+    tiles = {"small 40x30": 1, "photo 96x72": 6, "street 160x80": 12}
+    answered = sum(tiles[s.kind] for s in result.samples if s.status == 200)
+    assert result.inputs_answered == answered > 0
+    # Refused images (503 under a deadline) never run; partly run ones can only be tiled images refused mid-way.
+    assert result.inputs_run[0] >= answered
     assert len(result.raw) == 2 and min(result.raw) > 0
     for kind in {s.kind for s in result.samples if s.status == 200}:
         p50, p99 = result.latency(kind)
@@ -161,6 +168,8 @@ def test_batch_histogram_reads_the_servers_batch_inputs_metric():
     ])
     assert serve_load.batch_histogram(metrics) == {"1": 3, "2": 2, "5-8": 4}
     assert serve_load.batch_histogram("") == {}
+    assert serve_load.inputs_run(metrics + "\nagmm_batch_inputs_sum 37.0") == (37, 9)
+    assert serve_load.inputs_run("") == (0, 0)
 
 
 def test_hostile_inputs_follow_the_tile_limit():

@@ -122,6 +122,34 @@ def test_info_reports_model_and_backend(server, tiny_model):
     assert info["max_batch_size"] >= 1 and info["max_latency_ms"] == 60000 and info["max_batch_images"] >= 1
 
 
+def test_info_answers_get_as_post(server):
+    """A read is a GET (a browser, `curl URL/info`); BentoML routes endpoints for POST only, the door maps it."""
+    got = requests.get(f"{server}/info", timeout=30)
+    assert got.status_code == 200, got.text
+    assert got.json() == requests.post(f"{server}/info", timeout=30).json()
+    assert requests.put(f"{server}/info", timeout=30).status_code == 405  # other methods stay refused
+
+
+def _inputs_run(url: str) -> float:
+    """The server's count of model inputs run so far: the sum of its agmm_batch_inputs histogram on /metrics."""
+    found = re.search(r"^agmm_batch_inputs_sum(?:\{[^}]*\})? (\S+)$", requests.get(f"{url}/metrics", timeout=30).text,
+                      flags=re.MULTILINE)
+    assert found, "/metrics has no agmm_batch_inputs histogram"
+    return float(found.group(1))
+
+
+def test_batch_inputs_metric_counts_every_input_before_the_answer_goes_out(server):
+    """Read right after each answer, agmm_batch_inputs has counted exactly that image's model inputs (a tiled
+    150x230 photo is 45 inputs on the 64x64 model, a 64x64 one is 1): a batch is counted before its answers
+    leave, so a load test reading /metrics after its last answer misses nothing."""
+    from agmm_deploy.inference import input_count
+
+    for h, w in ((150, 230), (SIZE, SIZE), (150, 230)):
+        before = _inputs_run(server)
+        _mask(_post_image(server, _encode(_rgb(h, w, seed=3), "PNG")))
+        assert _inputs_run(server) - before == input_count(h, w, (SIZE, SIZE))
+
+
 def _exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
