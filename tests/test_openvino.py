@@ -111,7 +111,7 @@ def test_the_int8_runner_and_agmm_predict_run_the_ir(model_dir, tmp_path):
     path = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.xml", "int8", _images()).path
     runner = load_runner(path)
     assert (runner.backend, runner.precision, runner.device.type) == ("openvino-cpu", "int8", "cpu")
-    assert runner.precision_used() == "int8, rest f32"
+    assert runner.precision_used() == "int8,rest=f32"
     x = _images(3)
     logits = runner(x)
     assert logits.shape == (3, 19, *SIZE) and logits.dtype == np.float32
@@ -167,7 +167,7 @@ def test_tf32_is_refused_on_the_cpu(model_dir, tmp_path, capsys):
 def test_tf32_on_onnxruntime_cuda(model_dir, tmp_path, capsys):
     assert _export(model_dir, tmp_path, "--precision", "tf32", "--device", "cuda") == 0, capsys.readouterr()
     runner = load_runner(tmp_path / "model.tf32.onnx")
-    assert (runner.backend, runner.precision_used()) == ("onnxruntime-cuda", "tf32, TF32 on")
+    assert (runner.backend, runner.precision_used()) == ("onnxruntime-cuda", "tf32,tf32=on")
 
 
 def test_the_service_serves_an_int8_ir(model_dir, tmp_path):

@@ -62,7 +62,7 @@ class Runner:
 
     def precision_used(self) -> str:
         """What the runner really computes in, for tables: the artifact's precision unless a subclass knows more
-        (TF32 on CUDA, what OpenVINO compiled the layers outside int8 at)."""
+        (TF32 on CUDA, what OpenVINO compiled the layers outside int8 at); one word for tables, e.g. fp32,tf32=on."""
         return self.precision
 
     def check_input(self, images: torch.Tensor) -> torch.Tensor:

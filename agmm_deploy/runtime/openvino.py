@@ -93,7 +93,7 @@ class OpenVINORunner(Runner):
 
     def precision_used(self) -> str:
         return (self.precision if self.precision == self.inference_precision.replace("f32", "fp32")
-                else f"{self.precision}, rest {self.inference_precision}")
+                else f"{self.precision},rest={self.inference_precision}")
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to("cpu", torch.float32).contiguous().numpy()

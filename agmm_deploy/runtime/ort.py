@@ -108,7 +108,7 @@ class OnnxRunner(Runner):
 
     def precision_used(self) -> str:
         if self.device.type == "cuda":
-            return f"{self.precision}, TF32 {'on' if self.tf32 else 'off'}"
+            return f"{self.precision},tf32={'on' if self.tf32 else 'off'}"
         return self.precision
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class TorchRunner(Runner):
     def precision_used(self) -> str:
         if self.device.type == "cuda":
             # PyTorch's global switches decide at call time whether cuDNN convolutions use TF32 tensor cores.
-            return f"{self.precision}, TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
+            return f"{self.precision},tf32={'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
         return self.precision
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:
