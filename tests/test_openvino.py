@@ -105,7 +105,8 @@ def test_cli_int8_openvino_passes_its_gates_and_a_forced_failure_sets_the_ir_asi
         "model.int8.bin.failed", "model.int8.xml.failed", "model.onnx.failed", "parity.json"]
 
 
-def test_the_int8_runner_and_agmm_predict_run_the_ir(model_dir, tmp_path):
+def test_the_int8_runner_agmm_predict_and_agmm_bench_run_the_ir(model_dir, tmp_path, capsys):
+    from agmm_deploy.cli.bench import main as bench_main
     from agmm_deploy.cli.predict import main as predict_main
 
     path = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.xml", "int8", _images()).path
@@ -122,6 +123,15 @@ def test_the_int8_runner_and_agmm_predict_run_the_ir(model_dir, tmp_path):
     assert predict_main([str(path), str(model_dir / "images" / "0.png"), "--out", str(tmp_path / "pred")]) == 0
     written = sorted(p.name for p in (tmp_path / "pred").rglob("*.png"))
     assert any(name.startswith("0") for name in written), written
+
+    assert bench_main([str(model_dir / "model.onnx"), str(path), "--device", "cpu", "--iters", "2",
+                       "--gemm-size", "256", "--baseline", "onnxruntime"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Backend"))
+    ort, ov = (line.split() for line in lines[header + 2:header + 4])
+    assert ort[:3] == ["onnxruntime-cpu", "onnx", "fp32"] and ort[7] == "1.00x"
+    assert ov[:3] == ["openvino-cpu", "xml", "int8,rest=f32"] and ov[7].endswith("x")
+    assert float(ov[4]) > 0 and float(ov[5]) > 0 and float(ov[8]) > 0  # compute, end to end, int8 floor
 
 
 def test_bf16_runs_where_the_cpu_has_it_and_is_refused_where_it_has_not(model_dir, tmp_path, capsys):
