@@ -138,7 +138,9 @@ def prepare(args: argparse.Namespace) -> Job:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if precision.missing is not None and (reason := precision.missing()):
-        raise UsageError(f"--precision {precision.name} ({precision.runtime}) cannot be written here: {reason}")
+        others = [p.runtime for p in PRECISIONS if p.name == precision.name and p is not precision]
+        raise UsageError(f"--precision {precision.name} ({precision.runtime}) cannot be written here: {reason}"
+                         + "".join(f"; --runtime {other} writes the {other} one" for other in others))
     if args.trt and precision.name not in TRT_PRECISIONS:
         raise UsageError(f"--trt builds {'/'.join(TRT_PRECISIONS)} engines; got --precision {precision.name}. Drop "
                          "--trt, or choose one of those")
