@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     # Rates measured after the timings, so that the GEMMs do not heat or load the machine before them.
     rates = floor_rates(devices, args.gemm_size)
     for (device, precision), (rate, source) in rates.items():
-        print(f"floor rate {device} {precision}: {rate:.0f} GFLOP/s ({source})")
+        print(f"floor rate {device} {precision}: {rate:.3g} GFLOP/s ({source})")
     print(format_table(rows, flops, rates, args.baseline))
     tmp.cleanup()
     return 0

@@ -22,8 +22,13 @@ int8       onnxruntime  cpu     model.int8.onnx  ONNX Runtime static quantisatio
 =========  ===========  ======  ===============  =========================================================
 
 The first row of a precision is what ``agmm-export --precision P`` writes; ``--runtime`` picks another. int8
-defaults to OpenVINO by measurement (see the README's precision section: on this project's 2-core AVX2 CPU,
-DeepLabV3+ R50, OpenVINO's int8 ran faster than ONNX Runtime's QDQ int8 in the same run). OpenVINO and NNCF
+defaults to OpenVINO, measured (README, precision section): DeepLabV3+ R50 trained briefly, 512x1024, batch 1,
+2 AVX2 cores without VNNI, one agmm-bench run: ONNX Runtime fp32 6629 ms, ONNX Runtime int8 2867 ms (2.31x),
+OpenVINO int8 3608 ms (1.84x). ONNX Runtime's int8 is faster on that CPU, but its calibration holds every
+activation of every image in memory (2 images at 512x1024 peaked at 7.9 GiB) and, with those 2 images, it missed
+the int8 gate (mIoU delta 1.04 > 1.0), while NNCF gathers statistics as it goes (8 images, 5.1 GiB) and passed
+(+0.12). On an AVX-512 VNNI CPU OpenVINO's int8 measured 4.03x ONNX Runtime fp32 (issue 10).
+OpenVINO and NNCF
 are the optional extra ``agmm-deploy[openvino]``; a row whose library or hardware is missing is refused with
 a sentence saying what to install or which row to use instead.
 
