@@ -28,14 +28,12 @@ OpenVINO int8 3608 ms (1.84x). ONNX Runtime's int8 is faster on that CPU, but it
 activation of every image in memory (2 images at 512x1024 peaked at 7.9 GiB) and, with those 2 images, it missed
 the int8 gate (mIoU delta 1.04 > 1.0), while NNCF gathers statistics as it goes (8 images, 5.1 GiB) and passed
 (+0.12). On an AVX-512 VNNI CPU OpenVINO's int8 measured 4.03x ONNX Runtime fp32 (issue 10).
-OpenVINO and NNCF
-are the optional extra ``agmm-deploy[openvino]``; a row whose library or hardware is missing is refused with
-a sentence saying what to install or which row to use instead.
+OpenVINO and NNCF are the optional extra ``agmm-deploy[openvino]``; a row whose library or hardware is missing
+is refused with a sentence saying what to install or which row to use instead.
 
 The parity gates of each precision are in agmm_deploy.export.parity (tf32/fp16/bf16: argmax >= 99 %, mIoU
 delta <= 0.1; int8: mIoU delta <= 1.0).
 """
-
 
 from __future__ import annotations
 
