@@ -99,7 +99,7 @@ def library_versions() -> dict[str, str]:
 
     versions = {}
     for name in ("agmm-deploy", "torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "onnxslim",
-                 "tensorrt"):
+                 "tensorrt", "openvino", "nncf"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -182,3 +182,41 @@ def read_engine_sidecar(engine_path: str | Path) -> tuple[ModelMeta, dict[str, A
     except json.JSONDecodeError as err:
         raise ValueError(f"engine metadata {path} is not valid JSON ({err})") from err
     return split_fields(data, str(path))
+
+
+# OpenVINO IR (.xml + .bin): the metadata is one JSON string in the model's rt_info under these keys, so the
+# IR file carries it as an ONNX file does (ov.save_model writes rt_info into the .xml).
+OPENVINO_RT_INFO = ("agmm_deploy", "metadata")
+
+
+def write_openvino_metadata(model: "openvino.Model", meta: ModelMeta, **fields: Any) -> None:  # noqa: F821
+    """Stores the metadata in the model's rt_info (ov.save_model then writes it into the .xml)."""
+    model.set_rt_info(json.dumps(metadata_fields(meta, **fields)), list(OPENVINO_RT_INFO))
+
+
+def read_openvino_metadata(path: str | Path) -> tuple[ModelMeta, dict[str, Any]]:
+    """Reads the metadata of an OpenVINO IR .xml written by agmm-export, without OpenVINO or the weights.
+
+    Returns:
+        (ModelMeta, dict of the other fields: precision, device, inference_precision, versions, ...).
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"OpenVINO model {path} does not exist")
+    try:
+        node = ElementTree.parse(path).getroot().find("rt_info/" + "/".join(OPENVINO_RT_INFO))
+    except ElementTree.ParseError as err:
+        raise ValueError(f"{path} is not an OpenVINO IR .xml file ({err})") from err
+    if node is None or node.get("value") is None:
+        raise ValueError(f"{path} carries no agmm-deploy metadata (rt_info {'/'.join(OPENVINO_RT_INFO)}); "
+                         "export it with agmm-export --precision bf16|int8 --runtime openvino")
+    return split_fields(json.loads(node.get("value")), str(path))
+
+
+def companion_files(path: str | Path) -> list[Path]:
+    """The files that travel with an artifact and exist: an engine's JSON sidecar, an IR's .bin weights."""
+    path = Path(path)
+    candidates = [sidecar_path(path)] + ([path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [])
+    return [p for p in candidates if p.is_file()]

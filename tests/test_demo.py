@@ -29,6 +29,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert 0.0 <= miou["miou"] <= 100.0 and len(miou["iou"]) == 19
     parity = json.loads((out / "export" / "parity.json").read_text())
     assert parity["passed"] and parity["labelled"]
+    assert [b["precision"] for b in parity["backends"]] == ["fp32", "int8"]  # both rows of one parity table
 
     image = Image.open(next((out / "parity" / "images").glob("*.png")))
     mask = Image.open(out / "served" / "mask.png")

@@ -71,7 +71,8 @@ def test_fp16_keeps_io_and_sensitive_ops_in_fp32(model_dir, tmp_path):
 
 
 def test_int8_is_qdq_with_per_channel_weights_and_runs_on_the_cpu(model_dir, tmp_path):
-    result = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.onnx", "int8", _images())
+    result = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.onnx", "int8", _images(),
+                               runtime="onnxruntime")
     graph = onnx.load(str(result.path)).graph
     ops = Counter(n.op_type for n in graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
@@ -89,22 +90,21 @@ def test_int8_is_qdq_with_per_channel_weights_and_runs_on_the_cpu(model_dir, tmp
 
 
 def test_unknown_precisions_and_missing_calibration_are_refused(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="precision 'bf16' has no ONNX Runtime artifact; expected one of fp32, "
-                                         "fp16, int8"):
-        get_precision("bf16")
+    with pytest.raises(ValueError, match="precision 'bf16' has no onnxruntime artifact; it has openvino"):
+        get_precision("bf16", "onnxruntime")
     with pytest.raises(ValueError, match="int8 needs calibration images"):
-        convert_precision(model_dir / "model.onnx", tmp_path / "m.onnx", "int8")
+        convert_precision(model_dir / "model.onnx", tmp_path / "m.onnx", "int8", runtime="onnxruntime")
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_int8_export_passes_its_gate_and_a_forced_failure_sets_both_aside(model_dir, tmp_path, capsys):
     from agmm_deploy.cli.export import main
 
-    argv = [str(model_dir / "tiny.pt"), "--precision", "int8", "--calib-images", str(model_dir / "images"),
-            "--device", "cpu"]
+    argv = [str(model_dir / "tiny.pt"), "--precision", "int8", "--runtime", "onnxruntime", "--calib-images",
+            str(model_dir / "images"), "--device", "cpu"]
     assert main(argv + ["--out", str(tmp_path / "ok")]) == 0, capsys.readouterr()
     out = capsys.readouterr().out
-    assert "converting to int8 for ONNX Runtime on cpu (4 calibration images)" in out
+    assert "converting to int8 for onnxruntime on cpu (4 calibration images)" in out
     assert "onnxruntime-cpu    int8" in out and "parity PASSED" in out
     parity = json.loads((tmp_path / "ok" / "parity.json").read_text())
     assert [(b["precision"], b["passed"]) for b in parity["backends"]] == [("fp32", True), ("int8", True)]
@@ -144,7 +144,8 @@ def test_fp16_on_onnxruntime_cuda(model_dir, tmp_path):
 def test_the_service_serves_an_int8_model(model_dir, tmp_path):
     from serving.launch import free_port, start_server, stop_server
 
-    path = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.onnx", "int8", _images()).path
+    path = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.onnx", "int8", _images(),
+                               runtime="onnxruntime").path
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
     env.update(AGMM_MODEL=str(path), BENTOML_HOME=str(tmp_path / "bentoml"))
     port = free_port()

@@ -80,8 +80,8 @@ def test_gate_overrides():
     assert tight.atol == 0.0 and tight.rtol == 0.0 and tight.min_agreement == 0.99
     assert gates_for("fp32", min_agreement=1.0).min_agreement == 1.0
     assert Gates().override(max_miou_delta=None) == Gates()
-    with pytest.raises(ValueError, match="precision='bf16' has no parity gates"):
-        gates_for("bf16")
+    with pytest.raises(ValueError, match="precision='fp8' has no parity gates"):
+        gates_for("fp8")
 
 
 def test_labels_without_class_pixels_leave_the_miou_unchecked(tmp_path):

@@ -1,20 +1,30 @@
-"""agmm-bench MODEL...: latency and throughput of every backend at every batch size, in one table.
+"""agmm-bench MODEL...: per backend and precision, compute and end-to-end latency against the floor of that
+precision on that device, in one table.
 
 MODEL is any artifact a backend of the runtime table reads (``agmm_deploy.runtime.backends()``: a checkpoint
-for PyTorch eager, an .onnx file for ONNX Runtime, an .engine for TensorRT, ...) or an agmm-export output
-folder (every model file in it). Each artifact runs on every device its backend supports among those asked
-for (``--device auto``: the CPU, plus CUDA where a GPU is). A checkpoint given alone is exported to a temporary
-ONNX file first, so ``agmm-bench ckpt.pt`` compares eager with ONNX Runtime.
+for PyTorch eager, an .onnx file for ONNX Runtime, an .engine for TensorRT, an OpenVINO .xml, ...) or an
+agmm-export output folder (every model file in it, and the mIoU delta its parity.json recorded for each). Each
+artifact runs on every device its backend supports among those asked for (``--device auto``: the CPU, plus
+CUDA where a GPU is). A checkpoint given alone is exported to a temporary ONNX file first, so
+``agmm-bench ckpt.pt`` compares eager with ONNX Runtime.
 
-Columns (after Ultralytics' ``benchmark``): p50/p90 latency per call, images per second, the speed-up over
-PyTorch eager at the same batch size (>1 = faster), and the achieved GFLOP/s (model FLOPs x images / p50) next
-to the machine's measured fp32 GEMM rate (the best of torch, numpy and ONNX Runtime matmuls), i.e. how much of
-the hardware the backend uses. FLOPs are counted densely (every tap of every convolution); convolutions whose
-dilated taps fall into the zero padding (ASPP rates 12/24/36 on a 64x128 feature map) let backends skip work,
-so a fast backend can show more than 100 % of GEMM.
-Latency is end to end for the runner call: numpy in, numpy out (host<->device copies included on GPUs).
-Backends are timed round-robin (one call each in turn), so load from other processes on a shared machine
-falls on all of them alike and the ratios stay fair; the absolute numbers still move with that load."""
+Two times per row, p50 over round-robin calls (one call of each backend in turn, so load from other processes
+on a shared machine falls on all of them alike and the ratios stay fair; absolute numbers move with that load):
+
+- compute: ``runner.run(x)`` with ``x`` already on the runner's device and the logits left there (a CUDA
+  synchronise ends the call): what the model costs.
+- end to end: a host uint8 RGB image in, a host uint8 label map out: the copy up, normalisation and argmax on
+  the runner's device, the copy down. What a caller waits for (decoding and letterboxing excluded).
+
+``Precision`` is what really runs (TF32 on or off for PyTorch and ONNX Runtime on CUDA; what OpenVINO compiled
+the unquantised layers at). ``floor ms`` is the model's FLOPs (counted densely) divided by the device's rate at
+that precision: on the CPU a GEMM rate measured here for ~1 s per precision (fp32 best of torch, numpy and ONNX
+Runtime; bf16 torch.matmul; int8 ONNX Runtime's MatMulInteger and torch._int_mm), on a GPU the dense tensor-core
+peak of a known GPU model (fp32: a measured matmul with TF32 off). ``% floor`` = floor / compute: how much of
+that rate the backend uses; convolutions whose dilated taps fall into padding (ASPP) let backends skip work, so
+a fast backend can pass 100 %. ``vs BASE`` divides the baseline's compute time (``--baseline``, PyTorch eager by
+default) by the row's, on the same device and batch (>1 = faster).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: CPU backends, plus CUDA ones where a GPU is")
     parser.add_argument("--gemm-size", type=int, default=2048, help="n of the n^3 matmuls measuring the GEMM rate")
+    parser.add_argument("--baseline", default=EAGER_BACKEND,
+                        help="the runtime whose fp32 compute time the 'vs' column divides by (e.g. onnxruntime)")
     parser.add_argument("--no-auto-onnx", action="store_true",
                         help="do not export a checkpoint given alone to a temporary ONNX file")
     return parser
@@ -55,7 +67,11 @@ EAGER_BACKEND = "pytorch"
 
 @dataclass
 class Row:
-    """One timed (artifact, device, batch); ``backend`` is what the runner reports, ``runtime`` its table row."""
+    """One timed (artifact, device, batch); ``backend`` is what the runner reports, ``runtime`` its table row.
+
+    ``p50_ms``/``p90_ms`` are the compute time, ``e2e_ms`` the end-to-end p50 (None: not timed); ``precision`` is
+    the artifact's, ``precision_used`` what really ran; ``miou_delta`` from the export's parity.json, if any.
+    """
 
     backend: str
     artifact: str
@@ -66,10 +82,13 @@ class Row:
     calls: int
     device: str = "cpu"
     runtime: str = ""
+    e2e_ms: float | None = None
+    precision_used: str = ""
+    miou_delta: float | None = None
 
     @property
     def images_per_s(self) -> float:
-        return 1000.0 * self.batch / self.p50_ms
+        return 1000.0 * self.batch / (self.e2e_ms or self.p50_ms)
 
 
 def _best_seconds(call, repeats: int) -> float:
@@ -120,6 +139,99 @@ def measure_gemm_gflops(device: str = "cpu", n: int = 2048, repeats: int = 5) ->
     calls = {"torch": lambda: torch.matmul(a_torch, a_torch), "numpy": lambda: a_numpy @ a_numpy,
              "onnxruntime": _onnxruntime_matmul(n)}
     return {name: flops / _best_seconds(call, repeats) / 1e9 for name, call in calls.items()}
+
+
+def _timed_rate(call, flops: float, seconds: float = 1.0) -> float:
+    """GFLOP/s of ``call`` (``flops`` each): the best call over about ``seconds`` of calls, after a warm-up."""
+    call()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds or best == float("inf"):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def _onnxruntime_matmul_integer(n: int):
+    """A one-node MatMulInteger session (uint8 x int8 -> int32): the kernel ONNX Runtime's int8 models run."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from agmm_deploy.runtime.ort import cpu_session_options
+
+    inputs = [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+              helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])]
+    output = [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])]
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "gemm8", inputs, output)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), cpu_session_options(),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    b = rng.integers(-127, 127, (n, n), dtype=np.int8)
+    return lambda: session.run(None, {"a": a, "b": b})
+
+
+def measure_cpu_gemm_rates(n: int = 2048, seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """GFLOP/s of n^3 matrix products on this CPU, per precision and library (2 n^3 operations each, ~``seconds``
+    per library): bf16 by torch.matmul, int8 by ONNX Runtime's MatMulInteger and torch._int_mm (where this torch
+    has it on the CPU). fp32 is measure_gemm_gflops'."""
+    import torch
+
+    flops = 2 * n ** 3
+    a16 = torch.randn(n, n, dtype=torch.bfloat16)
+    rates = {"bf16": {"torch": _timed_rate(lambda: torch.matmul(a16, a16), flops, seconds)},
+             "int8": {"onnxruntime": _timed_rate(_onnxruntime_matmul_integer(n), flops, seconds)}}
+    a8 = torch.randint(-127, 127, (n, n), dtype=torch.int8)
+    try:
+        rates["int8"]["torch"] = _timed_rate(lambda: torch._int_mm(a8, a8), flops, seconds)
+    except (RuntimeError, AttributeError):
+        pass  # no CPU kernel in this torch build
+    return rates
+
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor data sheets, without sparsity), by a substring of
+# torch.cuda.get_device_name(); the first match wins, so longer names come first. TF32 runs at half this rate
+# and int8 at twice it on these GPUs.
+GPU_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+)
+TENSOR_CORE_SCALE = {"tf32": 0.5, "fp16": 1.0, "bf16": 1.0, "int8": 2.0}
+
+
+def gpu_peak_gflops(device_name: str, precision: str) -> float | None:
+    """The tensor-core peak of ``precision`` on a known GPU model, in GFLOP/s; None for an unknown GPU or fp32."""
+    scale = TENSOR_CORE_SCALE.get(precision)
+    for name, tflops in GPU_BF16_TFLOPS:
+        if name in device_name and scale is not None:
+            return tflops * scale * 1e3
+    return None
+
+
+def floor_rates(devices: list[str], n: int) -> dict[tuple[str, str], tuple[float, str]]:
+    """(device, precision) -> (GFLOP/s, where the figure comes from), for every precision a device has a rate for.
+
+    fp32 from measure_gemm_gflops on both devices; on the CPU bf16/int8 measured; on a GPU the data-sheet peak.
+    """
+    import torch
+
+    rates: dict[tuple[str, str], tuple[float, str]] = {}
+    for device in devices:
+        fp32 = measure_gemm_gflops(device, n=n)
+        lib = max(fp32, key=fp32.get)
+        rates[device, "fp32"] = (fp32[lib], f"{lib} matmul {n}^3")
+        if device == "cpu":
+            for precision, libs in measure_cpu_gemm_rates(n).items():
+                lib = max(libs, key=libs.get)
+                rates[device, precision] = (libs[lib], f"{lib} matmul {n}^3")
+        else:
+            name = torch.cuda.get_device_name()
+            for precision in TENSOR_CORE_SCALE:
+                if (peak := gpu_peak_gflops(name, precision)) is not None:
+                    rates[device, precision] = (peak, f"{name} data-sheet peak")
+    return rates
 
 
 def count_flops(config_dict: dict, height: int, width: int) -> float:
@@ -182,43 +294,91 @@ def plan_runs(paths: list[Path], devices: list[str]) -> tuple[list[tuple[Path, s
     return [(path, device) for _, _, path, device in plans], skipped
 
 
-def time_interleaved(runners: list, images: np.ndarray, iters: int, warmup: int,
-                     max_seconds: float) -> list[tuple[float, float, int]]:
-    """(p50 ms, p90 ms, calls) of each ``runner(images)``, timed round-robin.
+def time_interleaved(calls: list, iters: int, warmup: int, max_seconds: float) -> list[tuple[float, float, int]]:
+    """(p50 ms, p90 ms, calls) of each ``call()``, timed round-robin.
 
     One call of each backend in turn, rather than all calls of one backend then the next, so that other load on
     a shared machine (or CPU frequency drift) falls on every backend alike and the ratios stay fair.
     """
-    for runner in runners:
+    for call in calls:
         for _ in range(warmup):
-            runner(images)
-    times: list[list[float]] = [[] for _ in runners]
+            call()
+    times: list[list[float]] = [[] for _ in calls]
     start = time.perf_counter()
-    budget = max_seconds * len(runners)
+    budget = max_seconds * len(calls)
     while len(times[0]) < iters and (len(times[0]) < 3 or time.perf_counter() - start < budget):
-        for runner, samples in zip(runners, times):
+        for call, samples in zip(calls, times):
             t0 = time.perf_counter()
-            runner(images)
+            call()
             samples.append(1000 * (time.perf_counter() - t0))
     return [(float(np.percentile(t, 50)), float(np.percentile(t, 90)), len(t)) for t in times]
 
 
-def format_table(rows: list[Row], flops: float | None, gemm: dict[str, float]) -> str:
-    # Each backend is compared with PyTorch eager on the same kind of device where that was timed.
-    eager = {(r.batch, r.device): r.p50_ms for r in rows if r.runtime == EAGER_BACKEND}
-    header = (f"{'Backend':<18} {'Format':<8} {'Precision':<9} {'Batch':>5} {'p50 ms':>9} {'p90 ms':>9} "
-              f"{'img/s':>7} {'vs eager':>8} {'GFLOP/s':>8} {'% GEMM':>7}")
+def compute_call(runner, images: np.ndarray):
+    """``runner.run`` on the images already on its device, the logits left there (synchronised on CUDA)."""
+    import torch
+
+    x = torch.from_numpy(images).to(runner.device)
+
+    def call() -> None:
+        runner.run(x)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+
+    return call
+
+
+def end_to_end_call(runner, rgb: np.ndarray):
+    """Host uint8 RGB (N, H, W, 3) in, host uint8 label maps (N, H, W) out: copy up, normalise and argmax on the
+    runner's device, copy down."""
+    import torch
+
+    mean = torch.tensor(runner.meta.mean, device=runner.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(runner.meta.std, device=runner.device).view(1, 3, 1, 1) * 255
+
+    def call() -> np.ndarray:
+        x = torch.from_numpy(rgb).to(runner.device).permute(0, 3, 1, 2).float()
+        return runner.run((x - mean) / std).argmax(1).to(torch.uint8).cpu().numpy()
+
+    return call
+
+
+def parity_miou_delta(path: Path) -> float | None:
+    """The mIoU delta the export's parity.json (beside the artifact) recorded for it; None when there is none."""
+    import json
+
+    report = path.parent / "parity.json"
+    if not report.is_file():
+        return None
+    for backend in json.loads(report.read_text()).get("backends", []):
+        if Path(backend.get("artifact", "")).name == path.name:
+            return backend.get("miou_delta")
+    return None
+
+
+def floor_precision(row: Row) -> str:
+    """The precision whose rate bounds the row: an fp32 model on CUDA with TF32 on runs at TF32's."""
+    return "tf32" if row.precision == "fp32" and "tf32=on" in row.precision_used else row.precision
+
+
+def format_table(rows: list[Row], flops: float | None, rates: dict[tuple[str, str], tuple[float, str]],
+                 baseline: str = EAGER_BACKEND) -> str:
+    # Each row is compared with the baseline's fp32 compute time on the same device and batch where that was
+    # timed (else on the CPU).
+    base = {(r.batch, r.device): r.p50_ms for r in rows if r.runtime == baseline and r.precision == "fp32"}
+    header = (f"{'Backend':<18} {'Format':<6} {'Precision':<16} {'Batch':>5} {'compute':>9} {'e2e ms':>9} "
+              f"{'img/s':>7} {'vs ' + baseline[:8]:>11} {'floor ms':>9} {'% floor':>7} {'mIoU d':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        reference = eager.get((r.batch, r.device), eager.get((r.batch, "cpu")))
+        reference = base.get((r.batch, r.device), base.get((r.batch, "cpu")))
         ratio = f"{reference / r.p50_ms:.2f}x" if reference else "-"
-        gflops = flops * r.batch / (r.p50_ms / 1000) / 1e9 if flops else None
-        # The measured GEMM rate is fp32's: a share of it says nothing for int8/fp16 kernels.
-        peak = gemm.get(r.device) if r.precision == "fp32" else None
-        share = f"{100 * gflops / peak:.0f}%" if gflops and peak else "-"
-        lines.append(f"{r.backend:<18} {r.artifact:<8} {r.precision:<9} {r.batch:>5} {r.p50_ms:>9.1f} "
-                     f"{r.p90_ms:>9.1f} {r.images_per_s:>7.2f} {ratio:>8} "
-                     f"{(f'{gflops:.1f}' if gflops else '-'):>8} {share:>7}")
+        rate = rates.get((r.device, floor_precision(r)))
+        floor = flops * r.batch / (rate[0] * 1e9) * 1000 if flops and rate else None
+        lines.append(f"{r.backend:<18} {r.artifact:<6} {(r.precision_used or r.precision):<16} {r.batch:>5} "
+                     f"{r.p50_ms:>9.1f} {(f'{r.e2e_ms:.1f}' if r.e2e_ms else '-'):>9} {r.images_per_s:>7.2f} "
+                     f"{ratio:>11} {(f'{floor:.1f}' if floor else '-'):>9} "
+                     f"{(f'{100 * floor / r.p50_ms:.0f}%' if floor else '-'):>7} "
+                     f"{(f'{r.miou_delta:+.2f}' if r.miou_delta is not None else '-'):>7}")
     return "\n".join(lines)
 
 
@@ -270,7 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     w = args.width or first.input_size[1]
     config = next((c for c in (_model_config(r) for _, r in runners) if c), None)
     flops = count_flops(config, h, w) if config else None
-    gemm = {d: measure_gemm_gflops(d, n=args.gemm_size) for d in devices}
     print(f"agmm-bench: {first.meta.num_classes} classes at {h}x{w}; "
           f"{(f'{flops / 1e9:.1f} GFLOP' if flops else 'FLOPs unknown')} per image (FlopCounterMode, dense count); "
           f"{torch.get_num_threads()} CPU threads"
@@ -279,26 +438,28 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     for batch in args.batch:
-        images = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((batch, 3, h, w)).astype(np.float32)
+        rgb = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
         # One call per batch (not split by max_batch), except for graphs with a fixed batch of 1.
         saved = [r.max_batch for _, r in runners]
         for _, r in runners:
             if getattr(r, "fields", {}).get("dynamic_batch") is not False:
                 r.max_batch = max(r.max_batch, batch)
-        results = time_interleaved([r for _, r in runners], images, args.iters, args.warmup, args.max_seconds)
-        for (path, r), previous, (p50, p90, calls) in zip(runners, saved, results):
+        calls = [compute_call(r, images) for _, r in runners] + [end_to_end_call(r, rgb) for _, r in runners]
+        results = time_interleaved(calls, args.iters, args.warmup, args.max_seconds)
+        for (path, r), previous, (p50, p90, n), (e2e, _, _) in zip(runners, saved, results, results[len(runners):]):
             r.max_batch = previous
-            rows.append(Row(r.backend, path.suffix.lstrip("."), r.precision, batch, p50, p90, calls,
-                            device=r.device.type, runtime=backend_for(path).name))
-            print(f"  {r.backend:<18} batch {batch}: p50 {p50:.1f} ms over {calls} calls", flush=True)
-    # The GEMM rates again at the end; the better of the two is the machine's (the other may have met other load).
-    again = {d: measure_gemm_gflops(d, n=args.gemm_size) for d in devices}
-    gemm = {d: {lib: max(rate, again[d][lib]) for lib, rate in rates.items()} for d, rates in gemm.items()}
-    for d, rates in gemm.items():
-        print(f"measured fp32 GEMM {d} ({args.gemm_size}^3, best of start and end): "
-              + ", ".join(f"{lib} {rate:.0f}" for lib, rate in rates.items()) + " GFLOP/s")
-    gemm = {d: max(rates.values()) for d, rates in gemm.items()}
-    print(format_table(rows, flops, gemm))
+            rows.append(Row(r.backend, path.suffix.lstrip("."), r.precision, batch, p50, p90, n,
+                            device=r.device.type, runtime=backend_for(path).name, e2e_ms=e2e,
+                            precision_used=r.precision_used(), miou_delta=parity_miou_delta(path)))
+            print(f"  {r.backend:<18} {r.precision:<5} batch {batch}: compute p50 {p50:.1f} ms, end to end "
+                  f"{e2e:.1f} ms over {n} calls", flush=True)
+    # Rates measured after the timings, so that the GEMMs do not heat or load the machine before them.
+    rates = floor_rates(devices, args.gemm_size)
+    for (device, precision), (rate, source) in rates.items():
+        print(f"floor rate {device} {precision}: {rate:.3g} GFLOP/s ({source})")
+    print(format_table(rows, flops, rates, args.baseline))
     tmp.cleanup()
     return 0
 

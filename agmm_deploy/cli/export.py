@@ -1,8 +1,9 @@
 """agmm-export CKPT: checkpoint -> model.onnx (+ model.<precision>.onnx, + model.engine) -> parity against
 PyTorch -> parity.json.
 
-``--precision fp16|int8`` adds an ONNX Runtime model of that precision (agmm_deploy.export.precision: fp16 for
-onnxruntime-cuda, int8 static quantisation for onnxruntime-cpu) and, with ``--trt``, builds the engine at it.
+``--precision tf32|fp16|bf16|int8`` adds a model of that precision from the precision table
+(agmm_deploy.export.precision: tf32/fp16 ONNX for onnxruntime-cuda, a bf16 or NNCF-int8 OpenVINO IR for the CPU,
+or with ``--runtime onnxruntime`` an ONNX Runtime int8 model) and, with ``--trt``, builds the engine at it.
 
 Exit codes: 0 exported and every parity gate held; 1 a parity gate failed (the artifacts are renamed to
 ``<name>.failed`` so that nothing deploys them); 2 unusable checkpoint, arguments, image folders or output
@@ -24,7 +25,7 @@ from typing import Any
 
 from agmm_deploy.checkpoint import raw_recipes
 from agmm_deploy.cli import class_names, positive_int
-from agmm_deploy.export.precision import PRECISIONS, get_precision
+from agmm_deploy.export.precision import PRECISIONS, get_precision, precision_names
 
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT, EXIT_BUILD = 0, 1, 2, 3, 4
 
@@ -36,9 +37,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <checkpoint folder>/<checkpoint stem>_export)")
     parser.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
-    parser.add_argument("--precision", default="fp32", choices=[p.name for p in PRECISIONS],
-                        help="fp16: also model.fp16.onnx for onnxruntime-cuda; int8: also model.int8.onnx, statically "
-                        "quantised for onnxruntime-cpu (needs --calib-images); with --trt, the engine's precision")
+    parser.add_argument("--precision", default="fp32", choices=precision_names(),
+                        help="tf32/fp16: also model.tf32/fp16.onnx for onnxruntime-cuda; bf16: also model.bf16.xml "
+                        "(OpenVINO, CPUs with native bf16); int8: also model.int8.xml (OpenVINO + NNCF) or "
+                        "model.int8.onnx (--runtime onnxruntime), both need --calib-images; with --trt, the "
+                        "engine's precision")
+    parser.add_argument("--runtime", default=None, choices=sorted({p.runtime for p in PRECISIONS}),
+                        help="which runtime's artifact to write for --precision (default: the precision's first "
+                        "row in agmm_deploy.export.precision, the faster one measured)")
     parser.add_argument("--calib-images", type=Path, default=None, help="folder of images for int8 calibration")
     parser.add_argument("--calib-count", type=positive_int, default=64, help="at most this many calibration images")
     parser.add_argument("--height", type=positive_int, default=None, help="input height (default: the training crop)")
@@ -87,7 +93,7 @@ class Job:
 
     loaded: Any  # agmm_deploy.checkpoint.LoadedModel
     sha256: str
-    precision: str
+    precision: Any  # the row of agmm_deploy.export.precision
     size: tuple[int, int]
     out: Path
     calib: Any = None  # normalised float32 (N, 3, H, W) for int8 calibration
@@ -124,9 +130,20 @@ def prepare(args: argparse.Namespace) -> Job:
     from agmm_deploy.checkpoint import CheckpointError, load_model, sha256_file
     from agmm_deploy.export.onnx import check_meta_matches_model
     from agmm_deploy.export.parity import generated_images, load_parity_images
+    from agmm_deploy.export.tensorrt import PRECISIONS as TRT_PRECISIONS
     from agmm_deploy.transforms import normalize
 
-    precision = get_precision(args.precision)
+    try:
+        precision = get_precision(args.precision, args.runtime)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if precision.missing is not None and (reason := precision.missing()):
+        others = [p.runtime for p in PRECISIONS if p.name == precision.name and p is not precision]
+        raise UsageError(f"--precision {precision.name} ({precision.runtime}) cannot be written here: {reason}"
+                         + "".join(f"; --runtime {other} writes the {other} one" for other in others))
+    if args.trt and precision.name not in TRT_PRECISIONS:
+        raise UsageError(f"--trt builds {'/'.join(TRT_PRECISIONS)} engines; got --precision {precision.name}. Drop "
+                         "--trt, or choose one of those")
     if precision.calibrated and args.calib_images is None:
         raise UsageError(f"--precision {precision.name} needs --calib-images DIR (a few dozen representative "
                          "images)")
@@ -140,7 +157,7 @@ def prepare(args: argparse.Namespace) -> Job:
     except ValueError as err:
         raise UsageError(f"{args.checkpoint}: {err}") from None
     size = (args.height or loaded.meta.input_size[0], args.width or loaded.meta.input_size[1])
-    job = Job(loaded, "", precision.name, size, args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export")
+    job = Job(loaded, "", precision, size, args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export")
     # Image folders are read first, so that a wrong path fails in a second rather than after the export.
     try:
         if precision.calibrated:
@@ -199,7 +216,7 @@ def _export(args: argparse.Namespace, job: Job) -> int:
     print(f"agmm-export: {args.checkpoint} (sha256 {job.sha256[:12]}): DeepLabV3+ {config.backbone} ({config.stem} "
           f"stem, OS {config.output_stride}), {meta.num_classes} classes, input {height}x{width}")
     trt_missing = tensorrt_missing() if args.trt else None
-    precision = get_precision(job.precision)
+    precision = job.precision
     steps = 2 + (precision.convert is not None) + (args.trt and not trt_missing) + (not args.no_parity)
     step = 1
     print(f"[{step}/{steps}] exporting ONNX (opset {args.opset}, dynamic batch "
@@ -216,9 +233,10 @@ def _export(args: argparse.Namespace, job: Job) -> int:
 
     if precision.convert is not None:
         step += 1
-        print(f"[{step}/{steps}] converting to {precision.name} for ONNX Runtime on {precision.device}"
+        print(f"[{step}/{steps}] converting to {precision.name} for {precision.runtime} on {precision.device}"
               f"{f' ({len(job.calib)} calibration images)' if precision.calibrated else ''}", flush=True)
-        converted = convert_precision(exported.path, out / precision.file_name, precision.name, job.calib)
+        converted = convert_precision(exported.path, out / precision.file_name, precision.name, job.calib,
+                                      runtime=precision.runtime)
         print(f"      wrote {converted.path} ({converted.size_bytes / 1e6:.1f} MB, {converted.precision}, for "
               f"{converted.device}) in {converted.seconds:.1f} s")
         artifacts.append(converted.path)
@@ -227,9 +245,9 @@ def _export(args: argparse.Namespace, job: Job) -> int:
         from agmm_deploy.export.tensorrt import build_engine
 
         step += 1
-        print(f"[{step}/{steps}] building TensorRT engine ({job.precision}, max batch {args.max_batch})", flush=True)
+        print(f"[{step}/{steps}] building TensorRT engine ({precision.name}, max batch {args.max_batch})", flush=True)
         try:
-            engine = build_engine(exported.path, out / "model.engine", precision=job.precision,
+            engine = build_engine(exported.path, out / "model.engine", precision=precision.name,
                                   max_batch=args.max_batch, dynamic_hw=args.dynamic_hw, calib_images=job.calib,
                                   calib_cache=(out / "calibration.cache") if job.calib is not None else None,
                                   workspace_gb=args.workspace_gb)

@@ -6,7 +6,9 @@ Gates by precision (issue 4; docs/algorithm.md "Reference figures"; each is over
 precision  logits allclose             argmax agreement     mIoU delta
 =========  ==========================  ===================  ===============
 fp32       rtol 1e-3, atol 1e-4        >= 99.9 %            <= 0.1 (labels)
+tf32       -                           >= 99 %              <= 0.1 (labels)
 fp16       -                           >= 99 %              <= 0.1 (labels)
+bf16       -                           >= 99 %              <= 0.1 (labels)
 int8       -                           -                    <= 1.0 (labels)
 =========  ==========================  ===================  ===============
 
@@ -56,7 +58,9 @@ class Gates:
 
 DEFAULT_GATES = {
     "fp32": Gates(rtol=1e-3, atol=1e-4, min_agreement=0.999, max_miou_delta=0.1),
+    "tf32": Gates(min_agreement=0.99, max_miou_delta=0.1),
     "fp16": Gates(min_agreement=0.99, max_miou_delta=0.1),
+    "bf16": Gates(min_agreement=0.99, max_miou_delta=0.1),
     "int8": Gates(max_miou_delta=1.0),
 }
 
@@ -277,7 +281,8 @@ FAILED_SUFFIX = ".failed"
 
 
 def set_aside(paths: Sequence[str | Path]) -> list[Path]:
-    """Renames artifacts that failed their parity gates to ``<name>.failed`` (and an engine's sidecar along).
+    """Renames artifacts that failed their parity gates to ``<name>.failed``, with the files that travel with them
+    (an engine's sidecar, an OpenVINO IR's .bin).
 
     No backend reads the ``.failed`` suffix, so neither a server (AGMM_MODEL, the model store) nor agmm-bench
     on the folder can pick the artifact up as if it were deployable; it stays on disk for inspection.
@@ -285,13 +290,15 @@ def set_aside(paths: Sequence[str | Path]) -> list[Path]:
     Returns:
         The new paths, in the order given.
     """
-    from agmm_deploy.contract import sidecar_path
+    from agmm_deploy.contract import companion_files, sidecar_path
 
     moved = []
     for path in map(Path, paths):
         target = path.with_name(path.name + FAILED_SUFFIX)
-        if sidecar_path(path).is_file():
-            sidecar_path(path).replace(sidecar_path(target))
+        for companion in companion_files(path):
+            # The sidecar keeps its <artifact>.json name (model.engine.failed.json); the .bin gets .failed.
+            companion.replace(sidecar_path(target) if companion == sidecar_path(path)
+                              else companion.with_name(companion.name + FAILED_SUFFIX))
         path.replace(target)
         moved.append(target)
     return moved

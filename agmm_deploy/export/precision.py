@@ -1,23 +1,38 @@
-"""Reduced-precision ONNX models for ONNX Runtime, one row per precision: no TensorRT needed.
+"""Reduced-precision artifacts without TensorRT, one row per (precision, runtime): ask the table, never branch.
 
 Every row turns the fp32 ``model.onnx`` written by export_onnx into the artifact of its precision, with the
-metadata rewritten to say its ``precision`` and the ``device`` it targets (runners refuse another device
-rather than run it slowly or not at all):
+metadata saying its ``precision`` and the ``device`` it targets (runners refuse another device rather than run
+it slowly, or at another precision than it says):
 
-=========  ============  ==================  ======================================================
-precision  device        file                how
-=========  ============  ==================  ======================================================
-fp32       any           model.onnx          the exported graph itself
-fp16       cuda          model.fp16.onnx     float16 weights and activations for onnxruntime-cuda;
-                                             resize, softmax and reductions stay float32; inputs
-                                             and outputs stay float32
-int8       cpu           model.int8.onnx     static quantisation by ONNX Runtime (QDQ, per-channel
-                                             int8 weights, uint8 activations calibrated on
-                                             --calib-images) for onnxruntime-cpu (VNNI kernels)
-=========  ============  ==================  ======================================================
+=========  ===========  ======  ===============  =========================================================
+precision  runtime      device  file             how
+=========  ===========  ======  ===============  =========================================================
+fp32       onnxruntime  any     model.onnx       the exported graph itself
+tf32       onnxruntime  cuda    model.tf32.onnx  the fp32 graph, run by onnxruntime-cuda with TF32 tensor
+                                                 cores on (use_tf32); refused on a machine without CUDA
+fp16       onnxruntime  cuda    model.fp16.onnx  float16 weights and activations for onnxruntime-cuda;
+                                                 resize, softmax and reductions stay float32; inputs
+                                                 and outputs stay float32
+bf16       openvino     cpu     model.bf16.xml   OpenVINO IR compiled with inference precision bf16;
+                                                 refused on a CPU without native bf16 (AVX-512 BF16/AMX)
+int8       openvino     cpu     model.int8.xml   NNCF post-training quantisation on --calib-images
+                                                 (per-channel int8 weights), the rest in f32
+int8       onnxruntime  cpu     model.int8.onnx  ONNX Runtime static quantisation (QDQ, per-channel int8
+                                                 weights, uint8 activations) for onnxruntime-cpu
+=========  ===========  ======  ===============  =========================================================
 
-The parity gates of each precision are in agmm_deploy.export.parity (fp16: argmax >= 99 %, mIoU delta <= 0.1;
-int8: mIoU delta <= 1.0).
+The first row of a precision is what ``agmm-export --precision P`` writes; ``--runtime`` picks another. int8
+defaults to OpenVINO, measured (README, precision section): DeepLabV3+ R50 trained briefly, 512x1024, batch 1,
+2 AVX2 cores without VNNI, one agmm-bench run: ONNX Runtime fp32 6629 ms, ONNX Runtime int8 2867 ms (2.31x),
+OpenVINO int8 3608 ms (1.84x). ONNX Runtime's int8 is faster on that CPU, but its calibration holds every
+activation of every image in memory (2 images at 512x1024 peaked at 7.9 GiB) and, with those 2 images, it missed
+the int8 gate (mIoU delta 1.04 > 1.0), while NNCF gathers statistics as it goes (8 images, 5.1 GiB) and passed
+(+0.12). On an AVX-512 VNNI CPU OpenVINO's int8 measured 4.03x ONNX Runtime fp32 (issue 10).
+OpenVINO and NNCF are the optional extra ``agmm-deploy[openvino]``; a row whose library or hardware is missing
+is refused with a sentence saying what to install or which row to use instead.
+
+The parity gates of each precision are in agmm_deploy.export.parity (tf32/fp16/bf16: argmax >= 99 %, mIoU
+delta <= 0.1; int8: mIoU delta <= 1.0).
 """
 
 from __future__ import annotations
@@ -26,12 +41,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from agmm_deploy.atomic import atomic_write
-from agmm_deploy.contract import library_versions, read_onnx_metadata, write_onnx_metadata
+from agmm_deploy.contract import ModelMeta, companion_files, library_versions, read_onnx_metadata, write_onnx_metadata
 
 # Ops kept in float32 in fp16 models: Resize interpolates between neighbours whose difference fp16 rounds
 # away at large upsampling factors; Softmax and reductions (the ASPP image pooling is a mean over 64x128
@@ -45,7 +60,7 @@ def _load(path: Path) -> "onnx.ModelProto":  # noqa: F821
     return onnx.load(str(path))
 
 
-def convert_fp16(onnx_path: Path, out_path: Path, calib_images: np.ndarray | None = None) -> None:
+def convert_fp16(onnx_path: Path, out_path: Path) -> None:
     """fp32 ONNX -> fp16 ONNX for onnxruntime-cuda (keep_io_types: float32 in, float32 logits out)."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -80,7 +95,7 @@ def _sort_topologically(graph: "onnx.GraphProto") -> None:  # noqa: F821
     graph.node.extend(copies)
 
 
-def quantize_int8(onnx_path: Path, out_path: Path, calib_images: np.ndarray | None = None) -> None:
+def quantize_int8(onnx_path: Path, out_path: Path, calib_images: np.ndarray | None) -> None:
     """fp32 ONNX -> int8 QDQ ONNX by static post-training quantisation with ONNX Runtime's own tools.
 
     Per-channel int8 weights, uint8 activations whose ranges come from running ``calib_images`` (MinMax).
@@ -116,40 +131,117 @@ def quantize_int8(onnx_path: Path, out_path: Path, calib_images: np.ndarray | No
     atomic_write(out_path, lambda f: f.write(data))
 
 
+def write_onnx(source: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any]) -> None:
+    """Writes the ONNX model ``source`` to ``out_path`` with the metadata, after onnx.checker has passed it."""
+    import onnx
+
+    model = _load(source)
+    write_onnx_metadata(model, meta, **fields)
+    onnx.checker.check_model(model)
+    atomic_write(out_path, lambda f: onnx.save_model(model, f))
+
+
+def export_tf32(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
+                calib_images: np.ndarray | None) -> None:
+    """The fp32 graph under precision tf32: the runner turns TF32 tensor cores on for it."""
+    write_onnx(onnx_path, out_path, meta, fields)
+
+
+def export_fp16(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
+                calib_images: np.ndarray | None) -> None:
+    convert_fp16(onnx_path, out_path)
+    write_onnx(out_path, out_path, meta, fields)
+
+
+def export_int8_onnx(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
+                     calib_images: np.ndarray | None) -> None:
+    quantize_int8(onnx_path, out_path, calib_images)
+    write_onnx(out_path, out_path, meta, fields)
+
+
+def export_openvino(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
+                    calib_images: np.ndarray | None) -> None:
+    from agmm_deploy.export.openvino import export_openvino as export
+
+    export(onnx_path, out_path, meta, fields, calib_images)
+
+
+def cuda_missing() -> str | None:
+    """None when torch sees a CUDA GPU, else why tf32 cannot be produced or checked here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return ("tf32 is a mode of CUDA tensor cores and torch.cuda.is_available() is False on this machine, where "
+            "it would run as plain fp32; export fp32 (model.onnx) for the CPU, or tf32 on a machine with a GPU")
+
+
+def openvino_missing() -> str | None:
+    from agmm_deploy.export.openvino import openvino_missing as missing
+
+    return missing()
+
+
+def openvino_bf16_missing() -> str | None:
+    from agmm_deploy.runtime.openvino import bf16_missing
+
+    return openvino_missing() or bf16_missing()
+
+
 @dataclass(frozen=True)
 class Precision:
     """One row of the precision table.
 
     Attributes:
-        name: fp32 | fp16 | int8, as recorded in the artifact's metadata and used to pick parity gates.
-        device: the device the ONNX artifact is made for: any | cpu | cuda.
+        name: fp32 | tf32 | fp16 | bf16 | int8, as recorded in the artifact's metadata; picks the parity gates.
+        runtime: the backend row of agmm_deploy.runtime that runs the artifact (onnxruntime | openvino).
+        device: the device the artifact is made for: any | cpu | cuda.
         file_name: what agmm-export calls it in its output folder.
         calibrated: whether it needs calibration images.
-        convert: (fp32 onnx path, output path, calibration images or None) -> None; None for fp32.
+        convert: (fp32 onnx path, output path, meta, metadata fields, calibration images or None) -> None,
+            writing the artifact with its metadata; None for fp32.
+        inference_precision: what the runtime is asked to compute the unquantised layers in (OpenVINO: f32 or
+            bf16); empty where the artifact's own types decide.
+        missing: () -> None, or one clause saying why this row cannot be produced here; None = always can.
     """
 
     name: str
+    runtime: str
     device: str
     file_name: str
     calibrated: bool
-    convert: Callable[[Path, Path, np.ndarray | None], None] | None
+    convert: Callable[[Path, Path, ModelMeta, dict[str, Any], np.ndarray | None], None] | None
+    inference_precision: str = ""
+    missing: Callable[[], str | None] | None = None
 
 
 PRECISIONS: tuple[Precision, ...] = (
-    Precision("fp32", "any", "model.onnx", False, None),
-    Precision("fp16", "cuda", "model.fp16.onnx", False, convert_fp16),
-    Precision("int8", "cpu", "model.int8.onnx", True, quantize_int8),
+    Precision("fp32", "onnxruntime", "any", "model.onnx", False, None),
+    Precision("tf32", "onnxruntime", "cuda", "model.tf32.onnx", False, export_tf32, missing=cuda_missing),
+    Precision("fp16", "onnxruntime", "cuda", "model.fp16.onnx", False, export_fp16),
+    Precision("bf16", "openvino", "cpu", "model.bf16.xml", False, export_openvino, "bf16", openvino_bf16_missing),
+    Precision("int8", "openvino", "cpu", "model.int8.xml", True, export_openvino, "f32", openvino_missing),
+    Precision("int8", "onnxruntime", "cpu", "model.int8.onnx", True, export_int8_onnx),
 )
 
 
-def get_precision(name: str) -> Precision:
-    """The row named ``name``; an unknown name is refused with the known ones listed."""
-    for precision in PRECISIONS:
-        if precision.name == name:
-            return precision
-    raise ValueError(f"precision {name!r} has no ONNX Runtime artifact; expected one of "
-                     f"{', '.join(p.name for p in PRECISIONS)} (bf16: ONNX opset 18, which the export emits, "
-                     "allows no bfloat16 convolutions; fp16/int8 TensorRT engines come from --trt)")
+def precision_names() -> tuple[str, ...]:
+    """Every precision of the table once, in table order."""
+    return tuple(dict.fromkeys(p.name for p in PRECISIONS))
+
+
+def get_precision(name: str, runtime: str | None = None) -> Precision:
+    """The row of ``name`` for ``runtime`` (None: the precision's first row); unknown ones are refused with the
+    known ones listed."""
+    rows = [p for p in PRECISIONS if p.name == name]
+    if not rows:
+        raise ValueError(f"precision {name!r} is unknown; expected one of {', '.join(precision_names())} "
+                         "(fp16/int8 TensorRT engines come from --trt)")
+    for row in rows:
+        if runtime in (None, row.runtime):
+            return row
+    raise ValueError(f"precision {name!r} has no {runtime} artifact; it has {', '.join(r.runtime for r in rows)} "
+                     f"(--runtime {rows[0].runtime})")
 
 
 @dataclass(frozen=True)
@@ -158,36 +250,44 @@ class PrecisionExport:
 
     path: Path
     precision: str
+    runtime: str
     device: str
     size_bytes: int
     seconds: float
 
 
 def convert_precision(onnx_path: str | Path, out_path: str | Path, precision: str,
-                      calib_images: np.ndarray | None = None) -> PrecisionExport:
+                      calib_images: np.ndarray | None = None, runtime: str | None = None) -> PrecisionExport:
     """Writes the ``precision`` artifact of an fp32 ONNX model written by export_onnx, metadata included.
 
     Args:
         onnx_path: the fp32 model.onnx (its metadata is carried over).
-        out_path: the file to write (atomically).
-        precision: fp16 | int8 (a row of PRECISIONS other than fp32).
+        out_path: the file to write (atomically; an OpenVINO .xml gets its .bin beside it).
+        precision: tf32 | fp16 | bf16 | int8 (a row of PRECISIONS other than fp32).
         calib_images: normalised float32 (N, 3, H, W) at the export size; int8 only.
+        runtime: onnxruntime | openvino; None = the precision's first row.
     Returns:
         PrecisionExport.
+    Raises:
+        ValueError: an unknown precision/runtime, or int8 without calibration images.
+        RuntimeError: the row cannot be produced here (its library or hardware is missing; the message says).
     """
-    row = get_precision(precision)
+    row = get_precision(precision, runtime)
     if row.convert is None:
         raise ValueError(f"precision {precision!r} is what export_onnx writes; nothing to convert")
+    if row.missing is not None and (reason := row.missing()):
+        raise RuntimeError(f"cannot write a {row.name} {row.runtime} model here: {reason}")
+    if row.calibrated and (calib_images is None or len(calib_images) == 0):
+        raise ValueError(f"{row.name} needs calibration images (--calib-images DIR, a few dozen representative "
+                         "images)")
     start = time.perf_counter()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     meta, fields = read_onnx_metadata(onnx_path)
-    row.convert(onnx_path, out_path, calib_images)
-    model = _load(out_path)
-    write_onnx_metadata(model, meta, **{**fields, "precision": row.name, "device": row.device,
-                                        "versions": library_versions(), "source_onnx": onnx_path.name,
-                                        "calibration_images": len(calib_images) if row.calibrated else 0})
-    import onnx
-
-    onnx.checker.check_model(model)
-    atomic_write(out_path, lambda f: onnx.save_model(model, f))
-    return PrecisionExport(out_path, row.name, row.device, out_path.stat().st_size, time.perf_counter() - start)
+    fields = {**fields, "precision": row.name, "device": row.device, "runtime": row.runtime,
+              "versions": library_versions(), "source_onnx": onnx_path.name,
+              "calibration_images": len(calib_images) if row.calibrated else 0}
+    if row.inference_precision:
+        fields["inference_precision"] = row.inference_precision
+    row.convert(onnx_path, out_path, meta, fields, calib_images)
+    size = out_path.stat().st_size + sum(p.stat().st_size for p in companion_files(out_path))
+    return PrecisionExport(out_path, row.name, row.runtime, row.device, size, time.perf_counter() - start)

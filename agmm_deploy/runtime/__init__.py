@@ -62,10 +62,12 @@ class Backend:
 BACKENDS: tuple[Backend, ...] = (
     Backend("pytorch", "checkpoint", (".pt", ".pth", ".ckpt"), ("cpu", "cuda"), ("fp32",),
             "agmm_deploy.runtime.pytorch", "included"),
-    Backend("onnxruntime", "ONNX model", (".onnx",), ("cpu", "cuda"), ("fp32", "fp16"),
+    Backend("onnxruntime", "ONNX model", (".onnx",), ("cpu", "cuda"), ("fp32", "tf32", "fp16", "int8"),
             "agmm_deploy.runtime.ort", "pip install onnxruntime-gpu (included)"),
     Backend("tensorrt", "TensorRT engine", (".engine", ".plan", ".trt"), ("cuda",), ("fp32", "fp16", "int8"),
             "agmm_deploy.runtime.trt", "pip install 'agmm-deploy[trt]' on a machine with an NVIDIA GPU"),
+    Backend("openvino", "OpenVINO IR", (".xml",), ("cpu",), ("fp32", "bf16", "int8"),
+            "agmm_deploy.runtime.openvino", "pip install 'agmm-deploy[openvino]'"),
 )
 
 

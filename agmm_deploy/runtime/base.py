@@ -60,6 +60,11 @@ class Runner:
     def num_classes(self) -> int:
         return self.meta.num_classes
 
+    def precision_used(self) -> str:
+        """What the runner really computes in, for tables: the artifact's precision unless a subclass knows more
+        (TF32 on CUDA, what OpenVINO compiled the layers outside int8 at); one word for tables, e.g. fp32,tf32=on."""
+        return self.precision
+
     def check_input(self, images: torch.Tensor) -> torch.Tensor:
         """The images as a float32 tensor (N, 3, H, W), or a ValueError saying what fits."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:

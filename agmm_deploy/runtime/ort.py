@@ -71,14 +71,22 @@ class OnnxRunner(Runner):
             target = self.fields.get("device", "any")
             device = "cpu" if target == "cpu" or not has_cuda else "cuda"
         device = resolve_device(device)
+        self.precision = self.fields.get("precision", "fp32")
+        if self.precision == "tf32" and device != "cuda":
+            raise ValueError(f"{self.path.name} is a tf32 model (TF32 tensor-core matmuls and convolutions on a "
+                             f"CUDA GPU); got device={device!r}, where it would run as plain fp32. Run model.onnx "
+                             "for fp32 on the CPU")
         providers: list[Any] = ["CPUExecutionProvider"]
+        self.tf32 = False
         if device == "cuda":
             # onnxruntime-gpu finds the CUDA/cuDNN libraries shipped with torch's wheels once they are loaded.
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()
-            # use_tf32=0: an fp32 model runs in fp32 (TF32 tensor cores keep a 10-bit mantissa).
+            # use_tf32=0: an fp32 model runs in fp32 (TF32 tensor cores keep a 10-bit mantissa); a tf32 model
+            # is the same fp32 graph exported to run with them on.
+            self.tf32 = self.precision == "tf32"
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device(),
-                                                            "use_tf32": "0"}))
+                                                            "use_tf32": str(int(self.tf32))}))
         self.session = ort.InferenceSession(str(self.path), sess_options=cpu_session_options(threads, mem_pattern),
                                             providers=providers)
         got = self.session.get_providers()
@@ -88,7 +96,6 @@ class OnnxRunner(Runner):
         on_gpu = "CUDAExecutionProvider" in got
         self.backend = "onnxruntime-cuda" if on_gpu else "onnxruntime-cpu"
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        self.precision = self.fields.get("precision", "fp32")
         self.input_size = tuple(self.meta.input_size)
         self.dynamic_hw = bool(self.fields.get("dynamic_hw", False))
         dynamic_batch = self.fields.get("dynamic_batch", True)
@@ -98,6 +105,11 @@ class OnnxRunner(Runner):
         self.input_types = ELEMENT_TYPES.get(inputs[0].type, ELEMENT_TYPES["tensor(float)"])
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.output_types = ELEMENT_TYPES.get(outputs["logits"].type, ELEMENT_TYPES["tensor(float)"])
+
+    def precision_used(self) -> str:
+        if self.device.type == "cuda":
+            return f"{self.precision},tf32={'on' if self.tf32 else 'off'}"
+        return self.precision
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":

@@ -38,6 +38,12 @@ class TorchRunner(Runner):
         self.input_size = tuple(meta.input_size)
         self.max_batch = max_batch
 
+    def precision_used(self) -> str:
+        if self.device.type == "cuda":
+            # PyTorch's global switches decide at call time whether cuDNN convolutions use TF32 tensor cores.
+            return f"{self.precision},tf32={'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
+        return self.precision
+
     def _run(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model(images.to(self.device)).float()
