@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil  # a BentoML dependency
@@ -75,3 +77,21 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
     for child in psutil.wait_procs(children, timeout=10)[1]:
         child.kill()
+
+
+@contextlib.contextmanager
+def serving(model: Path, folder: Path, timeout_s: float = 180, **env: str) -> Iterator[str]:
+    """A real `bentoml serve` of ``model`` for the length of a with-block; yields its base URL.
+
+    The server gets this process's environment without any AGMM_* setting (so an outer one cannot leak in),
+    plus AGMM_MODEL, ``env``, and its own BentoML home and log in ``folder`` (servers sharing a home share and
+    wipe each other's Prometheus files).
+    """
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
+    server_env.update(AGMM_MODEL=str(model), BENTOML_HOME=str(folder / "bentoml"), **env)
+    port = free_port()
+    process = start_server(port, folder / "serve.log", server_env, timeout_s=timeout_s)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -142,19 +141,13 @@ def test_fp16_on_onnxruntime_cuda(model_dir, tmp_path):
 
 
 def test_the_service_serves_an_int8_model(model_dir, tmp_path):
-    from serving.launch import free_port, start_server, stop_server
+    from serving.launch import serving
 
     path = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.onnx", "int8", _images(),
                                runtime="onnxruntime").path
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
-    env.update(AGMM_MODEL=str(path), BENTOML_HOME=str(tmp_path / "bentoml"))
-    port = free_port()
-    process = start_server(port, tmp_path / "serve.log", env, timeout_s=120)
-    try:
-        info = requests.post(f"http://127.0.0.1:{port}/info", timeout=30).json()
+    with serving(path, tmp_path, timeout_s=120) as url:
+        info = requests.post(f"{url}/info", timeout=30).json()
         assert (info["backend"], info["precision"]) == ("onnxruntime-cpu", "int8")
         image = (model_dir / "images" / "0.png").read_bytes()
-        response = requests.post(f"http://127.0.0.1:{port}/segment", files={"image": ("0.png", image)}, timeout=60)
+        response = requests.post(f"{url}/segment", files={"image": ("0.png", image)}, timeout=60)
         assert response.status_code == 200, response.text
-    finally:
-        stop_server(process)

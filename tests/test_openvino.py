@@ -8,7 +8,6 @@ missing, the test checks the refusal sentence and exit code instead, so that not
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -187,18 +186,12 @@ def test_tf32_on_onnxruntime_cuda(model_dir, tmp_path, capsys):
 
 
 def test_the_service_serves_an_int8_ir(model_dir, tmp_path):
-    from serving.launch import free_port, start_server, stop_server
+    from serving.launch import serving
 
     path = convert_precision(model_dir / "model.onnx", tmp_path / "model.int8.xml", "int8", _images()).path
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
-    env.update(AGMM_MODEL=str(path), BENTOML_HOME=str(tmp_path / "bentoml"))
-    port = free_port()
-    process = start_server(port, tmp_path / "serve.log", env, timeout_s=120)
-    try:
-        info = requests.post(f"http://127.0.0.1:{port}/info", timeout=30).json()
+    with serving(path, tmp_path, timeout_s=120) as url:
+        info = requests.post(f"{url}/info", timeout=30).json()
         assert (info["backend"], info["precision"]) == ("openvino-cpu", "int8")
         image = (model_dir / "images" / "0.png").read_bytes()
-        response = requests.post(f"http://127.0.0.1:{port}/segment", files={"image": ("0.png", image)}, timeout=60)
+        response = requests.post(f"{url}/segment", files={"image": ("0.png", image)}, timeout=60)
         assert response.status_code == 200, response.text
-    finally:
-        stop_server(process)

@@ -101,16 +101,11 @@ def test_agmm_bench_times_the_new_backend(fixed_model, capsys):
 
 
 def test_the_service_serves_the_new_backend(fixed_model, image, tmp_path):
-    from serving.launch import free_port, start_server, stop_server
+    from serving.launch import serving
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
-    env.update(AGMM_MODEL=str(fixed_model), AGMM_DEVICE="cpu", BENTOML_HOME=str(tmp_path / "bentoml"),
-               **{EXTRA_BACKENDS_ENV: ENTRY},
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")]))
-    port = free_port()
-    process = start_server(port, tmp_path / "serve.log", env, timeout_s=120)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    pythonpath = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    with serving(fixed_model, tmp_path, timeout_s=120, AGMM_DEVICE="cpu", PYTHONPATH=pythonpath,
+                 **{EXTRA_BACKENDS_ENV: ENTRY}) as url:
         info = requests.post(f"{url}/info", timeout=30).json()
         assert info["backend"] == "fixed-logits" and info["classes"] == list(META.classes)
         assert info["model"] == "model.fixedlogits" and info["input_size"] == [32, 48]
@@ -118,5 +113,3 @@ def test_the_service_serves_the_new_backend(fixed_model, image, tmp_path):
         assert response.status_code == 200, response.text
         labels = np.asarray(Image.open(io.BytesIO(response.content)))
         assert labels.shape == (40, 100) and (labels[:, :40] == 0).all() and (labels[:, 60:] == 2).all()
-    finally:
-        stop_server(process)
