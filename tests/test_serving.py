@@ -623,6 +623,15 @@ def test_a_folder_without_fp32_is_never_served_at_another_precision_unasked(mode
     assert _choose(monkeypatch, AGMM_MODEL=str(tmp_path), AGMM_PRECISION="int8").path.name == "model.int8.onnx"
 
 
+def test_bentoml_serve_refuses_to_start_on_a_choice_the_folder_cannot_meet(model_folder, tmp_path):
+    result = subprocess.run(serve_command(free_port()), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=_serve_env(tmp_path, AGMM_MODEL=str(model_folder), AGMM_PRECISION="fp16"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"AGMM_PRECISION=fp16, but it holds no fp16 artifact in {model_folder}; it holds: "
+                           "model.onnx (fp32, onnxruntime, any) -> no setting (the default); "), result.stderr[-2000:]
+
+
 def test_an_export_folder_goes_into_the_store_with_every_precision_and_serves_the_one_asked(model_folder, tmp_path):
     """python -m serving.artifacts copies the artifacts, their companions and parity.json (not the .failed file);
     `bentoml serve` of the entry runs the int8 model asked for, says so on /info and lists the others in its log."""
