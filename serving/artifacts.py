@@ -19,7 +19,8 @@ AGMM_MODEL_FILE=model.x.y    that file of the folder (its precision must match A
 
 Anything else is refused with the folder's artifacts listed, each with its precision and the setting that
 selects it. Files renamed ``*.failed`` by agmm-export (they missed their parity gates) are never chosen, not even
-by name.
+by name; an artifact whose backend is missing here, or made for a device this machine lacks (model.fp16.onnx is
+for CUDA), is listed with the reason and refused.
 
     python -m serving.artifacts exported/ --name agmm-city     # every artifact of the folder into the store
 """
@@ -105,11 +106,14 @@ def folder_artifacts(folder: Path, device: str = "auto") -> list[Artifact]:
 
 
 def selector(artifact: Artifact, artifacts: list[Artifact]) -> str:
-    """The setting that selects ``artifact``: AGMM_PRECISION when it alone has that precision, else its file."""
+    """The setting that selects ``artifact``: none for the fp32 one served by default, AGMM_PRECISION when it is
+    the one that precision picks (choose_artifact's order), else AGMM_MODEL_FILE."""
     same = [a for a in artifacts if a.precision == artifact.precision and not a.missing]
-    if artifact.precision != "unknown" and not artifact.missing and same[0] == artifact:
-        return "no setting (the default)" if artifact.precision == DEFAULT_PRECISION else f"AGMM_PRECISION={artifact.precision}"
-    return f"AGMM_MODEL_FILE={artifact.path.name}"
+    if artifact.precision == "unknown" or artifact.missing or same[0] != artifact:
+        return f"AGMM_MODEL_FILE={artifact.path.name}"
+    if artifact.precision == DEFAULT_PRECISION:
+        return "no setting (the default)"
+    return f"AGMM_PRECISION={artifact.precision}"
 
 
 def describe_choices(artifacts: list[Artifact], failed: list[Path], leave_out: Path | None = None) -> list[str]:
@@ -195,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m serving.artifacts: {args.folder} is not a folder; expected the agmm-export --out folder",
               file=sys.stderr)
         return 2
-    tag = save_to_store(args.folder, args.name)
+    try:
+        tag = save_to_store(args.folder, args.name)
+    except FileNotFoundError as err:
+        print(f"python -m serving.artifacts: {err}", file=sys.stderr)
+        return 2
     artifacts = folder_artifacts(args.folder)
     print(f"saved {tag}; AGMM_BENTO_MODEL={tag} bentoml serve serves, by setting:")
     for line in describe_choices(artifacts, []):

@@ -623,6 +623,15 @@ def test_a_folder_without_fp32_is_never_served_at_another_precision_unasked(mode
     assert _choose(monkeypatch, AGMM_MODEL=str(tmp_path), AGMM_PRECISION="int8").path.name == "model.int8.onnx"
 
 
+def test_saving_something_that_is_no_export_folder_exits_2_with_a_sentence(model_folder, tmp_path, capsys):
+    from serving.artifacts import main
+
+    assert main([str(model_folder / "model.onnx"), "--name", "x"]) == 2
+    assert "model.onnx is not a folder; expected the agmm-export --out folder" in capsys.readouterr().err
+    assert main([str(tmp_path), "--name", "x"]) == 2  # empty: refused before the store is touched
+    assert f"{tmp_path} holds no artifact to serve" in capsys.readouterr().err
+
+
 def test_bentoml_serve_refuses_to_start_on_a_choice_the_folder_cannot_meet(model_folder, tmp_path):
     result = subprocess.run(serve_command(free_port()), cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env=_serve_env(tmp_path, AGMM_MODEL=str(model_folder), AGMM_PRECISION="fp16"))
