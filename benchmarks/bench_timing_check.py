@@ -98,6 +98,7 @@ def direct_call(runner, x) -> tuple[str, Callable[[], None]]:
         feed = {runner.input_name: x.numpy()}
         return "session.run", lambda: runner.session.run(["logits"], feed)
     if runtime == "onnxruntime":
+        x = x.to(runner.input_types[0]).contiguous()  # the graph's input type, as the runner binds it
         n, _, h, w = x.shape
         out = torch.empty((n, runner.meta.num_classes, h, w), dtype=runner.output_types[0], device=x.device)
         binding = runner.session.io_binding()
@@ -105,7 +106,11 @@ def direct_call(runner, x) -> tuple[str, Callable[[], None]]:
                            element_type=runner.input_types[1], shape=tuple(x.shape), buffer_ptr=x.data_ptr())
         binding.bind_output(name="logits", device_type="cuda", device_id=x.device.index,
                             element_type=runner.output_types[1], shape=tuple(out.shape), buffer_ptr=out.data_ptr())
-        return "session.run_with_iobinding, bound once", lambda: runner.session.run_with_iobinding(binding)
+
+        def call(buffers=(x, out)) -> None:  # the binding holds only pointers: the call keeps the tensors alive
+            runner.session.run_with_iobinding(binding)
+
+        return "session.run_with_iobinding, bound once", call
     if runtime == "tensorrt":
         context, stream = runner.context, torch.cuda.current_stream(x.device)
         context.set_input_shape(runner.input_name, tuple(x.shape))
@@ -115,7 +120,12 @@ def direct_call(runner, x) -> tuple[str, Callable[[], None]]:
                    for name in runner.output_names]
         for name, out in zip(runner.output_names, outputs):
             context.set_tensor_address(name, out.data_ptr())
-        return "execute_async_v3, addresses set once", lambda: context.execute_async_v3(stream.cuda_stream)
+
+        def call(buffers=(x, *outputs)) -> None:  # the context holds only pointers: the call keeps them alive
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError(f"TensorRT failed to execute {runner.path.name}")
+
+        return "execute_async_v3, addresses set once", call
     if runtime == "openvino":
         feed = {0: x.numpy()}
         return "infer request", lambda: runner.request.infer(feed)
