@@ -15,11 +15,11 @@ One runner is loaded once (the given artifact, or a fresh random-weight DeepLabV
   events around the same calls), after 3 untimed calls; the median.
 
 First a fresh agmm-bench run exactly as the CLI does it (``--warmup 1``, ``--iters 10``, its defaults), then
-``--samples`` agmm-bench samples and direct calls in turn (order swapped every other step, so that load from
-other processes falls on both alike). Both ratios (agmm-bench compute p50 / direct p50) must be within
-``--tolerance`` (20 %) for PASS (exit 0, else 1). End to end is then split into its steps, each measured the
-direct way: upload and normalisation, the runner on that tensor, argmax and download. The load average is
-printed before and after: on a shared machine read the ratios, not the absolute times.
+``--samples`` times in turn: one agmm-bench sample (compute and end to end), one direct call, and one direct call
+of each step of end to end (upload and normalisation, the runner on that tensor, argmax and download), the order
+rotated every time so that load from other processes falls on all alike. Both ratios (agmm-bench compute p50 /
+direct p50, fresh and interleaved) must be within ``--tolerance`` (20 %) for PASS (exit 0, else 1). The load
+average is printed before and after: on a shared machine read the ratios, not the absolute times.
 """
 
 from __future__ import annotations
