@@ -233,3 +233,20 @@ def test_cuda_packages_agree_with_fp32(exported, tmp_path, precision):
     assert (logits.argmax(1) == expected.argmax(1)).float().mean() >= 0.99
     with pytest.raises(ValueError, match="compiled for cuda"):
         AOTIRunner(result.path, "cpu")
+
+
+def test_a_package_for_a_wider_cpu_instruction_set_is_refused(package, tmp_path):
+    """CPU kernels are compiled with -march=native; an AVX-512 package would crash on an AVX2 CPU."""
+    from agmm_deploy.runtime.aoti import cpu_isa
+
+    if cpu_isa() == "AVX512":
+        pytest.skip("this CPU runs AVX-512 packages")
+    wider = tmp_path / "avx512.pt2"
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(wider, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("wrapper_metadata.json"):
+                data = json.dumps({**json.loads(data), "AOTI_CPU_ISA": "AVX512"}).encode()
+            target.writestr(item, data)
+    with pytest.raises(RuntimeError, match=f"avx512.pt2 was compiled for AVX512 CPUs, and this CPU has {cpu_isa()}"):
+        load_runner(wider, "cpu")

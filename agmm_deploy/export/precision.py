@@ -313,13 +313,12 @@ def get_precision(name: str, runtime: str | None = None, device: str | None = No
                          f"{', '.join(r.runtime for r in rows)} (--runtime {rows[0].runtime})")
     if device is None:
         return matching[0]
-
-    def can(row: Precision) -> bool:
-        return row.missing is None or row.missing(device) is None
-
     local = [row for row in matching if row.device in ("any", device)]
-    return next((row for row in local if can(row)), None) or next((row for row in matching if can(row)), None) \
-        or (local or matching)[0]
+    for candidates in (local, matching):
+        for row in candidates:
+            if row.missing is None or row.missing(device) is None:
+                return row
+    return (local or matching)[0]
 
 
 @dataclass(frozen=True)

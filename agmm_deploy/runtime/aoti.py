@@ -23,6 +23,15 @@ def missing(device: str) -> str | None:
     return None
 
 
+# AOTInductor records the instruction set a CPU package was compiled for (AOTI_CPU_ISA); torch names the one it
+# runs on (torch.backends.cpu.get_cpu_capability()) in the same words.
+CPU_ISA_RANK = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 2}
+
+
+def cpu_isa() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
 class AOTIRunner(Runner):
     """An AOTInductor package on the device it was compiled for; logits stay on that device."""
 
@@ -42,6 +51,12 @@ class AOTIRunner(Runner):
             raise RuntimeError(f"{self.path.name} is an AOTInductor package for CUDA, and "
                                "torch.cuda.is_available() is False on this machine; run it on a GPU machine, or "
                                "export a CPU one (agmm-export --precision fp32 --runtime aoti --device cpu)")
+        isa = package.get("AOTI_CPU_ISA", "")
+        if target == "cpu" and CPU_ISA_RANK.get(isa, 0) > CPU_ISA_RANK.get(cpu_isa(), 0):
+            # CPU kernels are compiled with -march=native: a package from an AVX-512 machine would die on an
+            # illegal instruction here rather than raise.
+            raise RuntimeError(f"{self.path.name} was compiled for {isa} CPUs, and this CPU has {cpu_isa()}; "
+                               "export the package on a machine like the one that runs it")
         self.device = torch.device(resolve_device(target))
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
