@@ -164,7 +164,8 @@ def prepare(args: argparse.Namespace) -> Job:
     except ValueError as err:
         raise UsageError(f"{args.checkpoint}: {err}") from None
     size = (args.height or loaded.meta.input_size[0], args.width or loaded.meta.input_size[1])
-    job = Job(loaded, "", precision, device, size, args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export")
+    out = args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export"
+    job = Job(loaded, "", precision, device, size, out)
     # Image folders are read first, so that a wrong path fails in a second rather than after the export.
     try:
         if precision.calibrated:

@@ -10,7 +10,8 @@ precision  runtime      device  file             how
 =========  ===========  ======  ===============  =========================================================
 fp32       onnxruntime  any     model.onnx       the exported graph itself
 fp32       aoti         any     model.fp32.pt2   AOTInductor package (torch.export, compiled ahead of time)
-                                                 for the device the export targets (--device)
+                                                 for the device the export targets (--device),
+                                                 channels_last
 tf32       onnxruntime  cuda    model.tf32.onnx  the fp32 graph, run by onnxruntime-cuda with TF32 tensor
                                                  cores on (use_tf32); refused on a machine without CUDA
 fp16       aoti         cuda    model.fp16.pt2   AOTInductor package, fp16 weights and activations,

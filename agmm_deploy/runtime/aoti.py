@@ -64,9 +64,12 @@ class AOTIRunner(Runner):
             self.model = torch._inductor.aoti_load_package(
                 str(self.path), device_index=self.device.index if self.device.index is not None else -1)
         except RuntimeError as err:
-            raise RuntimeError(f"torch could not load the AOTInductor package {self.path} ({err}); packages run "
-                               f"with the torch version that compiled them ({self.fields.get('versions', {}).get('torch', '?')}, "
-                               f"here {torch.__version__}). Re-export it with agmm-export --runtime aoti") from None
+            built = self.fields.get("versions", {}).get("torch", "?")
+            kind = f"compute capability {package.get('AOTI_COMPUTE_CAPABILITY')}" if target == "cuda" else isa
+            raise RuntimeError(f"torch could not load the AOTInductor package {self.path} ({err}); a package runs "
+                               f"with the torch that compiled it (torch {built}, here {torch.__version__}) on the "
+                               f"kind of device it was compiled for ({target}, {kind}). Re-export it with "
+                               "agmm-export --runtime aoti on a machine like this one") from None
         if self.model.get_metadata().get(AOTI_METADATA_KEY) is None:
             raise ValueError(f"{self.path.name}: the compiled library carries no agmm-deploy metadata; re-export it")
         self.backend = f"aoti-{self.device.type}"
