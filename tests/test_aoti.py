@@ -7,6 +7,7 @@ CUDA only (gpu tests).
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import io
 import json
@@ -227,8 +228,7 @@ def test_cuda_packages_agree_with_fp32(exported, tmp_path, precision):
     images = _images(3)
     logits = runner.run(images)
     with torch.no_grad():
-        expected = model.cuda()(images.cuda())
-    model.cpu()
+        expected = copy.deepcopy(model).cuda()(images.cuda())  # the module's CPU model stays on the CPU
     assert logits.dtype == torch.float32 and logits.device.type == "cuda"
     assert (logits.argmax(1) == expected.argmax(1)).float().mean() >= 0.99
     with pytest.raises(ValueError, match="compiled for cuda"):
