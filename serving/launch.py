@@ -80,15 +80,17 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def serving(model: Path, folder: Path, timeout_s: float = 180, **env: str) -> Iterator[str]:
-    """A real `bentoml serve` of ``model`` for the length of a with-block; yields its base URL.
+def serving(model: Path | None, folder: Path, timeout_s: float = 180, **env: str) -> Iterator[str]:
+    """A real `bentoml serve` of ``model`` (a file or a model folder) for the length of a with-block; yields its
+    base URL.
 
     The server gets this process's environment without any AGMM_* setting (so an outer one cannot leak in),
-    plus AGMM_MODEL, ``env``, and its own BentoML home and log in ``folder`` (servers sharing a home share and
-    wipe each other's Prometheus files).
+    plus AGMM_MODEL (unless ``model`` is None: then ``env`` names it, e.g. AGMM_BENTO_MODEL), ``env``, and its
+    own BentoML home and log in ``folder`` (servers sharing a home share and wipe each other's Prometheus files;
+    a store entry saved with BENTOML_HOME=folder/bentoml is found there).
     """
     server_env = {k: v for k, v in os.environ.items() if not k.startswith("AGMM_")}
-    server_env.update(AGMM_MODEL=str(model), BENTOML_HOME=str(folder / "bentoml"), **env)
+    server_env.update(BENTOML_HOME=str(folder / "bentoml"), **({"AGMM_MODEL": str(model)} if model else {}), **env)
     port = free_port()
     process = start_server(port, folder / "serve.log", server_env, timeout_s=timeout_s)
     try:

@@ -1,8 +1,10 @@
 """The segmentation service: `bentoml serve --host 127.0.0.1` in the project root starts it (see bentofile.yaml).
 
 The model comes from ``AGMM_MODEL`` (any artifact the runtime table reads: an .onnx file, a TensorRT .engine
-with its .json sidecar, or a .pt checkpoint) or from the BentoML model store (``AGMM_BENTO_MODEL=name:version``).
-Preprocessing comes from the model's own metadata.
+with its .json sidecar, an OpenVINO .xml, a .pt checkpoint; or an agmm-export output folder) or from the BentoML
+model store (``AGMM_BENTO_MODEL=name:version``). From a folder it serves the fp32 artifact unless
+``AGMM_PRECISION`` or ``AGMM_MODEL_FILE`` picks another (serving/artifacts.py), and logs the others with the
+setting that selects each. Preprocessing comes from the model's own metadata.
 
 Endpoints (POST; /info answers GET as well):
     /segment          multipart ``image`` -> label map as a palette PNG (pixel value = class id)
@@ -25,7 +27,8 @@ The request path, in order:
    when the queue would keep a request past ``max_latency_ms``. Pre-processing, the model and the gathering of
    its outputs at the image's size run there as torch ops on the runner's device (agmm_deploy.inference).
 4. The endpoint takes the argmax on the runner's device (only the uint8 label map leaves it) and encodes the PNG
-   (or the JSON fractions), in a thread pool, while the batcher runs the next batch.
+   (or counts the JSON fractions) in the same worker thread, one hop for both, while the batcher runs the next
+   batch.
 
 Every refusal is a JSON {"error": "<sentence>"} and one log line without the upload's content.
 """
@@ -42,7 +45,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import anyio
 import bentoml
@@ -59,7 +62,8 @@ from agmm_deploy import transforms
 logger = logging.getLogger("bentoml.agmm_deploy")
 
 NO_MODEL_MESSAGE = ("No model to serve: set AGMM_MODEL=path/to/model.onnx (or a TensorRT .engine, or a .pt "
-                    "checkpoint), or AGMM_BENTO_MODEL=<tag> of a model saved in the BentoML model store.")
+                    "checkpoint, or an agmm-export folder), or AGMM_BENTO_MODEL=<tag> of a model saved in the "
+                    "BentoML model store.")
 
 
 def _env_number(name: str, default: float | None, kind: type = int) -> Any:
@@ -110,26 +114,55 @@ class ClassFractions(pydantic.BaseModel):
     batch_size: int
 
 
-def resolve_model_path() -> Path:
-    """The model file named by AGMM_MODEL, or found in the BentoML store entry named by AGMM_BENTO_MODEL."""
-    from agmm_deploy.runtime import backend_for, backends, describe_suffixes, model_suffixes
+@dataclass(frozen=True)
+class ModelChoice:
+    """The artifact this server runs, and how it was chosen (logged at start-up, reported by /info)."""
 
+    path: Path
+    chosen_by: str  # e.g. "AGMM_MODEL", "AGMM_PRECISION=int8", "the default (fp32)"
+    folder: Path | None = None  # the model folder it was chosen from
+    others: tuple[str, ...] = ()  # the folder's other artifacts: "<file> (<precision>, ...) -> <setting>"
+
+
+def choose_model() -> ModelChoice:
+    """The artifact named by AGMM_MODEL (a file, or a folder to choose from) or chosen from the BentoML store entry
+    named by AGMM_BENTO_MODEL; AGMM_PRECISION / AGMM_MODEL_FILE pick within a folder (serving/artifacts.py)."""
+    from agmm_deploy.runtime import describe_suffixes
+    from serving.artifacts import (choose_artifact, describe_choices, failed_files, folder_artifacts,
+                                   read_artifact)
+
+    precision, file_name = os.environ.get("AGMM_PRECISION", ""), os.environ.get("AGMM_MODEL_FILE", "")
+    device = os.environ.get("AGMM_DEVICE", "auto")
+    folder = None
     if path := os.environ.get("AGMM_MODEL"):
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"AGMM_MODEL={path} does not exist; expected {describe_suffixes()}")
-        return path
-    if tag := os.environ.get("AGMM_BENTO_MODEL"):
+        if path.is_dir():
+            folder = path
+        elif not path.is_file():
+            raise FileNotFoundError(f"AGMM_MODEL={path} does not exist; expected {describe_suffixes()}, or a "
+                                    "folder agmm-export wrote")
+        elif file_name:
+            raise ValueError(f"AGMM_MODEL_FILE={file_name} picks a file within a model folder, but AGMM_MODEL={path} "
+                             "names a file already; unset one of them")
+        elif precision and (found := read_artifact(path, device).precision) != precision:
+            raise ValueError(f"AGMM_MODEL={path} is {found}, not AGMM_PRECISION={precision}; unset AGMM_PRECISION "
+                             "or point AGMM_MODEL at the folder holding the artifacts")
+        else:
+            return ModelChoice(path, "AGMM_MODEL")
+    elif tag := os.environ.get("AGMM_BENTO_MODEL"):
         folder = Path(bentoml.models.get(tag).path)
-        suffixes = model_suffixes()
-        # In the runtime table's order (an engine before its ONNX file), keeping what this machine can run.
-        found = sorted((p for p in folder.iterdir() if p.suffix.lower() in suffixes and
-                        backend_for(p).missing() is None), key=lambda p: suffixes.index(p.suffix.lower()))
-        if not found:
-            raise FileNotFoundError(f"BentoML model {tag} ({folder}) holds no {'/'.join(suffixes)} file this "
-                                    f"machine can run (backends: {', '.join(b.name for b in backends())})")
-        return found[0]
-    raise RuntimeError(NO_MODEL_MESSAGE)
+    else:
+        raise RuntimeError(NO_MODEL_MESSAGE)
+    chosen = choose_artifact(folder, precision, file_name, device)
+    chosen_by = (f"AGMM_MODEL_FILE={file_name}" if file_name else f"AGMM_PRECISION={precision}" if precision
+                 else "the default (fp32)")
+    others = describe_choices(folder_artifacts(folder, device), failed_files(folder), leave_out=chosen.path)
+    return ModelChoice(chosen.path, chosen_by, folder, tuple(others))
+
+
+def resolve_model_path() -> Path:
+    """The artifact file this server runs (choose_model)."""
+    return choose_model().path
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -340,6 +373,11 @@ def _labels(windows: "Windows") -> np.ndarray:  # noqa: F821
         return windows.labels().cpu().numpy()
 
 
+def _fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The share of the image's pixels per class (K,), summing to 1."""
+    return np.bincount(labels.ravel(), minlength=num_classes) / labels.size
+
+
 # ---------------------------------------------------------------------------------------------- the service
 
 @bentoml.service(
@@ -361,7 +399,8 @@ class AgmmSegmenter:
 
         from agmm_deploy.runtime import load_runner  # torch and onnxruntime load in the worker only
 
-        path = resolve_model_path()
+        self.choice = choose_model()
+        path = self.choice.path
         kwargs: dict[str, Any] = {}
         if path.suffix.lower() == ".onnx":
             # Batch sizes vary from call to call here; per-shape memory patterns would keep growing the arena.
@@ -377,8 +416,12 @@ class AgmmSegmenter:
             # every op on the cores the model needs.
             torch.set_num_threads(1)
         h, w = self.runner.input_size
-        logger.info("AGMM model %s: backend=%s precision=%s device=%s input=%dx%d classes=%d", path,
-                    self.runner.backend, self.runner.precision, self.runner.device, h, w, self.meta.num_classes)
+        logger.info("AGMM model %s: backend=%s precision=%s device=%s input=%dx%d classes=%d (chosen by %s)", path,
+                    self.runner.backend, self.runner.precision_used(), self.runner.device, h, w,
+                    self.meta.num_classes, self.choice.chosen_by)
+        if self.choice.folder is not None:
+            logger.info("other artifacts in %s, and the setting that serves each: %s", self.choice.folder,
+                        "; ".join(self.choice.others) or "none")
         self.batcher = self._start_batcher()
 
     def _start_batcher(self) -> "Batcher":  # noqa: F821
@@ -432,7 +475,7 @@ class AgmmSegmenter:
         """
         try:
             resolve_model_path()
-        except (RuntimeError, FileNotFoundError, bentoml.exceptions.NotFound) as err:
+        except (RuntimeError, FileNotFoundError, ValueError, bentoml.exceptions.NotFound) as err:
             raise SystemExit(str(err)) from None  # the sentence alone, no traceback
 
     # ---------------------------------------------------------------- the request path of one image
@@ -460,12 +503,16 @@ class AgmmSegmenter:
                                "(AGMM_MAX_INPUTS, reported by /info). Downscale it or send it in parts.")
         return image, image_windows(self.runner, image, name=name)
 
-    async def _segment(self, data: bytes, name: str = "the image") -> tuple[np.ndarray, np.ndarray, int]:
-        """Decode and check at the door, the model through the batcher, the label map in a worker thread.
+    async def _segment(self, data: bytes, answer: Callable[[np.ndarray, np.ndarray], Any],
+                       name: str = "the image") -> tuple[Any, int]:
+        """Decode and check at the door, the model through the batcher, then the label map and ``answer`` in one
+        worker thread.
 
+        Args:
+            answer: (image (H, W, 3) uint8, label map (H, W) uint8) -> what the endpoint sends (PNG bytes, ...).
         Returns:
-            The image (H, W, 3) uint8, its label map (H, W) uint8 and the model inputs of the batch that ran its
-            last input; Refusal on any failure.
+            ``answer``'s result and the model inputs of the batch that ran the image's last input; Refusal on any
+            failure.
         """
         from serving.batcher import Overloaded
 
@@ -477,48 +524,47 @@ class AgmmSegmenter:
         except RuntimeError as err:  # the model failed; logged with its traceback by the batcher
             raise Refusal(500, str(err)) from None
         # Here, not in the batcher: the argmax of each image runs in its own request's thread (on the runner's
-        # device), while the batcher's thread already runs the next batch.
-        return image, await anyio.to_thread.run_sync(_labels, result.windows), result.batch_size
+        # device), while the batcher's thread already runs the next batch; the answer is made in that same
+        # thread, one hop instead of one for the argmax and another for the encoding.
+        answered = await anyio.to_thread.run_sync(lambda: answer(image, _labels(result.windows)))
+        return answered, result.batch_size
 
-    async def _png(self, labels: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.0) -> bytes:
-        """The label map as a palette PNG, or the overlay on ``image``, encoded in a worker thread."""
-        if image is None:
-            return await anyio.to_thread.run_sync(transforms.palette_png, labels, self.meta.palette)
-        return await anyio.to_thread.run_sync(
-            lambda: transforms.encode_png(transforms.overlay(image, labels, self.meta.palette, alpha)))
+    def _png(self, image: np.ndarray, labels: np.ndarray) -> bytes:
+        """The label map as a palette PNG (an ``answer`` of _segment)."""
+        return transforms.palette_png(labels, self.meta.palette)
 
     @bentoml.api
     async def segment(self, ctx: bentoml.Context) -> Annotated[Path, ContentType("image/png")]:
         """The label map as a palette PNG at the image's size: pixel value = class id, colours = palette."""
         try:
-            _, labels, batch_size = await self._segment(ctx.request.state.agmm_upload.data)
+            png, batch_size = await self._segment(ctx.request.state.agmm_upload.data, self._png)
         except Refusal as refusal:
             return refusal.response("/segment", ctx)
-        return Response(await self._png(labels), media_type="image/png",
-                        headers={"X-AGMM-Batch-Size": str(batch_size)})
+        return Response(png, media_type="image/png", headers={"X-AGMM-Batch-Size": str(batch_size)})
 
     @bentoml.api
     async def segment_json(self, ctx: bentoml.Context) -> ClassFractions:
         """Per-class pixel fractions of the predicted label map (they sum to 1)."""
         try:
-            _, labels, batch_size = await self._segment(ctx.request.state.agmm_upload.data)
+            (fractions, (h, w)), batch_size = await self._segment(
+                ctx.request.state.agmm_upload.data,
+                lambda image, labels: (_fractions(labels, self.meta.num_classes), labels.shape))
         except Refusal as refusal:
             return refusal.response("/segment_json", ctx)
-        counts = np.bincount(labels.ravel(), minlength=self.meta.num_classes)
         classes = list(self.meta.classes)
-        return ClassFractions(classes=classes, fractions=dict(zip(classes, (counts / labels.size).tolist())),
-                              height=labels.shape[0], width=labels.shape[1], batch_size=batch_size)
+        return ClassFractions(classes=classes, fractions=dict(zip(classes, fractions.tolist())), height=h, width=w,
+                              batch_size=batch_size)
 
     @bentoml.api
     async def overlay(self, ctx: bentoml.Context) -> Annotated[Path, ContentType("image/png")]:
         """The image blended with its predicted class colours (``alpha`` = weight of the colours), PNG."""
         upload = ctx.request.state.agmm_upload
         try:
-            image, labels, batch_size = await self._segment(upload.data)
+            png, batch_size = await self._segment(upload.data, lambda image, labels: transforms.encode_png(
+                transforms.overlay(image, labels, self.meta.palette, upload.alpha)))
         except Refusal as refusal:
             return refusal.response("/overlay", ctx)
-        return Response(await self._png(labels, image, upload.alpha), media_type="image/png",
-                        headers={"X-AGMM-Batch-Size": str(batch_size)})
+        return Response(png, media_type="image/png", headers={"X-AGMM-Batch-Size": str(batch_size)})
 
     @bentoml.api
     async def segment_batch(self, ctx: bentoml.Context) -> list[ImageResult]:
@@ -529,16 +575,19 @@ class AgmmSegmenter:
                 data = base64.b64decode(text, validate=True)
             except binascii.Error as err:
                 return ImageResult(error=f"image {index} is not valid base64 ({err})")
+            def answer(image: np.ndarray, labels: np.ndarray) -> ImageResult:
+                return ImageResult(height=labels.shape[0], width=labels.shape[1],
+                                   fractions=_fractions(labels, self.meta.num_classes).tolist(),
+                                   mask_png=base64.b64encode(self._png(image, labels)).decode("ascii"))
+
             try:
-                _, labels, batch_size = await self._segment(data, name=f"image {index}")
+                result, batch_size = await self._segment(data, answer, name=f"image {index}")
             except Refusal as refusal:
                 if refusal.status >= 500:
                     raise
                 return ImageResult(error=refusal.message)
-            counts = np.bincount(labels.ravel(), minlength=self.meta.num_classes)
-            png = await self._png(labels)
-            return ImageResult(height=labels.shape[0], width=labels.shape[1], fractions=(counts / labels.size).tolist(),
-                               mask_png=base64.b64encode(png).decode("ascii"), batch_size=batch_size)
+            result.batch_size = batch_size
+            return result
 
         tasks = [asyncio.ensure_future(one(i, text)) for i, text in enumerate(ctx.request.state.agmm_upload.images)]
         try:
@@ -560,9 +609,13 @@ class AgmmSegmenter:
             "std": list(self.meta.std),
             "dataset": self.meta.dataset,
             "backend": self.runner.backend,
-            "precision": self.runner.precision,
+            "precision": self.runner.precision,  # what the artifact's metadata says
+            "precision_used": self.runner.precision_used(),  # what the runtime computes in, e.g. fp32,tf32=on
             "device": str(self.runner.device),
             "model": self.runner.path.name,
+            "model_folder": None if self.choice.folder is None else str(self.choice.folder),
+            "chosen_by": self.choice.chosen_by,
+            "other_artifacts": list(self.choice.others),
             "max_batch_size": self.batcher.max_batch_size,
             "max_latency_ms": round(self.batcher.max_latency_s * 1000),
             "batch_wait_ms": round(self.batcher.wait_s * 1000, 1),

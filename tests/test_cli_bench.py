@@ -59,3 +59,24 @@ def test_gpu_floors_come_from_the_known_peaks():
     on = Row("pytorch-cuda", "pt", "fp32", 1, 1.0, 1.0, 1, device="cuda", precision_used="fp32,tf32=on")
     off = Row("pytorch-cuda", "pt", "fp32", 1, 1.0, 1.0, 1, device="cuda", precision_used="fp32,tf32=off")
     assert (floor_precision(on), floor_precision(off)) == ("tf32", "fp32")
+
+
+def test_timing_check_times_one_runner_both_ways_and_splits_end_to_end(capsys):
+    # benchmarks/bench_timing_check.py on a tiny ONNX model: agmm-bench's functions and the direct loop both ran
+    # on the same runner; PASS or FAIL is a timing, so only that a verdict was given is asserted.
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_timing_check.py"
+    spec = importlib.util.spec_from_file_location("bench_timing_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    code = check.main(["--backbone", "resnet18", "--height", "32", "--width", "64", "--device", "cpu",
+                       "--iters", "3", "--samples", "3"])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "direct: session.run" in out
+    fresh, steady = (line for line in out.splitlines() if line.startswith("compute,"))
+    assert "3 calls" in fresh and "3 agmm-bench samples interleaved with 3 direct calls" in steady
+    assert all(re.search(r"\d\.\d{3} (PASS|FAIL)", line) for line in (fresh, steady))  # ratio and verdict
+    assert "upload + normalise" in out and "run on it (channels_last)" in out and "argmax + download" in out

@@ -107,6 +107,8 @@ def test_evaluate_cli_on_a_checkpoint_writes_table_pngs_and_json(tmp_path, tiny_
     printed = capsys.readouterr().out
     assert result.mode == "sliding" and result.images == 3 and result.classes == SYNTHETIC_CLASSES
     assert "| disk |" in printed and f"mIoU {result.miou:.2f}" in printed
+    if not torch.cuda.is_available():  # the default --amp auto / --memory-format auto, resolved and logged
+        assert "precision none (fp32, no autocast), memory format contiguous on cpu" in printed
     pngs = sorted((tmp_path / "preds").glob("*.png"))
     assert [p.name for p in pngs] == ["val_00000.png", "val_00001.png", "val_00002.png"]
     png = Image.open(pngs[0])
@@ -171,3 +173,31 @@ def test_cityscapes_predictions_go_to_the_official_evaluation_and_score_as_ours(
     assert f"official mIoU {official.miou:.2f} over 3 images" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--png-ids official: PASCAL VOC has no official ids"):
         evaluate_cli.main([str(ckpt), "--data-root", str(root), "--dataset", "pascal", "--png-ids", "official"])
+
+
+def test_precision_follows_training_defaults_on_the_cpu():
+    cpu = torch.device("cpu")
+    assert evaluate_cli.resolve_precision("auto", "auto", cpu) == evaluate_cli.EvalPrecision("none", "contiguous")
+    assert evaluate_cli.resolve_precision("none", "channels_last", cpu).memory_format == "channels_last"  # kept
+    with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device"):
+        evaluate_cli.resolve_precision("fp16", "auto", cpu)
+    with pytest.raises(ValueError, match=r"got amp='fp8'.*expected amp in"):
+        evaluate_cli.resolve_precision("fp8", "auto", cpu)
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, ("bf16", "channels_last")), (False, ("none", "channels_last"))])
+def test_precision_auto_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch, bf16, expected):
+    # The rule itself, on this CPU-only machine: only torch's bf16 query is answered for a GPU that is not here.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    resolved = evaluate_cli.resolve_precision("auto", "auto", torch.device("cuda"))
+    assert (resolved.amp, resolved.memory_format) == expected
+
+
+@pytest.mark.gpu
+def test_precision_auto_on_this_gpu_matches_training():
+    from training.config import resolve_for_device
+
+    resolved = evaluate_cli.resolve_precision("auto", "auto", torch.device("cuda"))
+    assert resolved.amp == ("bf16" if torch.cuda.is_bf16_supported() else "none")
+    assert resolved.memory_format == "channels_last"
+    assert resolve_for_device(resolved, torch.device("cuda")) == resolved  # nothing left to resolve

@@ -75,13 +75,63 @@ def test_miou_per_backend_and_delta_with_labels(tmp_path):
 
 
 def test_gate_overrides():
-    assert gates_for("fp32") == DEFAULT_GATES["fp32"]
+    assert gates_for("fp32") == DEFAULT_GATES["fp32"] and DEFAULT_GATES["fp32"].atol_rel == 1e-5
     tight = gates_for("fp16", atol=0.0)
-    assert tight.atol == 0.0 and tight.rtol == 0.0 and tight.min_agreement == 0.99
+    assert tight.atol == 0.0 and tight.rtol == 0.0 and tight.min_agreement == 0.99 and not tight.atol_rel
+    # --atol / --rtol ask for numpy's allclose: the scale term drops out unless it is given as well
+    assert gates_for("fp32", atol=1e-3) == Gates(rtol=1e-3, atol=1e-3, atol_rel=0.0, min_agreement=0.999,
+                                                 max_miou_delta=0.1)
+    assert gates_for("fp32", rtol=1e-2).atol_rel == 0.0 and gates_for("fp32", rtol=0, atol_rel=2e-5).atol_rel == 2e-5
     assert gates_for("fp32", min_agreement=1.0).min_agreement == 1.0
     assert Gates().override(max_miou_delta=None) == Gates()
     with pytest.raises(ValueError, match="precision='fp8' has no parity gates"):
         gates_for("fp8")
+
+
+def test_fp32_tolerance_scales_with_each_images_largest_logit(tmp_path):
+    """A 3e-3 error at a logit near 0 is fp32 rounding in a map whose logits reach ~1000, but not in one whose
+    logits reach ~10: the scale term is per image, and --atol alone brings back plain allclose."""
+    images, logits = _data(2)
+    logits[0] *= 100  # image 0: logits up to ~|1000|; image 1 stays at ~|10|
+    small = np.unravel_index(np.abs(logits[0]).argmin(), logits[0].shape)
+    shifted = logits.copy()
+    shifted[0][small] += 3e-3  # under 1e-4 + 1e-5 * ~1000 (plus rtol * ~0)
+    result = check_parity(ArrayRunner(logits), [ArrayRunner(shifted, "onnxruntime-cpu")], images)
+    (b,) = result.backends
+    assert b.passed and b.allclose and 0.1 < b.tolerance_used <= 1, result.table()
+    assert "0.0001 + 1e-05 * max|ref| of the image + 0.001 * |ref|" in result.table()
+    data = json.loads(result.write_json(tmp_path / "parity.json").read_text())
+    assert data["backends"][0]["gates"]["atol_rel"] == 1e-5 and data["reference_abs_max"] > 200
+    assert data["backends"][0]["tolerance_used"] == pytest.approx(b.tolerance_used)
+
+    plain = check_parity(ArrayRunner(logits), [ArrayRunner(shifted, "onnxruntime-cpu")], images,
+                         gates={"fp32": gates_for("fp32", atol=1e-4)})
+    assert not plain.passed and plain.backends[0].tolerance_used > 2
+    assert "logits not allclose (rtol=0.001, atol=0.0001); max|diff| = 3.000e-03" in plain.backends[0].failures[0]
+
+    shifted = logits.copy()
+    small = np.unravel_index(np.abs(logits[1]).argmin(), logits[1].shape)
+    shifted[1][small] += 3e-3  # the same error in the image whose logits reach only ~|10|
+    result = check_parity(ArrayRunner(logits), [ArrayRunner(shifted, "onnxruntime-cpu")], images)
+    (b,) = result.backends
+    assert not b.passed and b.allclose is False and b.tolerance_used > 2
+    assert "atol_rel=1e-05 of max|ref| per image" in b.failures[0] and "the tolerance at the worst logit" in \
+        b.failures[0]
+
+
+def test_zero_tolerance_means_equality_and_stays_strict_json(tmp_path):
+    images, logits = _data(2)
+    shifted = logits.copy()
+    shifted[0, 0, 0, 0] += 1e-6
+    result = check_parity(ArrayRunner(logits), [ArrayRunner(shifted, "onnxruntime-cpu"),
+                                                ArrayRunner(logits, "onnxruntime-cpu")], images,
+                          gates={"fp32": gates_for("fp32", atol=0, rtol=0)})
+    differs, same = result.backends
+    assert not differs.passed and differs.tolerance_used is None and "inf x the tolerance" in differs.failures[0]
+    assert "logits not allclose (rtol=0, atol=0); " in differs.failures[0]
+    assert same.passed and same.tolerance_used == 0
+    assert "NO (inf)" in result.table()
+    json.loads(result.write_json(tmp_path / "parity.json").read_text())
 
 
 def test_labels_without_class_pixels_leave_the_miou_unchecked(tmp_path):
@@ -120,3 +170,63 @@ def test_load_parity_images_layout(tmp_path):
         load_parity_images(tmp_path, META, (8, 8))
     with pytest.raises(FileNotFoundError, match="holds no images"):
         load_parity_images(tmp_path / "labels" / "nowhere", META, (8, 8))
+
+
+# ---------------------------------------------------------------- a real fp32 export at a large logit scale
+
+@pytest.fixture(scope="module")
+def large_logit_export(tmp_path_factory):
+    """A ResNet-18 DeepLabV3+ whose classifier is scaled so its logits reach ~|400| (what a briefly trained R50
+    reaches), exported to ONNX: (PyTorch reference runner, model.onnx, normalised images)."""
+    import torch
+
+    from agmm_deploy.export.onnx import export_onnx
+    from agmm_deploy.model import DeepLabV3Plus, ModelConfig
+    from agmm_deploy.runtime.pytorch import TorchRunner
+    from agmm_deploy.transforms import normalize
+
+    meta = ModelMeta.for_dataset("cityscapes", (64, 64))
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(ModelConfig(backbone="resnet18", num_classes=19))
+    images = normalize(generated_images(meta, 4, (64, 64)), meta.mean, meta.std)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))  # training-mode pass: non-trivial BN statistics
+        model.eval()
+        scale = 400 / model(torch.from_numpy(images)).abs().max()
+        model.classifier.weight.mul_(scale)
+        model.classifier.bias.mul_(scale)
+    path = tmp_path_factory.mktemp("large") / "model.onnx"
+    export_onnx(model, meta, path, height=64, width=64)
+    return TorchRunner(path, "cpu", model=model, meta=meta), path, images
+
+
+def test_a_real_fp32_export_passes_at_large_logits(large_logit_export, tmp_path):
+    """ONNX Runtime sums fp32 convolutions in another order than PyTorch: its errors follow the logits' scale."""
+    from agmm_deploy.export.parity import check_artifacts
+
+    reference, path, images = large_logit_export
+    result = check_artifacts(reference, [path], images, device="cpu", batch_size=2)
+    (b,) = result.backends
+    assert result.reference_abs_max == pytest.approx(400, rel=0.01)
+    assert result.passed and b.allclose and b.argmax_agreement == 1, result.table()
+    assert 0 < b.tolerance_used <= 1 and b.max_abs_diff > 0
+
+
+def test_an_export_with_its_classifier_rounded_to_fp16_fails_the_fp32_gate(large_logit_export, tmp_path):
+    """A wrong export that argmax agreement alone may not see: allclose must."""
+    import onnx
+    from onnx import numpy_helper
+
+    from agmm_deploy.export.parity import check_artifacts
+
+    reference, path, images = large_logit_export
+    model = onnx.load(str(path))
+    (weight,) = [init for init in model.graph.initializer if init.name == "classifier.weight"]
+    rounded = numpy_helper.to_array(weight).astype(np.float16).astype(np.float32)
+    weight.CopyFrom(numpy_helper.from_array(rounded, weight.name))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    result = check_artifacts(reference, [tmp_path / "model.onnx"], images, device="cpu", batch_size=2)
+    (b,) = result.backends
+    assert not result.passed and b.allclose is False and b.tolerance_used > 2, result.table()
+    assert b.failures[0].startswith("logits not allclose (rtol=0.001, atol=0.0001, atol_rel=1e-05 of max|ref| "
+                                    "per image)")

@@ -531,3 +531,137 @@ def test_bentoml_build_makes_a_bento_that_bentoml_serve_serves(tiny_model, tmp_p
         assert _mask(_post_image(url, _encode(_rgb(40, 50), "PNG"))).size == (50, 40)
     finally:
         stop_server(process)
+
+
+# ---------------------------------------------------------------- issue 10: which artifact a model folder serves
+
+@pytest.fixture(scope="module")
+def model_folder(tiny_model, tmp_path_factory) -> Path:
+    """An export folder as agmm-export leaves it: model.onnx, model.int8.onnx (ONNX Runtime), model.int8.xml + .bin
+    (OpenVINO, where installed), parity.json, and an artifact that missed its gates (model.bad.onnx.failed)."""
+    import importlib.util
+    import shutil
+
+    from agmm_deploy.export.parity import generated_images, set_aside
+    from agmm_deploy.export.precision import convert_precision
+    from agmm_deploy.transforms import normalize
+
+    folder = tmp_path_factory.mktemp("export")
+    shutil.copy(tiny_model, folder / "model.onnx")
+    meta = ModelMeta.for_dataset("pascal", (SIZE, SIZE))
+    calib = normalize(generated_images(meta, 2, (SIZE, SIZE)), meta.mean, meta.std)
+    convert_precision(folder / "model.onnx", folder / "model.int8.onnx", "int8", calib, runtime="onnxruntime")
+    if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
+        convert_precision(folder / "model.onnx", folder / "model.int8.xml", "int8", calib, runtime="openvino")
+    shutil.copy(folder / "model.int8.onnx", folder / "model.bad.onnx")
+    set_aside([folder / "model.bad.onnx"])
+    (folder / "parity.json").write_text('{"passed": false}\n')
+    return folder
+
+
+def _choose(monkeypatch, **env: str):
+    from serving.service import choose_model
+
+    for name in ("AGMM_MODEL", "AGMM_BENTO_MODEL", "AGMM_PRECISION", "AGMM_MODEL_FILE", "AGMM_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return choose_model()
+
+
+def test_a_model_folder_serves_its_fp32_artifact_unless_told_otherwise(model_folder, monkeypatch):
+    has_openvino = (model_folder / "model.int8.xml").is_file()
+    choice = _choose(monkeypatch, AGMM_MODEL=str(model_folder))
+    assert (choice.path.name, choice.chosen_by, choice.folder) == ("model.onnx", "the default (fp32)", model_folder)
+    # The others, each with the setting that serves it: the first int8 by precision, the second by its name.
+    int8_onnx = "model.int8.onnx (int8, onnxruntime, cpu) -> " + (
+        "AGMM_MODEL_FILE=model.int8.onnx" if has_openvino else "AGMM_PRECISION=int8")
+    assert int8_onnx in choice.others
+    assert "model.bad.onnx.failed (missed its parity gates; never served)" in choice.others
+    if has_openvino:
+        assert "model.int8.xml (int8, openvino, cpu) -> AGMM_PRECISION=int8" in choice.others
+
+    int8 = _choose(monkeypatch, AGMM_MODEL=str(model_folder), AGMM_PRECISION="int8")
+    assert int8.path.name == ("model.int8.xml" if has_openvino else "model.int8.onnx")
+    assert int8.chosen_by == "AGMM_PRECISION=int8"
+    assert "model.onnx (fp32, onnxruntime, any) -> no setting (the default)" in int8.others
+    named = _choose(monkeypatch, AGMM_MODEL=str(model_folder), AGMM_MODEL_FILE="model.int8.onnx", AGMM_PRECISION="int8")
+    assert (named.path.name, named.chosen_by) == ("model.int8.onnx", "AGMM_MODEL_FILE=model.int8.onnx")
+    alone = _choose(monkeypatch, AGMM_MODEL=str(model_folder / "model.int8.onnx"), AGMM_PRECISION="int8")
+    assert (alone.path.name, alone.chosen_by, alone.folder) == ("model.int8.onnx", "AGMM_MODEL", None)
+
+
+@pytest.mark.parametrize("env,error,sentence", [
+    ({"AGMM_PRECISION": "fp16"}, FileNotFoundError, "AGMM_PRECISION=fp16, but it holds no fp16 artifact in "),
+    ({"AGMM_MODEL_FILE": "model.bad.onnx.failed"}, FileNotFoundError,
+     "AGMM_MODEL_FILE=model.bad.onnx.failed is not a servable file of {folder} (it missed its parity gates)"),
+    ({"AGMM_MODEL_FILE": "model.int8.onnx", "AGMM_PRECISION": "fp32"}, ValueError,
+     "AGMM_MODEL_FILE=model.int8.onnx is int8, not AGMM_PRECISION=fp32; unset one of them"),
+    ({"AGMM_MODEL_FILE": "model.int8.onnx", "AGMM_MODEL": "{folder}/model.onnx"}, ValueError,
+     "AGMM_MODEL_FILE=model.int8.onnx picks a file within a model folder, but AGMM_MODEL={folder}/model.onnx"),
+    ({"AGMM_PRECISION": "fp32", "AGMM_MODEL": "{folder}/model.int8.onnx"}, ValueError,
+     "AGMM_MODEL={folder}/model.int8.onnx is int8, not AGMM_PRECISION=fp32"),
+])
+def test_a_choice_the_folder_cannot_meet_is_refused_with_its_choices(model_folder, monkeypatch, env, error, sentence):
+    env = {"AGMM_MODEL": str(model_folder), **{k: v.format(folder=model_folder) for k, v in env.items()}}
+    with pytest.raises(error) as raised:
+        _choose(monkeypatch, **env)
+    message = str(raised.value)
+    assert sentence.format(folder=model_folder) in message, message
+    if env["AGMM_MODEL"] == str(model_folder):
+        assert "model.int8.onnx (int8, onnxruntime, cpu) -> AGMM_" in message  # the choices, listed
+
+
+def test_a_folder_without_fp32_is_never_served_at_another_precision_unasked(model_folder, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(model_folder / "model.int8.onnx", tmp_path / "model.int8.onnx")
+    with pytest.raises(FileNotFoundError, match=r"no AGMM_PRECISION \(the default is fp32\), but it holds no fp32 "
+                                                r"artifact in .*model.int8.onnx \(int8, onnxruntime, cpu\) -> "
+                                                r"AGMM_PRECISION=int8"):
+        _choose(monkeypatch, AGMM_MODEL=str(tmp_path))
+    assert _choose(monkeypatch, AGMM_MODEL=str(tmp_path), AGMM_PRECISION="int8").path.name == "model.int8.onnx"
+
+
+def test_saving_something_that_is_no_export_folder_exits_2_with_a_sentence(model_folder, tmp_path, capsys):
+    from serving.artifacts import main
+
+    assert main([str(model_folder / "model.onnx"), "--name", "x"]) == 2
+    assert "model.onnx is not a folder; expected the agmm-export --out folder" in capsys.readouterr().err
+    assert main([str(tmp_path), "--name", "x"]) == 2  # empty: refused before the store is touched
+    assert f"{tmp_path} holds no artifact to serve" in capsys.readouterr().err
+
+
+def test_bentoml_serve_refuses_to_start_on_a_choice_the_folder_cannot_meet(model_folder, tmp_path):
+    result = subprocess.run(serve_command(free_port()), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=_serve_env(tmp_path, AGMM_MODEL=str(model_folder), AGMM_PRECISION="fp16"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"AGMM_PRECISION=fp16, but it holds no fp16 artifact in {model_folder}; it holds: "
+                           "model.onnx (fp32, onnxruntime, any) -> no setting (the default); "), result.stderr[-2000:]
+
+
+def test_an_export_folder_goes_into_the_store_with_every_precision_and_serves_the_one_asked(model_folder, tmp_path):
+    """python -m serving.artifacts copies the artifacts, their companions and parity.json (not the .failed file);
+    `bentoml serve` of the entry runs the int8 model asked for, says so on /info and lists the others in its log."""
+    from serving.launch import serving
+
+    result = subprocess.run([sys.executable, "-m", "serving.artifacts", str(model_folder), "--name", "agmm-tiny"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=_serve_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "AGMM_BENTO_MODEL=agmm-tiny:" in result.stdout and "AGMM_PRECISION=int8" in result.stdout
+    (entry,) = (tmp_path / "bentoml" / "models" / "agmm-tiny").glob("*/model.yaml")
+    expected = sorted(p.name for p in model_folder.iterdir() if not p.name.endswith(".failed"))
+    assert sorted(p.name for p in entry.parent.iterdir() if p.name != "model.yaml") == expected
+    has_openvino = "model.int8.bin" in expected
+
+    with serving(None, tmp_path, timeout_s=120, AGMM_BENTO_MODEL="agmm-tiny:latest", AGMM_PRECISION="int8") as url:
+        info = requests.get(f"{url}/info", timeout=30).json()
+        assert (info["precision"], info["chosen_by"]) == ("int8", "AGMM_PRECISION=int8")
+        assert info["model"] == ("model.int8.xml" if has_openvino else "model.int8.onnx")
+        assert info["backend"] == ("openvino-cpu" if has_openvino else "onnxruntime-cpu") and info["device"] == "cpu"
+        assert any(line.startswith("model.onnx (fp32, onnxruntime, any) -> ") for line in info["other_artifacts"])
+        assert _mask(_post_image(url, _encode(_rgb(40, 50), "PNG"))).size == (50, 40)
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+    assert "(chosen by AGMM_PRECISION=int8)" in log
+    assert "other artifacts in" in log and "model.onnx (fp32, onnxruntime, any) -> no setting (the default)" in log

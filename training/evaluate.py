@@ -5,7 +5,10 @@
     torchrun --nproc-per-node 4 -m training.evaluate runs/city/best.pt --data-root ... --mode sliding
 
 The data set, classes and crop size come from the checkpoint; a raw official state dict needs --dataset,
---backbone and --num-classes. Prints the per-class IoU table and the mIoU (confusion matrix summed over ranks).
+--backbone and --num-classes. Precision and memory layout follow training's defaults (``--amp auto``: bf16
+autocast on a CUDA GPU that supports it, fp32 elsewhere; ``--memory-format auto``: channels_last on CUDA), so a
+model is evaluated the way its training run evaluated it; ``--amp none --memory-format contiguous`` is exact fp32.
+Prints the per-class IoU table and the mIoU (confusion matrix summed over ranks).
 Usage and data errors end with one sentence on stderr and exit code 2.
 """
 
@@ -27,6 +30,8 @@ from training.data import SegmentationDataset
 from training.distributed import DistInfo, cleanup_distributed, init_distributed
 from training.engine import EVAL_MODE_TEXT, EVAL_MODES, evaluate
 from training.cli import run_cli
+from training.config import AMP_MODES, MEMORY_FORMATS, resolve_for_device
+from training.run import AMP_DTYPES, MEMORY_FORMAT_OF, PRECISION_TEXT
 
 
 # What --save-png writes: class indices (palette PNG) or the data set's official ids (DataFormat.official_ids).
@@ -43,6 +48,25 @@ class EvalResult:
     classes: tuple[str, ...]
     mode: str
     images: int
+
+
+@dataclass(frozen=True)
+class EvalPrecision:
+    """How the network runs: ``amp`` (auto | none | bf16 | fp16) and ``memory_format`` (auto | channels_last |
+    contiguous), ``auto`` until resolve_precision picks the device's choice."""
+
+    amp: str = "auto"
+    memory_format: str = "auto"
+
+
+def resolve_precision(amp: str, memory_format: str, device: torch.device) -> EvalPrecision:
+    """``auto`` replaced by what training runs on ``device`` (training.config.resolve_for_device, the one rule for
+    both): bf16 + channels_last on a CUDA GPU with bf16, none + channels_last on an older one, none + contiguous on
+    the CPU. An explicit --amp bf16|fp16 is checked there: refused on the CPU, and bf16 on a GPU without it."""
+    if amp not in AMP_MODES or memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"got amp={amp!r}, memory_format={memory_format!r}; expected amp in {AMP_MODES} and "
+                         f"memory_format in {MEMORY_FORMATS}")
+    return resolve_for_device(EvalPrecision(amp, memory_format), device)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,7 +87,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "set's official evaluation (Cityscapes labelIds, for python -m training.cityscapes_eval)")
     p.add_argument("--json", dest="json_path", type=Path, help="write the result as JSON to this file")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="auto (default, as training): bf16 autocast on a CUDA GPU that supports it, none (exact "
+                        "fp32) elsewhere")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
+                   help="auto (default, as training): channels_last on CUDA, contiguous on the CPU")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--backbone", help="raw state dicts only: resnet50, resnet101, ...")
     p.add_argument("--num-classes", type=int, help="raw state dicts only")
@@ -83,9 +111,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
                         dataset: str | None = None, mode: str | None = None, crop_size: int | None = None,
                         val_list: str | Path | None = None, max_images: int | None = None,
                         save_png: Path | None = None, png_ids: str = "class", json_path: Path | None = None,
-                        amp: str = "none",
-                        workers: int = 2, backbone: str | None = None,
-                        num_classes: int | None = None) -> EvalResult:
+                        amp: str = "auto", memory_format: str = "auto", workers: int = 2,
+                        backbone: str | None = None, num_classes: int | None = None) -> EvalResult:
     """mIoU of a checkpoint on the validation split of ``data_root`` (this rank's shard, matrix summed over ranks).
 
     Args:
@@ -97,6 +124,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
         save_png, json_path: optional outputs, written by the main process; predictions are named after their
             image (``<image stem>.png``, a name the official Cityscapes evaluation matches).
         png_ids: ``class`` (indices, palette) or ``official`` (the data format's ``official_ids``).
+        amp, memory_format: as training.run's flags, ``auto`` resolved for the device by resolve_precision.
     Returns:
         EvalResult; raises ValueError when the validation labels hold no labelled pixel (no mIoU exists).
     """
@@ -114,9 +142,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
                          "--png-ids class")
     mode = mode or data.eval_mode
     crop = crop_size or meta.input_size[0]
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    if amp_dtype is not None and dist_info.device.type != "cuda":
-        raise ValueError(f"--amp {amp} needs a CUDA device; this run is on {dist_info.device}. Use --amp none.")
+    precision = resolve_precision(amp, memory_format, dist_info.device)
     if val_list is not None and "val_list" not in {flag.name for flag in data.flags}:
         raise ValueError(f"--val-list is not used by --dataset {dataset} (its layout: {data.layout}); remove it")
     samples = data.val_samples(Path(data_root), {"val_list": val_list})
@@ -125,9 +151,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, dist_i
     val_set = SegmentationDataset(samples, meta.num_classes, train=False, mean=meta.mean, std=meta.std)
     shard = list(range(len(val_set)))[:max_images][dist_info.rank::dist_info.world_size]
     loader = DataLoader(Subset(val_set, shard), batch_size=1, num_workers=workers)
-    net = loaded.model.to(dist_info.device)
+    # channels_last on the network's weights is enough: convolutions then return channels_last outputs.
+    net = loaded.model.to(dist_info.device, memory_format=MEMORY_FORMAT_OF[precision.memory_format])
+    if dist_info.is_main:
+        print(f"precision {precision.amp} ({PRECISION_TEXT[precision.amp]}), memory format "
+              f"{precision.memory_format} on {dist_info.device}", flush=True)
     matrix = evaluate(net, loader, device=dist_info.device, num_classes=meta.num_classes, mode=mode, crop_size=crop,
-                      amp_dtype=amp_dtype, is_main=dist_info.is_main, save_dir=save_png, palette=meta.palette,
+                      amp_dtype=AMP_DTYPES[precision.amp], is_main=dist_info.is_main, save_dir=save_png,
+                      palette=meta.palette,
                       name_of=lambda index: f"{samples[index].image.stem}.png",
                       official_ids=data.official_ids if png_ids == "official" else None)
     images = len(val_set) if max_images is None else min(len(val_set), max_images)

@@ -65,8 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parity.add_argument("--parity-batch", type=positive_int, default=None, help="batch size of the parity runs "
                         "(default: 2 with a dynamic batch, so the symbolic dimension is exercised)")
     parity.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
-    parity.add_argument("--atol", type=float, default=None, help="override the logits atol gate")
-    parity.add_argument("--rtol", type=float, default=None, help="override the logits rtol gate")
+    parity.add_argument("--atol", type=float, default=None,
+                        help="absolute logits tolerance: with --atol or --rtol the gate is numpy's allclose, "
+                             "|diff| <= atol + rtol*|ref| (fp32's default adds 1e-5 * the image's max|ref|)")
+    parity.add_argument("--rtol", type=float, default=None,
+                        help="relative logits tolerance, per element (see --atol)")
     parity.add_argument("--min-agreement", type=float, default=None,
                         help="override the argmax agreement gate (a fraction, e.g. 0.999)")
     parity.add_argument("--max-miou-delta", type=float, default=None, help="override the mIoU delta gate (points)")
