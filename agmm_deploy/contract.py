@@ -215,6 +215,57 @@ def read_openvino_metadata(path: str | Path) -> tuple[ModelMeta, dict[str, Any]]
     return split_fields(json.loads(node.get("value")), str(path))
 
 
+# AOTInductor package (.pt2, a zip): the metadata is one JSON string under this key of the package's own
+# metadata (inductor config ``aot_inductor.metadata``). AOTInductor compiles it into the shared library, where
+# ``AOTICompiledModel.get_metadata()`` returns it, and also writes it as ``<hash>.wrapper_metadata.json`` into
+# the zip, where it can be read without loading (or being able to load) the library: e.g. a CUDA package on a
+# CPU-only machine still says what it is. No sidecar: the package travels as one file.
+AOTI_METADATA_KEY = "agmm_deploy"
+AOTI_METADATA_SUFFIX = "wrapper_metadata.json"
+
+
+def aoti_metadata_config(meta: ModelMeta, **fields: Any) -> dict[str, str]:
+    """The ``aot_inductor.metadata`` inductor config carrying the metadata (AOTInductor takes str -> str)."""
+    return {AOTI_METADATA_KEY: json.dumps(metadata_fields(meta, **fields))}
+
+
+def read_aoti_package_metadata(path: str | Path) -> dict[str, str]:
+    """AOTInductor's own metadata of a .pt2 package (str -> str: AOTI_DEVICE_KEY, AOTI_CPU_ISA, ... and ours),
+    read from the zip without loading the compiled library."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"AOTInductor package {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(AOTI_METADATA_SUFFIX)]
+            if not names:
+                raise ValueError(f"{path} is a zip archive but no AOTInductor package (it has no "
+                                 f"*{AOTI_METADATA_SUFFIX}); export it with agmm-export --runtime aoti")
+            return json.loads(archive.read(names[0]))
+    except (zipfile.BadZipFile, OSError) as err:
+        size = path.stat().st_size
+        raise ValueError(f"{path} ({size} bytes) is not an AOTInductor package: not a readable zip archive "
+                         f"({err}); it is empty, truncated or another format. Re-export it with agmm-export "
+                         "--runtime aoti") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its AOTInductor metadata is not valid JSON ({err}); re-export it") from None
+
+
+def read_aoti_metadata(path: str | Path) -> tuple[ModelMeta, dict[str, Any]]:
+    """Reads the metadata of an AOTInductor .pt2 package written by export_aoti, without loading it.
+
+    Returns:
+        (ModelMeta, dict of the other fields: precision, device, channels_last, versions, ...).
+    """
+    package = read_aoti_package_metadata(path)
+    if AOTI_METADATA_KEY not in package:
+        raise ValueError(f"{path} carries no agmm-deploy metadata (AOTInductor metadata key "
+                         f"{AOTI_METADATA_KEY!r}); export it with agmm-export --runtime aoti")
+    return split_fields(json.loads(package[AOTI_METADATA_KEY]), str(path))
+
+
 def companion_files(path: str | Path) -> list[Path]:
     """The files that travel with an artifact and exist: an engine's JSON sidecar, an IR's .bin weights."""
     path = Path(path)

@@ -89,7 +89,7 @@ def test_int8_is_qdq_with_per_channel_weights_and_runs_on_the_cpu(model_dir, tmp
 
 
 def test_unknown_precisions_and_missing_calibration_are_refused(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="precision 'bf16' has no onnxruntime artifact; it has openvino"):
+    with pytest.raises(ValueError, match="precision 'bf16' has no onnxruntime artifact; it has aoti, openvino"):
         get_precision("bf16", "onnxruntime")
     with pytest.raises(ValueError, match="int8 needs calibration images"):
         convert_precision(model_dir / "model.onnx", tmp_path / "m.onnx", "int8", runtime="onnxruntime")

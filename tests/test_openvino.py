@@ -77,7 +77,7 @@ def _export(model_dir: Path, out: Path, *extra: str) -> int:
 def test_int8_is_the_openvino_row_by_default_and_onnxruntime_on_request():
     assert (get_precision("int8").runtime, get_precision("int8").file_name) == ("openvino", "model.int8.xml")
     assert get_precision("int8", "onnxruntime").file_name == "model.int8.onnx"
-    with pytest.raises(ValueError, match="precision 'fp16' has no openvino artifact; it has onnxruntime"):
+    with pytest.raises(ValueError, match="precision 'fp16' has no openvino artifact; it has aoti, onnxruntime"):
         get_precision("fp16", "openvino")
     with pytest.raises(ValueError, match="precision 'fp8' is unknown; expected one of fp32, tf32, fp16, bf16, int8"):
         get_precision("fp8")
@@ -164,7 +164,7 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_refused_where_it_has_not(model_di
 
 
 def test_tf32_is_refused_on_the_cpu(model_dir, tmp_path, capsys):
-    from agmm_deploy.export.precision import export_tf32
+    from agmm_deploy.export.precision import ConvertJob, export_tf32
     from agmm_deploy.contract import read_onnx_metadata
 
     if torch.cuda.is_available():
@@ -172,8 +172,8 @@ def test_tf32_is_refused_on_the_cpu(model_dir, tmp_path, capsys):
     assert _export(model_dir, tmp_path / "tf32", "--precision", "tf32") == EXIT_USAGE
     assert "tf32 is a mode of CUDA tensor cores" in capsys.readouterr().err
     meta, fields = read_onnx_metadata(model_dir / "model.onnx")
-    export_tf32(model_dir / "model.onnx", tmp_path / "model.tf32.onnx", meta, {**fields, "precision": "tf32"},
-                None)
+    export_tf32(ConvertJob(model_dir / "model.onnx", tmp_path / "model.tf32.onnx", meta,
+                           {**fields, "precision": "tf32"}))
     with pytest.raises(ValueError, match="model.tf32.onnx is a tf32 model .* got device='cpu'"):
         load_runner(tmp_path / "model.tf32.onnx", "cpu")
 

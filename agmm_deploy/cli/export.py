@@ -2,8 +2,10 @@
 PyTorch -> parity.json.
 
 ``--precision tf32|fp16|bf16|int8`` adds a model of that precision from the precision table
-(agmm_deploy.export.precision: tf32/fp16 ONNX for onnxruntime-cuda, a bf16 or NNCF-int8 OpenVINO IR for the CPU,
-or with ``--runtime onnxruntime`` an ONNX Runtime int8 model) and, with ``--trt``, builds the engine at it.
+(agmm_deploy.export.precision: on a GPU fp16/bf16 AOTInductor packages, tf32 ONNX for onnxruntime-cuda; for the
+CPU a bf16 or NNCF-int8 OpenVINO IR, or with ``--runtime onnxruntime`` an ONNX Runtime int8 model; ``--precision
+fp32 --runtime aoti`` an fp32 AOTInductor package for the --device) and, with ``--trt``, builds the engine at it.
+The device the export targets (``--device``, auto = CUDA when available) picks between rows of one precision.
 
 Exit codes: 0 exported and every parity gate held; 1 a parity gate failed (the artifacts are renamed to
 ``<name>.failed`` so that nothing deploys them); 2 unusable checkpoint, arguments, image folders or output
@@ -38,13 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="output folder (default: <checkpoint folder>/<checkpoint stem>_export)")
     parser.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
     parser.add_argument("--precision", default="fp32", choices=precision_names(),
-                        help="tf32/fp16: also model.tf32/fp16.onnx for onnxruntime-cuda; bf16: also model.bf16.xml "
-                        "(OpenVINO, CPUs with native bf16); int8: also model.int8.xml (OpenVINO + NNCF) or "
-                        "model.int8.onnx (--runtime onnxruntime), both need --calib-images; with --trt, the "
-                        "engine's precision")
+                        help="fp16/bf16 on a GPU: also model.fp16/bf16.pt2 (AOTInductor; --runtime onnxruntime: "
+                        "model.fp16.onnx); tf32: also model.tf32.onnx for onnxruntime-cuda; bf16 for the CPU: also "
+                        "model.bf16.xml (OpenVINO, CPUs with native bf16); int8: also model.int8.xml (OpenVINO + "
+                        "NNCF) or model.int8.onnx (--runtime onnxruntime), both need --calib-images; fp32 with "
+                        "--runtime aoti: also model.fp32.pt2; with --trt, the engine's precision")
     parser.add_argument("--runtime", default=None, choices=sorted({p.runtime for p in PRECISIONS}),
                         help="which runtime's artifact to write for --precision (default: the precision's first "
-                        "row in agmm_deploy.export.precision, the faster one measured)")
+                        "row for --device in agmm_deploy.export.precision, the faster one measured)")
     parser.add_argument("--calib-images", type=Path, default=None, help="folder of images for int8 calibration")
     parser.add_argument("--calib-count", type=positive_int, default=64, help="at most this many calibration images")
     parser.add_argument("--height", type=positive_int, default=None, help="input height (default: the training crop)")
@@ -74,7 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="override the argmax agreement gate (a fraction, e.g. 0.999)")
     parity.add_argument("--max-miou-delta", type=float, default=None, help="override the mIoU delta gate (points)")
     parity.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where PyTorch and ONNX Runtime run the parity check")
+                        help="the device the export targets (picks the --precision row; what an AOTInductor "
+                        "package is compiled for) and where the parity check runs")
 
     raw = parser.add_argument_group("raw official state dicts")
     raw.add_argument("--backbone", default=None, help="e.g. resnet101")
@@ -97,6 +101,7 @@ class Job:
     loaded: Any  # agmm_deploy.checkpoint.LoadedModel
     sha256: str
     precision: Any  # the row of agmm_deploy.export.precision
+    device: str  # cpu | cuda: what the export targets
     size: tuple[int, int]
     out: Path
     calib: Any = None  # normalised float32 (N, 3, H, W) for int8 calibration
@@ -134,13 +139,15 @@ def prepare(args: argparse.Namespace) -> Job:
     from agmm_deploy.export.onnx import check_meta_matches_model
     from agmm_deploy.export.parity import generated_images, load_parity_images
     from agmm_deploy.export.tensorrt import PRECISIONS as TRT_PRECISIONS
+    from agmm_deploy.runtime import resolve_device
     from agmm_deploy.transforms import normalize
 
     try:
-        precision = get_precision(args.precision, args.runtime)
-    except ValueError as err:
+        device = resolve_device(args.device)
+        precision = get_precision(args.precision, args.runtime, device)
+    except (ValueError, RuntimeError) as err:
         raise UsageError(str(err)) from None
-    if precision.missing is not None and (reason := precision.missing()):
+    if precision.missing is not None and (reason := precision.missing(device)):
         others = [p.runtime for p in PRECISIONS if p.name == precision.name and p is not precision]
         raise UsageError(f"--precision {precision.name} ({precision.runtime}) cannot be written here: {reason}"
                          + "".join(f"; --runtime {other} writes the {other} one" for other in others))
@@ -160,7 +167,8 @@ def prepare(args: argparse.Namespace) -> Job:
     except ValueError as err:
         raise UsageError(f"{args.checkpoint}: {err}") from None
     size = (args.height or loaded.meta.input_size[0], args.width or loaded.meta.input_size[1])
-    job = Job(loaded, "", precision, size, args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export")
+    out = args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export"
+    job = Job(loaded, "", precision, device, size, out)
     # Image folders are read first, so that a wrong path fails in a second rather than after the export.
     try:
         if precision.calibrated:
@@ -236,10 +244,12 @@ def _export(args: argparse.Namespace, job: Job) -> int:
 
     if precision.convert is not None:
         step += 1
-        print(f"[{step}/{steps}] converting to {precision.name} for {precision.runtime} on {precision.device}"
+        target = job.device if precision.device == "any" else precision.device
+        print(f"[{step}/{steps}] {'compiling' if precision.runtime == 'aoti' else 'converting to'} {precision.name} "
+              f"for {precision.runtime} on {target}"
               f"{f' ({len(job.calib)} calibration images)' if precision.calibrated else ''}", flush=True)
         converted = convert_precision(exported.path, out / precision.file_name, precision.name, job.calib,
-                                      runtime=precision.runtime)
+                                      runtime=precision.runtime, model=job.loaded.model, device=job.device)
         print(f"      wrote {converted.path} ({converted.size_bytes / 1e6:.1f} MB, {converted.precision}, for "
               f"{converted.device}) in {converted.seconds:.1f} s")
         artifacts.append(converted.path)

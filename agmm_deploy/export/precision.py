@@ -1,18 +1,26 @@
 """Reduced-precision artifacts without TensorRT, one row per (precision, runtime): ask the table, never branch.
 
-Every row turns the fp32 ``model.onnx`` written by export_onnx into the artifact of its precision, with the
-metadata saying its ``precision`` and the ``device`` it targets (runners refuse another device rather than run
-it slowly, or at another precision than it says):
+Every row turns the fp32 ``model.onnx`` written by export_onnx (or, for AOTInductor, the torch model it was
+exported from, at its input size and batch dimension) into the artifact of its precision, with the metadata
+saying its ``precision`` and the ``device`` it targets (runners refuse another device rather than run it
+slowly, or at another precision than it says):
 
 =========  ===========  ======  ===============  =========================================================
 precision  runtime      device  file             how
 =========  ===========  ======  ===============  =========================================================
 fp32       onnxruntime  any     model.onnx       the exported graph itself
+fp32       aoti         any     model.fp32.pt2   AOTInductor package (torch.export, compiled ahead of time)
+                                                 for the device the export targets (--device),
+                                                 channels_last
 tf32       onnxruntime  cuda    model.tf32.onnx  the fp32 graph, run by onnxruntime-cuda with TF32 tensor
                                                  cores on (use_tf32); refused on a machine without CUDA
+fp16       aoti         cuda    model.fp16.pt2   AOTInductor package, fp16 weights and activations,
+                                                 channels_last; ASPP image pooling and classifier (so the
+                                                 final upsample) float32; float32 in and out
 fp16       onnxruntime  cuda    model.fp16.onnx  float16 weights and activations for onnxruntime-cuda;
                                                  resize, softmax and reductions stay float32; inputs
                                                  and outputs stay float32
+bf16       aoti         cuda    model.bf16.pt2   as fp16 aoti, in bfloat16
 bf16       openvino     cpu     model.bf16.xml   OpenVINO IR compiled with inference precision bf16;
                                                  refused on a CPU without native bf16 (AVX-512 BF16/AMX)
 int8       openvino     cpu     model.int8.xml   NNCF post-training quantisation on --calib-images
@@ -21,8 +29,15 @@ int8       onnxruntime  cpu     model.int8.onnx  ONNX Runtime static quantisatio
                                                  weights, uint8 activations) for onnxruntime-cpu
 =========  ===========  ======  ===============  =========================================================
 
-The first row of a precision is what ``agmm-export --precision P`` writes; ``--runtime`` picks another. int8
-defaults to OpenVINO, measured (README, precision section): DeepLabV3+ R50 trained briefly, 512x1024, batch 1,
+``agmm-export --precision P`` writes the first row of P made for the device the export targets (``--device``;
+auto = CUDA when available) that can be produced there (get_precision); ``--runtime`` picks another. So bf16
+on a GPU machine is the CUDA AOTInductor package and on a CPU the OpenVINO IR, never one quietly for the other.
+fp16 on CUDA defaults to AOTInductor on the issue's H100 figures (R50, 1024x2048, batch 1): torch.compile fp16
+channels_last 9.4 ms, eager fp16 channels_last 13.3 ms, a naive ONNX Runtime fp16 model 28 ms; AOTInductor
+compiles ahead of time what torch.compile compiles just in time. Our package is unmeasured on a GPU so far.
+fp16/bf16 AOTInductor packages are refused for the CPU (a bf16 CPU package is not offered: OpenVINO has that
+row); the fp32 package runs on the CPU too (README, precision section, for its speed there).
+int8 defaults to OpenVINO, measured (README, precision section): DeepLabV3+ R50 trained briefly, 512x1024, batch 1,
 2 AVX2 cores without VNNI, one agmm-bench run: ONNX Runtime fp32 6629 ms, ONNX Runtime int8 2867 ms (2.31x),
 OpenVINO int8 3608 ms (1.84x). ONNX Runtime's int8 is faster on that CPU, but its calibration holds every
 activation of every image in memory (2 images at 512x1024 peaked at 7.9 GiB) and, with those 2 images, it missed
@@ -165,6 +180,29 @@ def quantize_int8(onnx_path: Path, out_path: Path, calib_images: np.ndarray | No
     atomic_write(out_path, lambda f: f.write(data))
 
 
+@dataclass(frozen=True)
+class ConvertJob:
+    """What a row's convert gets: the fp32 ONNX model, the torch model it came from, and where to write.
+
+    Attributes:
+        onnx_path: the fp32 model.onnx written by export_onnx (its metadata is carried over).
+        out_path: the artifact to write.
+        meta, fields: the metadata to store (fields already say this row's precision, device and runtime).
+        calib_images: normalised float32 (N, 3, H, W) at the export size; calibrated rows only.
+        model: the torch model (rows that compile the model itself rather than convert the ONNX graph).
+        device: cpu | cuda: the device the artifact is made for.
+    Input size, dynamic batch and max batch are those of the ONNX model: ``meta.input_size`` and ``fields``.
+    """
+
+    onnx_path: Path
+    out_path: Path
+    meta: ModelMeta
+    fields: dict[str, Any]
+    calib_images: np.ndarray | None = None
+    model: Any = None  # torch.nn.Module
+    device: str = "cpu"
+
+
 def write_onnx(source: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any]) -> None:
     """Writes the ONNX model ``source`` to ``out_path`` with the metadata, after onnx.checker has passed it."""
     import onnx
@@ -175,32 +213,43 @@ def write_onnx(source: Path, out_path: Path, meta: ModelMeta, fields: dict[str, 
     atomic_write(out_path, lambda f: onnx.save_model(model, f))
 
 
-def export_tf32(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
-                calib_images: np.ndarray | None) -> None:
+def export_tf32(job: ConvertJob) -> None:
     """The fp32 graph under precision tf32: the runner turns TF32 tensor cores on for it."""
-    write_onnx(onnx_path, out_path, meta, fields)
+    write_onnx(job.onnx_path, job.out_path, job.meta, job.fields)
 
 
-def export_fp16(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
-                calib_images: np.ndarray | None) -> None:
-    convert_fp16(onnx_path, out_path)
-    write_onnx(out_path, out_path, meta, fields)
+def export_fp16(job: ConvertJob) -> None:
+    convert_fp16(job.onnx_path, job.out_path)
+    write_onnx(job.out_path, job.out_path, job.meta, job.fields)
 
 
-def export_int8_onnx(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
-                     calib_images: np.ndarray | None) -> None:
-    quantize_int8(onnx_path, out_path, calib_images)
-    write_onnx(out_path, out_path, meta, fields)
+def export_int8_onnx(job: ConvertJob) -> None:
+    quantize_int8(job.onnx_path, job.out_path, job.calib_images)
+    write_onnx(job.out_path, job.out_path, job.meta, job.fields)
 
 
-def export_openvino(onnx_path: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any],
-                    calib_images: np.ndarray | None) -> None:
+def export_openvino(job: ConvertJob) -> None:
     from agmm_deploy.export.openvino import export_openvino as export
 
-    export(onnx_path, out_path, meta, fields, calib_images)
+    export(job.onnx_path, job.out_path, job.meta, job.fields, job.calib_images)
 
 
-def cuda_missing() -> str | None:
+def export_aoti_package(job: ConvertJob) -> None:
+    """Compiles the torch model (not the ONNX graph) into an AOTInductor package at the row's precision, with
+    the ONNX model's input size, batch dimension and metadata."""
+    from agmm_deploy.export.aoti import export_aoti
+
+    if job.model is None:
+        raise ValueError(f"an AOTInductor package ({job.out_path.name}) is compiled from the torch model, not from "
+                         f"{job.onnx_path.name}; pass model= to convert_precision")
+    height, width = job.meta.input_size
+    export_aoti(job.model, job.meta, job.out_path, height=height, width=width, precision=job.fields["precision"],
+                device=job.device, max_batch=int(job.fields.get("max_batch") or 1),
+                dynamic_batch=bool(job.fields.get("dynamic_batch", True)),
+                checkpoint_sha256=job.fields.get("checkpoint_sha256"))
+
+
+def cuda_missing(device: str) -> str | None:
     """None when torch sees a CUDA GPU, else why tf32 cannot be produced or checked here."""
     import torch
 
@@ -210,16 +259,28 @@ def cuda_missing() -> str | None:
             "it would run as plain fp32; export fp32 (model.onnx) for the CPU, or tf32 on a machine with a GPU")
 
 
-def openvino_missing() -> str | None:
+def openvino_missing(device: str) -> str | None:
     from agmm_deploy.export.openvino import openvino_missing as missing
 
     return missing()
 
 
-def openvino_bf16_missing() -> str | None:
+def openvino_bf16_missing(device: str) -> str | None:
     from agmm_deploy.runtime.openvino import bf16_missing
 
-    return openvino_missing() or bf16_missing()
+    return openvino_missing(device) or bf16_missing()
+
+
+def aoti_cuda_missing(device: str) -> str | None:
+    """fp16/bf16 packages are compiled for CUDA: None when the export targets a GPU here, else why not."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return None
+    if device == "cuda":
+        return "fp16/bf16 AOTInductor packages are compiled on a CUDA GPU, and torch.cuda.is_available() is False"
+    return ("fp16/bf16 AOTInductor packages are made for CUDA GPUs (a bf16 CPU package is not offered: OpenVINO "
+            "has that row), and the export targets the CPU (--device cpu, or no GPU here)")
 
 
 @dataclass(frozen=True)
@@ -228,15 +289,16 @@ class Precision:
 
     Attributes:
         name: fp32 | tf32 | fp16 | bf16 | int8, as recorded in the artifact's metadata; picks the parity gates.
-        runtime: the backend row of agmm_deploy.runtime that runs the artifact (onnxruntime | openvino).
-        device: the device the artifact is made for: any | cpu | cuda.
+        runtime: the backend row of agmm_deploy.runtime that runs the artifact (onnxruntime | openvino | aoti).
+        device: the device the artifact is made for: cpu | cuda, or any: an ONNX model runs anywhere, an fp32
+            AOTInductor package is compiled for the device the export targets.
         file_name: what agmm-export calls it in its output folder.
         calibrated: whether it needs calibration images.
-        convert: (fp32 onnx path, output path, meta, metadata fields, calibration images or None) -> None,
-            writing the artifact with its metadata; None for fp32.
+        convert: (ConvertJob) -> None, writing the artifact with its metadata; None for model.onnx itself.
         inference_precision: what the runtime is asked to compute the unquantised layers in (OpenVINO: f32 or
             bf16); empty where the artifact's own types decide.
-        missing: () -> None, or one clause saying why this row cannot be produced here; None = always can.
+        missing: (target device, cpu | cuda) -> None, or one clause saying why this row cannot be produced
+            for that device here; None = always can.
     """
 
     name: str
@@ -244,15 +306,18 @@ class Precision:
     device: str
     file_name: str
     calibrated: bool
-    convert: Callable[[Path, Path, ModelMeta, dict[str, Any], np.ndarray | None], None] | None
+    convert: Callable[[ConvertJob], None] | None
     inference_precision: str = ""
-    missing: Callable[[], str | None] | None = None
+    missing: Callable[[str], str | None] | None = None
 
 
 PRECISIONS: tuple[Precision, ...] = (
     Precision("fp32", "onnxruntime", "any", "model.onnx", False, None),
+    Precision("fp32", "aoti", "any", "model.fp32.pt2", False, export_aoti_package),
     Precision("tf32", "onnxruntime", "cuda", "model.tf32.onnx", False, export_tf32, missing=cuda_missing),
+    Precision("fp16", "aoti", "cuda", "model.fp16.pt2", False, export_aoti_package, missing=aoti_cuda_missing),
     Precision("fp16", "onnxruntime", "cuda", "model.fp16.onnx", False, export_fp16),
+    Precision("bf16", "aoti", "cuda", "model.bf16.pt2", False, export_aoti_package, missing=aoti_cuda_missing),
     Precision("bf16", "openvino", "cpu", "model.bf16.xml", False, export_openvino, "bf16", openvino_bf16_missing),
     Precision("int8", "openvino", "cpu", "model.int8.xml", True, export_openvino, "f32", openvino_missing),
     Precision("int8", "onnxruntime", "cpu", "model.int8.onnx", True, export_int8_onnx),
@@ -264,18 +329,31 @@ def precision_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(p.name for p in PRECISIONS))
 
 
-def get_precision(name: str, runtime: str | None = None) -> Precision:
-    """The row of ``name`` for ``runtime`` (None: the precision's first row); unknown ones are refused with the
-    known ones listed."""
+def get_precision(name: str, runtime: str | None = None, device: str | None = None) -> Precision:
+    """The row of ``name`` for ``runtime`` (None: any) and the target ``device`` (cpu | cuda; None: any).
+
+    Among the rows left, in table order: the first made for ``device`` (or any device) that can be produced
+    here; else the first that can be produced for ``device`` at all (fp16 on a CPU-only machine: the
+    onnxruntime-cuda model, as before AOTInductor); else the first made for ``device``, else the first row, for
+    the caller to refuse with its reason. So bf16 on a GPU is the CUDA package, never quietly the CPU IR.
+    Unknown names are refused with the known ones listed.
+    """
     rows = [p for p in PRECISIONS if p.name == name]
     if not rows:
         raise ValueError(f"precision {name!r} is unknown; expected one of {', '.join(precision_names())} "
                          "(fp16/int8 TensorRT engines come from --trt)")
-    for row in rows:
-        if runtime in (None, row.runtime):
-            return row
-    raise ValueError(f"precision {name!r} has no {runtime} artifact; it has {', '.join(r.runtime for r in rows)} "
-                     f"(--runtime {rows[0].runtime})")
+    matching = [row for row in rows if runtime in (None, row.runtime)]
+    if not matching:
+        raise ValueError(f"precision {name!r} has no {runtime} artifact; it has "
+                         f"{', '.join(r.runtime for r in rows)} (--runtime {rows[0].runtime})")
+    if device is None:
+        return matching[0]
+    local = [row for row in matching if row.device in ("any", device)]
+    for candidates in (local, matching):
+        for row in candidates:
+            if row.missing is None or row.missing(device) is None:
+                return row
+    return (local or matching)[0]
 
 
 @dataclass(frozen=True)
@@ -291,25 +369,32 @@ class PrecisionExport:
 
 
 def convert_precision(onnx_path: str | Path, out_path: str | Path, precision: str,
-                      calib_images: np.ndarray | None = None, runtime: str | None = None) -> PrecisionExport:
+                      calib_images: np.ndarray | None = None, runtime: str | None = None, *,
+                      model: Any = None, device: str = "auto") -> PrecisionExport:
     """Writes the ``precision`` artifact of an fp32 ONNX model written by export_onnx, metadata included.
 
     Args:
-        onnx_path: the fp32 model.onnx (its metadata is carried over).
+        onnx_path: the fp32 model.onnx (its metadata, input size and batch dimension are carried over).
         out_path: the file to write (atomically; an OpenVINO .xml gets its .bin beside it).
-        precision: tf32 | fp16 | bf16 | int8 (a row of PRECISIONS other than fp32).
+        precision: fp32 | tf32 | fp16 | bf16 | int8 (a row of PRECISIONS other than model.onnx itself).
         calib_images: normalised float32 (N, 3, H, W) at the export size; int8 only.
-        runtime: onnxruntime | openvino; None = the precision's first row.
+        runtime: onnxruntime | openvino | aoti; None = the row get_precision picks for ``device``.
+        model: the torch model onnx_path was exported from; AOTInductor rows compile it.
+        device: auto | cpu | cuda: the device the artifact targets (auto = CUDA when available).
     Returns:
         PrecisionExport.
     Raises:
-        ValueError: an unknown precision/runtime, or int8 without calibration images.
+        ValueError: an unknown precision/runtime, int8 without calibration images, aoti without model.
         RuntimeError: the row cannot be produced here (its library or hardware is missing; the message says).
     """
-    row = get_precision(precision, runtime)
+    from agmm_deploy.runtime.base import resolve_device
+
+    device = resolve_device(device)
+    row = get_precision(precision, runtime, device)
     if row.convert is None:
-        raise ValueError(f"precision {precision!r} is what export_onnx writes; nothing to convert")
-    if row.missing is not None and (reason := row.missing()):
+        raise ValueError(f"precision {precision!r} for {row.runtime} is what export_onnx writes; nothing to "
+                         "convert")
+    if row.missing is not None and (reason := row.missing(device)):
         raise RuntimeError(f"cannot write a {row.name} {row.runtime} model here: {reason}")
     if row.calibrated and (calib_images is None or len(calib_images) == 0):
         raise ValueError(f"{row.name} needs calibration images (--calib-images DIR, a few dozen representative "
@@ -317,11 +402,13 @@ def convert_precision(onnx_path: str | Path, out_path: str | Path, precision: st
     start = time.perf_counter()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     meta, fields = read_onnx_metadata(onnx_path)
-    fields = {**fields, "precision": row.name, "device": row.device, "runtime": row.runtime,
+    target = device if row.device == "any" and row.runtime == "aoti" else row.device
+    fields = {**fields, "precision": row.name, "device": target, "runtime": row.runtime,
               "versions": library_versions(), "source_onnx": onnx_path.name,
               "calibration_images": len(calib_images) if row.calibrated else 0}
     if row.inference_precision:
         fields["inference_precision"] = row.inference_precision
-    row.convert(onnx_path, out_path, meta, fields, calib_images)
+    row.convert(ConvertJob(onnx_path, out_path, meta, fields, calib_images, model,
+                           target if target != "any" else device))
     size = out_path.stat().st_size + sum(p.stat().st_size for p in companion_files(out_path))
-    return PrecisionExport(out_path, row.name, row.runtime, row.device, size, time.perf_counter() - start)
+    return PrecisionExport(out_path, row.name, row.runtime, target, size, time.perf_counter() - start)

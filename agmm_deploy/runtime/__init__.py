@@ -68,6 +68,8 @@ BACKENDS: tuple[Backend, ...] = (
             "agmm_deploy.runtime.trt", "pip install 'agmm-deploy[trt]' on a machine with an NVIDIA GPU"),
     Backend("openvino", "OpenVINO IR", (".xml",), ("cpu",), ("fp32", "bf16", "int8"),
             "agmm_deploy.runtime.openvino", "pip install 'agmm-deploy[openvino]'"),
+    Backend("aoti", "AOTInductor package", (".pt2",), ("cpu", "cuda"), ("fp32", "fp16", "bf16"),
+            "agmm_deploy.runtime.aoti", "included (torch)"),
 )
 
 
