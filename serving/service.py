@@ -409,8 +409,9 @@ class AgmmSegmenter:
                 kwargs["threads"] = threads
         self.runner = load_runner(path, device=os.environ.get("AGMM_DEVICE", "auto"), **kwargs)
         self.meta = self.runner.meta
-        if self.runner.device.type == "cpu" and not self.runner.backend.startswith("pytorch"):
-            # The model runs on ONNX Runtime's own thread pool (sized when the session was made, above); torch
+        if self.runner.device.type == "cpu" and not self.runner.backend.startswith(("pytorch", "aoti")):
+            # The model runs on its runtime's own thread pool (ONNX Runtime's is sized when the session is made,
+            # above; PyTorch eager and AOTInductor packages run on torch's, so they keep it); torch
             # only pre- and post-processes here, an image per request thread. With its default of one OpenMP
             # thread per core, each request thread would start its own OpenMP team, whose threads spin after
             # every op on the cores the model needs.
