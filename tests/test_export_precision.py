@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import requests
 import torch
@@ -17,7 +18,7 @@ from agmm_deploy.checkpoint import save_checkpoint
 from agmm_deploy.contract import ModelMeta, read_onnx_metadata
 from agmm_deploy.export.onnx import export_onnx
 from agmm_deploy.export.parity import generated_images
-from agmm_deploy.export.precision import FP16_KEEP_FP32_OPS, convert_precision, get_precision
+from agmm_deploy.export.precision import FP16_KEEP_FP32_OPS, convert_precision, cpu_has_vnni, get_precision
 from agmm_deploy.model import DeepLabV3Plus, ModelConfig
 from agmm_deploy.runtime import load_runner
 from agmm_deploy.transforms import normalize
@@ -86,6 +87,11 @@ def test_int8_is_qdq_with_per_channel_weights_and_runs_on_the_cpu(model_dir, tmp
     assert (runner(x).argmax(1) == fp32(x).argmax(1)).mean() > 0.9
     _, fields = read_onnx_metadata(result.path)
     assert fields["calibration_images"] == 4 and fields["device"] == "cpu"
+    # 7-bit weights on a CPU without VNNI (no int16 saturation in ONNX Runtime's AVX2 kernels), 8-bit with it.
+    bits = 8 if cpu_has_vnni() else 7
+    assert fields["int8_weight_bits"] == bits
+    weights = np.concatenate([onnx.numpy_helper.to_array(t).ravel() for t in int8_kernels]).astype(int)
+    assert 2 ** (bits - 2) < np.abs(weights).max() <= 2 ** (bits - 1)  # 7 bits: -64..64
 
 
 def test_unknown_precisions_and_missing_calibration_are_refused(model_dir, tmp_path):

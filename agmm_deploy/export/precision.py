@@ -39,9 +39,11 @@ fp16/bf16 AOTInductor packages are refused for the CPU (a bf16 CPU package is no
 row); the fp32 package runs on the CPU too (README, precision section, for its speed there).
 int8 defaults to OpenVINO, measured (README, precision section): DeepLabV3+ R50 trained briefly, 512x1024, batch 1,
 2 AVX2 cores without VNNI, one agmm-bench run: ONNX Runtime fp32 6629 ms, ONNX Runtime int8 2867 ms (2.31x),
-OpenVINO int8 3608 ms (1.84x). ONNX Runtime's int8 is faster on that CPU but missed the int8 gate on that
-briefly trained model (mIoU delta 1.04 with 2 calibration images, 1.28 with 8 once quantize_int8 calibrated in
-bounded memory), while NNCF's passed (8 images, +0.12). On an AVX-512 VNNI CPU OpenVINO's int8 measured 4.03x ONNX Runtime fp32 (issue 10).
+OpenVINO int8 3608 ms (1.84x). ONNX Runtime's int8 with full 8-bit weights missed the int8 gate on that briefly
+trained model (mIoU delta 1.04 with 2 calibration images, 1.28 with 8), while NNCF's passed (8 images, +0.12).
+With 7-bit weights on that CPU without VNNI (export_int8_onnx) it passed (+0.85, 8 images), and a later run gave
+ONNX Runtime int8 1.85x and OpenVINO int8 1.66x ONNX Runtime fp32: close, so the default stays OpenVINO (its
+mIoU delta is a seventh of ONNX Runtime's). On an AVX-512 VNNI CPU OpenVINO's int8 measured 4.03x ONNX Runtime fp32 (issue 10).
 OpenVINO and NNCF are the optional extra ``agmm-deploy[openvino]``; a row whose library or hardware is missing
 is refused with a sentence saying what to install or which row to use instead.
 
