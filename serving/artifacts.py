@@ -37,12 +37,6 @@ from agmm_deploy import contract
 from agmm_deploy.export.parity import FAILED_SUFFIX
 from agmm_deploy.runtime import backend_for, model_suffixes
 
-# Where each runtime row's artifacts record their precision; a checkpoint (pytorch) is fp32.
-METADATA_READERS = {
-    "onnxruntime": contract.read_onnx_metadata,
-    "openvino": contract.read_openvino_metadata,
-    "tensorrt": contract.read_engine_sidecar,
-}
 DEFAULT_PRECISION = "fp32"
 # Besides the artifacts and their companions, what the store entry keeps from an export folder.
 RECORDS = ("parity.json",)
@@ -70,13 +64,14 @@ def read_artifact(path: Path, device: str = "auto") -> Artifact:
 
     backend = backend_for(path)
     precision, target = DEFAULT_PRECISION, "any"
-    if reader := METADATA_READERS.get(backend.name):
-        try:
-            _, fields = reader(path)
-            precision, target = fields.get("precision", DEFAULT_PRECISION), fields.get("device", "any")
-        except (OSError, ValueError):  # a foreign or broken file: listed, never chosen by its precision
-            precision, target = "unknown", "?"
-    elif backend.name != "pytorch":  # a row added by AGMM_EXTRA_BACKENDS: its metadata is its own
+    try:
+        # Each runtime module reads its own artifacts' metadata (the runtime table); a checkpoint has none.
+        found = backend.read_metadata(path)
+    except (OSError, ValueError):  # a foreign or broken file: listed, never chosen by its precision
+        found, precision, target = None, "unknown", "?"
+    if found is not None:
+        precision, target = found[1].get("precision", DEFAULT_PRECISION), found[1].get("device", "any")
+    elif backend.name != "pytorch":  # a row without a reader (e.g. from AGMM_EXTRA_BACKENDS): unknown
         precision, target = "unknown", "?"
     missing = backend.missing(device)
     # The runners refuse an artifact made for another device rather than run it slowly (model.fp16.onnx is for

@@ -189,6 +189,14 @@ def test_predict_and_bench_take_a_package(exported, package, tmp_path, capsys):
     assert "aoti-cpu" in capsys.readouterr().out
 
 
+def test_a_served_folder_reads_a_package_precision_and_device(package):
+    from serving.artifacts import choose_artifact, read_artifact
+
+    artifact = read_artifact(package, device="cpu")
+    assert (artifact.backend, artifact.precision, artifact.device, artifact.missing) == ("aoti", "fp32", "cpu", None)
+    assert choose_artifact(package.parent, file_name=package.name, device="cpu").path == package
+
+
 @pytest.mark.slow
 def test_the_service_serves_a_package(exported, package, tmp_path):
     from serving.launch import serving

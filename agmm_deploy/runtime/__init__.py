@@ -3,7 +3,8 @@
 Each row names a backend, the file suffixes it reads, the devices and precisions it runs, the module that
 loads it and the extra that installs it. The module (one file per backend, imported only when used) defines
 ``load(path, device, **kwargs) -> Runner`` and ``missing(device) -> str | None`` (why it cannot run here, or
-None). Adding a runtime is one new file plus one row.
+None), and, where its artifacts carry metadata, ``read_metadata(path) -> (ModelMeta, fields)`` (read without
+loading the model). Adding a runtime is one new file plus one row.
 
 A runtime that lives outside this package (a plug-in, a test double) adds its row without editing this file:
 ``AGMM_EXTRA_BACKENDS="my_package.my_runtime:ROW"`` (comma-separated ``module[:attribute]`` entries, the
@@ -57,6 +58,13 @@ class Backend:
         if device != "auto" and device not in self.devices:
             return f"{self.name} runs on {'/'.join(self.devices)}, not {device}"
         return self.loader().missing(device)
+
+    def read_metadata(self, path: str | Path) -> tuple[Any, dict[str, Any]] | None:
+        """The artifact's (ModelMeta, fields) without loading the model; None where the backend's module has no
+        ``read_metadata`` (checkpoints, whose precision is fp32). Raises what the reader raises (OSError,
+        ValueError) for a foreign or broken file."""
+        reader = getattr(self.loader(), "read_metadata", None)
+        return reader(path) if reader is not None else None
 
 
 BACKENDS: tuple[Backend, ...] = (

@@ -91,3 +91,4 @@ class AOTIRunner(Runner):
 
 
 load = AOTIRunner
+read_metadata = read_aoti_metadata

@@ -105,3 +105,4 @@ class OpenVINORunner(Runner):
 
 
 load = OpenVINORunner
+read_metadata = read_openvino_metadata

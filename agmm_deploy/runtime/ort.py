@@ -136,3 +136,4 @@ class OnnxRunner(Runner):
 
 
 load = OnnxRunner
+read_metadata = read_onnx_metadata

@@ -117,3 +117,4 @@ class TensorRTRunner(Runner):
 
 
 load = TensorRTRunner
+read_metadata = read_engine_sidecar
