@@ -15,8 +15,6 @@ own AOTInductor metadata (``read_aoti_metadata`` reads it back without loading t
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from agmm_deploy.atomic import atomic_write
 from agmm_deploy.checkpoint import unwrap
 from agmm_deploy.contract import ModelMeta, aoti_metadata_config, library_versions
 from agmm_deploy.export.onnx import INPUT_NAME, LOGITS_NAME, check_meta_matches_model
@@ -106,16 +105,10 @@ class CastModel(nn.Module):
 
 
 def compile_package(program: "torch.export.ExportedProgram", out_path: Path, metadata: dict[str, str]) -> None:
-    """aoti_compile_and_package into a temporary folder beside ``out_path``, then one rename: a reader, or a
-    compile killed half-way (minutes for a large model), never leaves half a package under the final name."""
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
-        staged = Path(tmp) / out_path.name
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(staged), inductor_configs={"aot_inductor.metadata": metadata})
-        with open(staged, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(staged, 0o644)
-        os.replace(staged, out_path)
+    """aoti_compile_and_package straight into agmm_deploy.atomic's temporary file (it takes a seekable buffer):
+    a reader, or a compile killed half-way (minutes for a large model), never sees half a package."""
+    atomic_write(out_path, lambda f: torch._inductor.aoti_compile_and_package(
+        program, package_path=f, inductor_configs={"aot_inductor.metadata": metadata}))
 
 
 def export_aoti(model: nn.Module, meta: ModelMeta, out_path: str | Path, *, height: int, width: int,
