@@ -112,6 +112,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, *,
     return atomic_torch_save(state, path)
 
 
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or Inf (``None`` when all are finite).
+
+    One rule for the load side (export, serving, prediction refuse such a checkpoint) and the save side
+    (training never writes one), so both name the same tensor.
+    """
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read ``chunk`` bytes at a time (recorded in exported artifacts for traceability)."""
     digest = hashlib.sha256()
