@@ -29,7 +29,7 @@ from serving.launch import free_port, serve_command, start_server, stop_server
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# (full, quick) sizes. Full: about 6 minutes on 2 CPU cores (250 training steps), set-up excluded.
+# (full, quick) sizes. Full: 10-15 minutes on 2 CPU cores (250 training steps), set-up excluded.
 SIZES = {
     "full": dict(height=192, width=384, num_train=100, num_val=10, crop=192, batch=4, epochs=10, max_steps=0),
     "quick": dict(height=64, width=128, num_train=6, num_val=2, crop=64, batch=2, epochs=1, max_steps=3),
