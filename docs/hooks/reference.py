@@ -6,7 +6,7 @@ A page asks for one with a marker line, replaced before the page is rendered:
 marker                             replaced with
 =================================  ====================================================================
 ``<!-- agmm:cli-reference -->``    every command's usage, arguments, defaults and help, from its
-                                   ``get_args_parser()`` (subcommands included)
+                                   ``get_args_parser()`` (subcommands included), benchmarks too
 ``<!-- agmm:module-layout -->``    every module of the packages, benchmarks and scripts, with the first
                                    line of its docstring
 ``<!-- agmm:first-hour -->``       the README's first-hour block, the one ``tests/test_first_hour.py`` runs
@@ -17,7 +17,8 @@ marker                             replaced with
 
 The commands are found, not listed: every module of the packages pyproject.toml installs that defines a
 top-level ``get_args_parser()`` is one, named by its ``[project.scripts]`` entry where it has one and
-``python -m <module>`` otherwise. A flag added on any branch shows up here with no edit to the docs.
+``python -m <module>`` otherwise, and so is every file of benchmarks/ and scripts/ that defines one (``python
+benchmarks/<file>``). A flag added on any branch shows up here with no edit to the docs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import ast
 import html
 import importlib
+import importlib.util
 import re
 import sys
 import tomllib
@@ -42,8 +44,9 @@ SCRIPT_FOLDERS = ("benchmarks", "scripts")
 
 @dataclass(frozen=True)
 class Command:
-    name: str     # what a user types: agmm-export, python -m training.run
+    name: str     # what a user types: agmm-export, python -m training.run, python benchmarks/loss_speed.py
     module: str   # the module that holds get_args_parser()
+    path: Path | None = None  # for a script outside the packages: its file, imported from there
 
 
 def packages() -> list[str]:
@@ -67,16 +70,28 @@ def defines_parser(path: Path) -> bool:
 
 
 def commands() -> list[Command]:
-    """Every command: console scripts first (in pyproject.toml's order), then ``python -m`` modules by name."""
+    """Every command: console scripts first (in pyproject.toml's order), then ``python -m`` modules by name,
+    then the benchmark and script files run as ``python <file>``."""
     scripts = tomllib.loads(PYPROJECT.read_text())["project"]["scripts"]
     by_module = {target.split(":")[0]: name for name, target in scripts.items()}
     found = [module_name(p) for package in packages() for p in module_files(package) if defines_parser(p)]
     named = [Command(by_module[m], m) for m in by_module if m in found]
-    return named + [Command(f"python -m {m}", m) for m in found if m not in by_module]
+    modules = [Command(f"python -m {m}", m) for m in found if m not in by_module]
+    files = [Command(f"python {p.relative_to(REPO).as_posix()}", f"agmm_docs_{p.parent.name}_{p.stem}", p)
+             for folder in SCRIPT_FOLDERS for p in module_files(folder) if defines_parser(p)]
+    return named + modules + files
 
 
 def parser_of(command: Command) -> argparse.ArgumentParser:
-    parser = import_repo_module(command.module).get_args_parser()
+    if command.path is None:
+        module = import_repo_module(command.module)
+    else:  # benchmarks/ and scripts/ are folders of files, not packages
+        import_repo_module("agmm_deploy")  # puts the repository on sys.path, as running the file from it does
+        spec = importlib.util.spec_from_file_location(command.module, command.path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[command.module] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    parser = module.get_args_parser()
     parser.prog = command.name  # a parser without its own prog would be named after sys.argv[0] (mkdocs)
     return parser
 
