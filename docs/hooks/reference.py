@@ -12,7 +12,7 @@ marker                             replaced with
 ``<!-- agmm:first-hour -->``       the README's first-hour block, the one ``tests/test_first_hour.py`` runs
 ``<!-- agmm:runtime-table -->``    the runtime table (``agmm_deploy.runtime.backends()``)
 ``<!-- agmm:precision-table -->``  the precision table (``agmm_deploy.export.precision.PRECISIONS``) with
-                                   each row's runtime devices and parity gates
+                                   each row's parity gates
 =================================  ====================================================================
 
 The commands are found, not listed: every module of the packages pyproject.toml installs that defines a
@@ -188,29 +188,25 @@ def runtime_table() -> str:
     return "\n".join(lines)
 
 
-def gate_words(gates) -> str:
-    words = []
-    if gates.allclose_checked():
-        words.append(escape(f"logits allclose: |diff| <= {gates.formula()} per logit"))
-    if gates.min_agreement is not None:
-        words.append(f"argmax agreement >= {gates.min_agreement * 100:g} %")
-    if gates.max_miou_delta is not None:
-        words.append(f"mIoU delta <= {gates.max_miou_delta:g} (labelled images)")
-    return "; ".join(words) or "none"
+def gate_cells(gates) -> list[str]:
+    """The three parity gates of a precision as table cells: logits allclose, argmax agreement, mIoU delta."""
+    if gates is None:
+        return ["-", "-", "-"]
+    allclose = escape(f"|diff| <= {gates.formula()}") if gates.allclose_checked() else "-"
+    agreement = f">= {gates.min_agreement * 100:g} %" if gates.min_agreement is not None else "-"
+    miou = f"<= {gates.max_miou_delta:g}" if gates.max_miou_delta is not None else "-"
+    return [allclose, agreement, miou]
 
 
 def precision_table() -> str:
     precision = import_repo_module("agmm_deploy.export.precision")
     parity = import_repo_module("agmm_deploy.export.parity")
-    runtime = import_repo_module("agmm_deploy.runtime")
-    lines = ["| precision | runtime | file | made for | the runtime runs on | calibration | parity gates |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| precision | runtime | file | made for | calibration | logits allclose | argmax agreement "
+             "| mIoU delta |", "|---|---|---|---|---|---|---|---|"]
     for row in precision.PRECISIONS:
-        runs_on = ", ".join(runtime.get_backend(row.runtime).devices)
-        gates = parity.DEFAULT_GATES.get(row.name)
-        lines.append(f"| {row.name} | `{row.runtime}` | `{row.file_name}` | {row.device} | {runs_on} | "
-                     f"{'`--calib-images`' if row.calibrated else '-'} | "
-                     f"{gate_words(gates) if gates else 'none'} |")
+        cells = [row.name, f"`{row.runtime}`", f"`{row.file_name}`", row.device,
+                 "`--calib-images`" if row.calibrated else "-", *gate_cells(parity.DEFAULT_GATES.get(row.name))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
