@@ -1,0 +1,133 @@
+"""The bounded decoder: every format priced from its header, bombs refused before a pixel is decoded."""
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from agmm_deploy.decode import (MAX_JPEG_SCANS, ImageDecodeError, decode_image, read_image, read_image_header,
+                                to_rgb_uint8)
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _photo(size=(48, 32), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_header_only(width: int, height: int, bits: int = 8, colour: int = 2) -> bytes:
+    """A PNG whose IHDR says width x height; its IDAT holds a few bytes, so only a decoder would find out."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bits, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + _chunk(b"IEND", b""))
+
+
+def _scan_bomb(scans: int) -> bytes:
+    """A small progressive JPEG whose last refinement scan is repeated until it has ``scans`` scans."""
+    data = _encode(_photo((64, 64)), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")
+    body, eoi = data[last:-2], data[-2:]
+    have = data.count(b"\xff\xda")
+    return data[:last] + body * (scans - have + 1) + eoi
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("GIF", {}),
+                                        ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"}), ("WEBP", {}),
+                                        ("WEBP", {"lossless": True}), ("BMP", {}), ("ICO", {"sizes": [(32, 32)]})])
+def test_good_images_decode_as_pillow_decodes_them(fmt, kwargs):
+    data = _encode(_photo((32, 32) if fmt == "ICO" else (48, 32)), fmt, **kwargs)
+    header = read_image_header(data)
+    assert (header.width, header.height) == ((32, 32) if fmt == "ICO" else (48, 32))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(data), expected)
+
+
+def test_16_bit_grey_decodes_as_before_without_a_float_copy():
+    rng = np.random.default_rng(1)
+    values = rng.integers(100, 60000, (20, 30), dtype=np.uint16)
+    data = _encode(Image.fromarray(values), "PNG")
+    header = read_image_header(data)
+    assert (header.bits, header.channels, header.decoded_bytes) == (16, 1, 20 * 30 * 2)
+    lo, hi = values.min(), values.max()
+    expected = np.clip(np.rint((values.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(data)[:, :, 0], expected)
+    assert to_rgb_uint8(Image.new("I;16", (4, 4), 7)).max() == 0  # a constant image is black, as before
+
+
+def test_progressive_jpeg_with_10000_scans_is_refused_from_its_header():
+    bomb = _scan_bomb(10_000)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=rf"bomb.jpg is a 64x64 8-bit RGB JPEG, 10000 scans: .* the limit is "
+                                               rf"{MAX_JPEG_SCANS} scans"):
+        decode_image(bomb, name="bomb.jpg")
+    print(f"10,000-scan JPEG ({len(bomb)} bytes) refused in {1000 * (time.perf_counter() - start):.2f} ms")
+    assert read_image_header(_scan_bomb(MAX_JPEG_SCANS)).scans == MAX_JPEG_SCANS
+    decode_image(_scan_bomb(MAX_JPEG_SCANS))  # at the limit: decoded
+
+
+def test_16_bit_png_is_priced_by_its_decoded_bytes():
+    data = _png_header_only(4096, 2048, bits=16, colour=6)  # 16-bit RGBA: 8 bytes a pixel
+    header = read_image_header(data)
+    assert header.pixels == 4096 * 2048 and header.decoded_bytes == 4096 * 2048 * 8
+    with pytest.raises(ImageDecodeError, match=r"x.png is a 4096x2048 16-bit RGBA PNG, 67108864 bytes once decoded; "
+                                               r"the limit is 33554432 bytes"):
+        decode_image(data, max_pixels=8 << 20, name="x.png")
+    grey = _encode(Image.fromarray(np.zeros((2048, 4096), np.uint16)), "PNG")  # 16-bit grey: 2 bytes a pixel
+    assert read_image_header(grey).decoded_bytes == 4096 * 2048 * 2
+    with pytest.raises(ImageDecodeError, match="16777216 bytes once decoded; the limit is 16000000 bytes"):
+        decode_image(grey, max_pixels=8 << 20, max_decoded_bytes=16_000_000)
+
+
+def test_ico_whose_directory_hides_a_large_png_is_refused_without_decoding():
+    png = _png_header_only(9000, 9000)
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)  # 0 = 256 in an ICO directory
+    ico = struct.pack("<HHH", 0, 1, 1) + entry + png
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=r"icon.ico is an ICO whose entry 1 says 256x256 but holds a "
+                                               r"9000x9000 8-bit RGB ICO; refused without decoding it"):
+        decode_image(ico, name="icon.ico")
+    print(f"ICO holding a 9000x9000 PNG refused in {1000 * (time.perf_counter() - start):.2f} ms")
+
+
+def test_headers_over_the_pixel_limit_are_refused_before_decoding():
+    for data in (_png_header_only(20000, 20000), _png_header_only(1, 70_000_000)):
+        with pytest.raises(ImageDecodeError, match="pixels; the limit is 64000000"):
+            decode_image(data)
+
+
+def test_frames_and_pages_are_counted_and_bounded():
+    frames = [_photo(seed=i) for i in range(5)]
+    for fmt in ("GIF", "TIFF", "WEBP", "PNG"):
+        data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+        assert read_image_header(data).frames == 5, fmt
+        with pytest.raises(ImageDecodeError, match="with more than 4 frames"):
+            decode_image(data, max_frames=4)
+        assert decode_image(data).shape == (32, 48, 3)  # the first frame
+
+
+def test_unknown_formats_are_refused_without_trying_every_plugin():
+    ppm = b"P6\n4 4\n255\n" + b"\0" * 48  # Pillow would decode it; the decoder prices only its own formats
+    with pytest.raises(ImageDecodeError, match=r"not a recognised image format\); expected a complete JPEG, PNG"):
+        decode_image(ppm)
+    with pytest.raises(ImageDecodeError, match="is cut short"):
+        decode_image(b"\x89PNG\r\n\x1a\n\0\0")
+
+
+def test_read_image_refuses_what_is_not_a_regular_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match="is not a regular file"):
+        read_image("/dev/zero")
+    with pytest.raises(FileNotFoundError):
+        read_image(tmp_path / "nothing.png")
