@@ -335,3 +335,110 @@ def test_import_train_predict_and_preannotate_end_to_end(tmp_path, capsys):
         for image in export.images:  # two steps from random weights predict something: every pixel is covered
             back = rasterize(image.shapes, {n: i for i, n in enumerate(CLASSES)}, 48, 64, 0, 1)
             assert image.shapes and (back != IGNORE_INDEX).mean() > 0.95
+
+
+# ---- annotation files are third-party input (issue 21): names that escape --images, bombs, malformed values ----
+
+def _exports_naming(tmp_path, name):
+    """The same click, on an image called ``name``, in each of the four formats."""
+    cvat_xml = tmp_path / "a.xml"
+    cvat_xml.write_text(f'<annotations><meta><task><labels><label><name>disk</name></label><label><name>box</name>'
+                        f'</label></labels></task></meta><image id="0" name="{name}">'
+                        f'<points label="disk" points="1,1"/></image></annotations>')
+    ls = tmp_path / "a.json"
+    ls.write_text(json.dumps([{"data": {"image": f"/data/local-files/?d={name}"}, "annotations": [{"result": [
+        {"type": "keypointlabels", "original_width": 64, "original_height": 48,
+         "value": {"x": 1, "y": 1, "keypointlabels": ["disk"]}}]}]}]))
+    coco = tmp_path / "c.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": name}], "categories": [{"id": 1, "name": "disk"},
+                                {"id": 2, "name": "box"}], "annotations": [{"image_id": 1, "category_id": 1,
+                                                                             "keypoints": [1, 1, 2]}]}))
+    csv = tmp_path / "a.csv"
+    csv.write_text(f"{name},1,1,disk\n{name},2,2,box\n")
+    return [(cvat_xml, "cvat"), (ls, "label-studio"), (coco, "coco"), (csv, "csv")]
+
+
+@pytest.mark.parametrize("target", ["exists", "absent"])
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "upload-url"])
+def test_image_names_outside_images_are_refused_unopened_with_one_sentence(tmp_path, capsys, monkeypatch, how,
+                                                                          target):
+    images = tmp_path / "images"
+    shutil.copytree(IMAGES, images)
+    outside = tmp_path / ("secret.png" if target == "exists" else "absent.png")
+    if target == "exists":
+        shutil.copyfile(IMAGES / "img_0.png", outside)
+    names = {"dotdot": f"../{outside.name}", "absolute": str(outside), "symlink": "link.png",
+             "upload-url": None}
+    if how == "symlink":
+        (images / "link.png").symlink_to(outside)
+    opened = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self) or real_read_bytes(self))
+    if how == "upload-url":  # Label Studio's upload path, its name percent-encoded with a '../' inside
+        path = tmp_path / "ls.json"
+        path.write_text(json.dumps([{"data": {"image": f"/data/upload/1/0badcafe-..%2F{outside.name}"},
+                                     "annotations": [{"result": [{"type": "keypointlabels", "original_width": 64,
+                                                                  "original_height": 48, "value": {
+                                                                      "x": 1, "y": 1, "keypointlabels": ["disk"]}}]}]}]))
+        exports, shown = [(path, "label-studio")], f"../{outside.name}"
+    else:
+        exports, shown = _exports_naming(tmp_path, names[how]), names[how]
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    for export, fmt in exports:
+        out = tmp_path / f"out_{fmt}"
+        assert run_import(export, out, "--format", fmt, "--classes", str(classes), images=images) == 2, fmt
+        err = capsys.readouterr().err
+        assert (f"image {shown!r} of the export names a file outside --images {images}; refused without opening "
+                "it" in err), (fmt, err)
+        assert "Traceback" not in err and "exist" not in err.replace("not in", "")
+        assert_nothing_written(out)
+    assert not [p for p in opened if not p.resolve().is_relative_to(tmp_path / "images")], opened
+
+
+def test_a_cvat_mask_of_a_few_bytes_is_sized_from_its_image_before_decoding(tmp_path, capsys):
+    path = _cvat_with(tmp_path, '<image id="0" name="img_0.png" width="64" height="48">',
+                      '<image id="0" name="img_0.png" width="64" height="48"><mask label="disk" rle="0, 10000000000" '
+                      'left="0" top="0" width="100000" height="100000"/>')
+    out = tmp_path / "out"
+    assert run_import(path, out) == 2
+    err = capsys.readouterr().err
+    assert "spans x 0..100000, y 0..100000, outside its 64x48 image; refused before decoding its rle" in err
+    huge = _cvat_with(tmp_path, 'name="img_0.png" width="64" height="48"', 'name="img_0.png" width="100000" '
+                      'height="100000"')
+    assert run_import(huge, out) == 2
+    assert "declares an image of 100000x100000 = 10000000000 pixels; the limit is 64000000" in capsys.readouterr().err
+    assert_nothing_written(out)
+
+
+def _ls_brush(tmp_path, rle, width=64, height=48):
+    path = tmp_path / "brush.json"
+    path.write_text(json.dumps([{"id": 7, "data": {"image": "img_0.png"}, "annotations": [{"result": [
+        {"type": "brushlabels", "original_width": width, "original_height": height,
+         "value": {"format": "rle", "rle": rle, "brushlabels": ["disk"]}}]}]}]))
+    return path
+
+
+@pytest.mark.parametrize("case", ["header", "length", "declared", "ends", "chunks"])
+def test_brush_rle_is_bounded_by_its_declared_size(tmp_path, capsys, monkeypatch, case):
+    good = label_studio.encode_brush_rle(np.ones((48, 64), bool))
+    header_of = lambda num: list(num.to_bytes(4, "big"))  # noqa: E731  (the value count: the first 32 bits)
+    rle, width, height, expected = {
+        # a header asking for far more values than the declared 64x48 RGBA (the 7.45 GiB one)
+        "header": (header_of(2_000_000_000) + good[4:], 64, 48, "holds 2000000000 values; the image's 64x48 RGBA "
+                   "needs 12288"),
+        # a stream longer than any 64x48 mask needs (the 200 MB one, small)
+        "length": (good + [0] * 60_000, 64, 48, "brush rle holds 60010 bytes; a 64x48 mask needs at most 49160"),
+        "declared": (good, 100_000, 100_000, "declares an image of 100000x100000 = 10000000000 pixels"),
+        "ends": (good[:9], 64, 48, "brush rle ends early"),
+        # every run of the mask costs a chunk; over the bound (here lowered to 100) it is refused, not decoded
+        "chunks": (label_studio.encode_brush_rle(np.tile([[True, False]], (48, 32))), 64, 48,
+                   "brush rle needs more than 100 chunks for its 64x48 mask"),
+    }[case]
+    monkeypatch.setattr(label_studio, "MAX_BRUSH_CHUNKS", 100)
+    path = _ls_brush(tmp_path, rle, width, height)
+    out = tmp_path / "out"
+    assert run_import(path, out, "--format", "label-studio") == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(path) in err and "Traceback" not in err, err
+    assert_nothing_written(out)

@@ -20,7 +20,7 @@ import numpy as np
 
 from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES, default_palette
-from agmm_deploy.labels import FORMATS, LabelsError, detect_format, get_format
+from agmm_deploy.labels import FORMATS, LabelsError, detect_format, get_format, read_export
 from agmm_deploy.labels.annotations import PredictedImage
 from agmm_deploy.labels.dataset import ImportSummary, import_labels, read_classes
 
@@ -101,7 +101,7 @@ def run_import(args: argparse.Namespace) -> None:
         raise LabelsError(f"annotation file {args.annotations} does not exist")
     fmt = get_format(args.format) if args.format else detect_format(args.annotations)
     classes = read_classes(args.classes) if args.classes else None
-    export = fmt.read(args.annotations)
+    export = read_export(args.annotations, fmt)
     summary = import_labels(export, args.images, args.out, classes, args.click_radius, args.scribble_width)
     print_summary(summary, f"{args.annotations} ({fmt.name})")
 
