@@ -376,10 +376,10 @@ def test_image_names_outside_images_are_refused_unopened_with_one_sentence(tmp_p
     monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self) or real_read_bytes(self))
     if how == "upload-url":  # Label Studio's upload path, its name percent-encoded with a '../' inside
         path = tmp_path / "ls.json"
+        click = {"type": "keypointlabels", "original_width": 64, "original_height": 48,
+                 "value": {"x": 1, "y": 1, "keypointlabels": ["disk"]}}
         path.write_text(json.dumps([{"data": {"image": f"/data/upload/1/0badcafe-..%2F{outside.name}"},
-                                     "annotations": [{"result": [{"type": "keypointlabels", "original_width": 64,
-                                                                  "original_height": 48, "value": {
-                                                                      "x": 1, "y": 1, "keypointlabels": ["disk"]}}]}]}]))
+                                     "annotations": [{"result": [click]}]}]))
         exports, shown = [(path, "label-studio")], f"../{outside.name}"
     else:
         exports, shown = _exports_naming(tmp_path, names[how]), names[how]
@@ -441,4 +441,87 @@ def test_brush_rle_is_bounded_by_its_declared_size(tmp_path, capsys, monkeypatch
     assert run_import(path, out, "--format", "label-studio") == 2
     err = capsys.readouterr().err
     assert expected in err and str(path) in err and "Traceback" not in err, err
+    assert_nothing_written(out)
+
+
+_LS_POINT = {"type": "keypointlabels", "original_width": 64, "original_height": 48,
+             "value": {"x": 10, "y": 10, "keypointlabels": ["disk"]}}
+_COCO = {"images": [{"id": 1, "file_name": "img_0.png", "width": 64, "height": 48}],
+         "categories": [{"id": 1, "name": "disk"}, {"id": 2, "name": "box"}],
+         "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "keypoints": [10, 10, 2]}]}
+
+
+def _with(base, path, value):
+    """A deep copy of ``base`` with the item at ``path`` (a tuple of keys) replaced, or deleted for ``...``."""
+    data = json.loads(json.dumps(base))
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    if value is ...:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return data
+
+
+def _ls(result):
+    return [{"id": 3, "data": {"image": "img_0.png"}, "annotations": [{"result": [result]}]}]
+
+
+_MALFORMED = {
+    "cvat-nan-point": ("xml", ('points="14.50,16.50"', 'points="NaN,16.50"'),
+                       "has points='NaN,16.50'; expected finite"),
+    "cvat-infinity-point": ("xml", ('points="14.50,16.50"', 'points="14.5,Infinity"'), "expected finite numbers"),
+    "cvat-abc-width": ("xml", ('name="img_0.png" width="64"', 'name="img_0.png" width="abc"'),
+                       "image 'img_0.png' has width='abc'; expected a number"),
+    "cvat-inf-mask-left": ("xml", ('left="0" top="0"', 'left="inf" top="0"'),
+                           "has left='inf'; expected a finite number"),
+    "ls-nan-x": ("json", _ls(_with(_LS_POINT, ("value", "x"), float("nan"))), "has x=nan; expected a finite number"),
+    "ls-abc-width": ("json", _ls(_with(_LS_POINT, ("original_width",), "abc")), "has width='abc'; expected a number"),
+    "ls-task-not-object": ("json", [["not", "a", "task"]], "task 1 has the task of type list; expected a JSON object"),
+    "ls-annotations-string": ("json", [{"data": {"image": "a.png"}, "annotations": "x"}],
+                              "has annotations of type str; expected a JSON list"),
+    "ls-label-not-list": ("json", _ls(_with(_LS_POINT, ("value", "keypointlabels"), "disk")),
+                          "has value.keypointlabels that is not a list of label names"),
+    "coco-image-without-file-name": ("json", _with(_COCO, ("images", 0, "file_name"), ...),
+                                     "images[0] lacks file_name; a COCO entry there has id, file_name"),
+    "coco-category-without-name": ("json", _with(_COCO, ("categories", 0, "name"), ...),
+                                   "categories[0] lacks name"),
+    "coco-annotation-without-image-id": ("json", _with(_COCO, ("annotations", 0, "image_id"), ...),
+                                         "annotations[0] lacks image_id"),
+    "coco-abc-keypoint": ("json", _with(_COCO, ("annotations", 0, "keypoints"), ["abc", 1, 2]),
+                          "annotation 5 has keypoints='abc'; expected a number"),
+    "coco-infinity-keypoint": ("json", _with(_COCO, ("annotations", 0, "keypoints"), [float("inf"), 1, 2]),
+                               "annotation 5 has keypoints=inf; expected a finite number"),
+    "coco-keypoints-not-triples": ("json", _with(_COCO, ("annotations", 0, "keypoints"), [1, 2]),
+                                   "has keypoints that is not a flat list of numbers in groups of 3"),
+    "coco-abc-height": ("json", _with(_COCO, ("images", 0, "height"), "abc"), "has height='abc'; expected a number"),
+    "coco-not-an-object": ("json", [1, 2], None),  # a list is read as Label Studio: forced to coco below
+    "deep-json": ("json", None, "nests JSON lists or objects deeper than the parser goes"),
+    "csv-abc": ("csv", "img_0.png,abc,1,disk\nimg_0.png,1,1,box\n", "row 1 has x='abc'; expected a number"),
+    "csv-nan": ("csv", "img_0.png,nan,1,disk\nimg_0.png,1,1,box\n", "row 1 has x='nan'; expected a finite number"),
+    "csv-131k-field": ("csv", "img_0.png,1,1," + "d" * 131_073 + "\n", "is not a readable CSV (field larger than"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED))
+def test_every_malformed_value_is_one_sentence_naming_the_file_and_field(tmp_path, capsys, case):
+    kind, content, expected = _MALFORMED[case]
+    fmt = {"xml": "cvat", "csv": "csv"}.get(kind, "coco" if case.startswith(("coco", "deep")) else "label-studio")
+    path = tmp_path / f"export.{kind}"
+    if kind == "xml":
+        path = _cvat_with(tmp_path, *content)
+    elif case == "deep-json":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "json":
+        path.write_text(json.dumps(content))  # Python writes NaN / Infinity, as some exporters do
+    else:
+        path.write_text(content)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "out"
+    assert run_import(path, out, "--format", fmt, "--classes", str(classes)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(path) in err and err.count("\n") == 1, err
+    assert expected is None or expected in err, err
     assert_nothing_written(out)
