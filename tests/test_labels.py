@@ -525,3 +525,18 @@ def test_every_malformed_value_is_one_sentence_naming_the_file_and_field(tmp_pat
     assert "Traceback" not in err and str(path) in err and err.count("\n") == 1, err
     assert expected is None or expected in err, err
     assert_nothing_written(out)
+
+
+def test_many_shapes_cost_their_own_size_not_the_image_s():
+    """Each shape is drawn in its own box: 2,000 clicks on a 4000x3000 image took 50 s when each filled a canvas
+    of the image's size (0.2 s now). Shapes at the border are still drawn as on the whole image."""
+    from agmm_deploy.labels.annotations import Shape
+
+    ids = {n: i for i, n in enumerate(CLASSES)}
+    corner = rasterize([Shape("point", "disk", np.array([[64.0, 48.0]]))], ids, 48, 64, 2, 3)
+    assert corner[47, 63] == DISK and corner[45, 63] == DISK and corner[47, 61] == DISK and (corner == DISK).sum() == 6
+    line = rasterize([Shape("polyline", "box", np.array([[0.5, 0.5], [63.5, 0.5]]))], ids, 48, 64, 2, 3)
+    assert (line[0:2, 1:63] == BOX).all() and (line[3:] == IGNORE_INDEX).all()  # 3 wide, cut by the top border
+    rng = np.random.default_rng(0)
+    clicks = [Shape("point", "disk", rng.uniform([0, 0], [4000, 3000], (1, 2))) for _ in range(2000)]
+    assert (rasterize(clicks, ids, 3000, 4000, 2, 3) == DISK).sum() > 2000 * 10
