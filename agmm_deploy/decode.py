@@ -15,7 +15,8 @@ ICO / CUR  every directory entry and its embedded PNG/BMP header  any entry over
 
 Anything else is refused without being shown to Pillow, and Pillow then opens only the format the header named
 (``Image.open(formats=[...])``), so no other plugin parses the bytes. Decoding time is bounded by the pricing, not
-by a timer: an accepted image costs its pixels times at most MAX_JPEG_SCANS passes (measured in the tests' notes).
+by a timer: an accepted image costs at most MAX_SCAN_PASSES passes over max_pixels pixels
+(benchmarks/decode_bombs.py measures the bombs and the slowest accepted image).
 
     header = read_image_header(data)          # ImageHeader(format, width, height, mode, bits, frames, ...)
     image = decode_image(data, max_pixels=8 << 20, name="photo.jpg")   # uint8 RGB (H, W, 3)
@@ -36,6 +37,10 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # A progressive JPEG is refined scan by scan, and each scan costs a pass over every pixel: libjpeg's own
 # progressive script writes 10 scans (6 for grey), and no encoder we know writes more than a few dozen.
 MAX_JPEG_SCANS = 100
+# And scans x pixels is the decoding work: at most this many passes over an image of max_pixels pixels (a
+# progressive JPEG at the pixel limit may have 16 scans, one of a quarter of it 64). Measured on 2 shared cores,
+# a 2896x2896 (8 Mpx) scan costs 1-17 ms, so an accepted 8 Mpx image decodes in at most ~0.3 s of scans.
+MAX_SCAN_PASSES = 16
 # Only the first frame (page) is decoded, but a file of thousands is no photo and its walk costs time.
 DEFAULT_MAX_FRAMES = 1000
 # Bytes of decoded samples allowed per pixel of max_pixels when no max_decoded_bytes is given: an 8-bit RGBA
@@ -366,6 +371,10 @@ def check_image_header(header: ImageHeader, name: str = "image", max_pixels: int
         raise ImageDecodeError(f"{what}: each scan costs a pass over every pixel, and the limit is "
                                f"{MAX_JPEG_SCANS} scans (an encoder writes about 10). Re-save it as a baseline or "
                                "ordinary progressive JPEG")
+    if header.scans * header.pixels > MAX_SCAN_PASSES * max_pixels:
+        raise ImageDecodeError(f"{what}: {header.scans} passes over {header.pixels} pixels exceed the decoding "
+                               f"budget of {MAX_SCAN_PASSES} passes over {max_pixels} pixels (the pixel limit). "
+                               "Re-save it as a baseline JPEG or downscale it")
 
 
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:

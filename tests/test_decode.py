@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from agmm_deploy.decode import (MAX_JPEG_SCANS, ImageDecodeError, decode_image, read_image, read_image_header,
+from agmm_deploy.decode import (MAX_JPEG_SCANS, MAX_SCAN_PASSES, ImageDecodeError, decode_image, read_image, read_image_header,
                                 to_rgb_uint8)
 
 
@@ -76,6 +76,14 @@ def test_progressive_jpeg_with_10000_scans_is_refused_from_its_header():
     print(f"10,000-scan JPEG ({len(bomb)} bytes) refused in {1000 * (time.perf_counter() - start):.2f} ms")
     assert read_image_header(_scan_bomb(MAX_JPEG_SCANS)).scans == MAX_JPEG_SCANS
     decode_image(_scan_bomb(MAX_JPEG_SCANS))  # at the limit: decoded
+
+
+def test_scans_times_pixels_is_bounded_at_the_pixel_limit():
+    at_limit = 64 * 64 * 4  # the image is a quarter of max_pixels: 4 x MAX_SCAN_PASSES scans are within budget
+    decode_image(_scan_bomb(4 * MAX_SCAN_PASSES), max_pixels=at_limit)
+    with pytest.raises(ImageDecodeError, match=rf"{4 * MAX_SCAN_PASSES + 1} passes over 4096 pixels exceed the "
+                                               rf"decoding budget of {MAX_SCAN_PASSES} passes over {at_limit}"):
+        decode_image(_scan_bomb(4 * MAX_SCAN_PASSES + 1), max_pixels=at_limit)
 
 
 def test_16_bit_png_is_priced_by_its_decoded_bytes():
