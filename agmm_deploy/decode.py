@@ -358,8 +358,10 @@ def check_image_header(header: ImageHeader, name: str = "image", max_pixels: int
     if header.width < 1 or header.height < 1:
         raise ImageDecodeError(f"{what}: an image without pixels; expected a complete {_FORMAT_NAMES} file")
     if header.pixels > max_pixels:
-        raise ImageDecodeError(f"{name} is {header.width}x{header.height} = {header.pixels} pixels; the limit is "
-                               f"{max_pixels}. Downscale it before sending.")
+        # Beyond twice Pillow's own guard, as Pillow would call it: a decompression bomb.
+        bomb = ", a decompression bomb" if header.pixels > 2 * (Image.MAX_IMAGE_PIXELS or header.pixels) else ""
+        raise ImageDecodeError(f"{name} is {header.width}x{header.height} = {header.pixels} pixels{bomb}; the limit "
+                               f"is {max_pixels}. Downscale it before sending.")
     limit = DEFAULT_BYTES_PER_PIXEL * max_pixels if max_decoded_bytes is None else max_decoded_bytes
     if header.decoded_bytes > limit:
         raise ImageDecodeError(f"{what}, {header.decoded_bytes} bytes once decoded; the limit is {limit} bytes. "
