@@ -264,3 +264,20 @@ def test_logits_beyond_the_sane_scale_fail_whatever_the_tolerance():
     failures = result.backends[0].failures
     assert not result.passed
     assert any("logits reach |" in f and "beyond the sane scale 10000 (MAX_LOGIT)" in f for f in failures), failures
+
+
+def test_a_label_png_claiming_a_huge_size_is_refused_from_its_header(tmp_path):
+    import struct
+    import zlib
+
+    from agmm_deploy.transforms import ImageDecodeError
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    png = bytearray((tmp_path / "images" / "a.png").read_bytes())
+    png[16:24] = struct.pack(">II", 30_000, 30_000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (tmp_path / "labels" / "a.png").write_bytes(bytes(png))
+    with pytest.raises(ImageDecodeError, match="a.png is 30000x30000 = 900000000 pixels, a decompression bomb"):
+        load_parity_images(tmp_path, META, (8, 8))

@@ -109,7 +109,14 @@ def run_import(args: argparse.Namespace) -> None:
 def _read_label_map(path: Path, num_classes: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
+    from agmm_deploy.decode import ImageDecodeError, check_image_header, read_image_header
+
+    try:  # priced by its header first, as every image is
+        header = read_image_header(path.read_bytes(), str(path))
+        check_image_header(header, str(path))
+    except ImageDecodeError as err:
+        raise LabelsError(str(err)) from None
+    with Image.open(path, formats=[header.format]) as image:
         if image.mode not in ("P", "L"):
             raise LabelsError(f"{path} has mode {image.mode}; expected a label PNG of class ids as agmm-predict writes")
         label = np.asarray(image)

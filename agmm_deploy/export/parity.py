@@ -49,7 +49,8 @@ from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from agmm_deploy.contract import write_json_atomic
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.metrics import ConfusionMatrix
-from agmm_deploy.transforms import letterbox, normalize, pad_value, read_image
+from agmm_deploy.transforms import (check_image_header, letterbox, normalize, pad_value, read_image,
+                                   read_image_header)
 
 
 # No trained DeepLabV3+ we measured has a logit beyond |903| (R101, random weights; trained ones stay under |500|).
@@ -444,7 +445,10 @@ def load_parity_images(folder: str | Path, meta: ModelMeta, size: tuple[int, int
         canvas, box = letterbox(image, size, fill=pad_value(meta.mean))
         canvases.append(canvas)
         if have_labels:
-            label = np.asarray(Image.open(label_path))
+            # Priced by its header like the images (a label PNG claiming 30000x30000 is refused, not decoded).
+            header = read_image_header(label_path.read_bytes(), str(label_path))
+            check_image_header(header, str(label_path))
+            label = np.asarray(Image.open(label_path, formats=[header.format]))
             if label.ndim != 2 or label.shape != image.shape[:2]:
                 raise ValueError(f"label {label_path} is {label.shape}; expected a single-channel map of the image "
                                  f"size {image.shape[:2]}")
