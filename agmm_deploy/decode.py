@@ -319,7 +319,7 @@ def _ico_header(data: bytes, name: str) -> ImageHeader:
 # (magic test, reader, Pillow format names the reader vouches for): the decoder's table of formats.
 _READERS = (
     (lambda d: d[:8] == _PNG_MAGIC, _png_header, ("PNG",)),
-    (lambda d: d[:3] == b"\xff\xd8\xff", _jpeg_header, ("JPEG", "MPO")),
+    (lambda d: d[:3] == b"\xff\xd8\xff", _jpeg_header, ("JPEG",)),  # Pillow turns a multi-picture one into MPO
     (lambda d: d[:6] in (b"GIF87a", b"GIF89a"), _gif_header, ("GIF",)),
     (lambda d: d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_header, ("TIFF",)),
     (lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", _webp_header, ("WEBP",)),
