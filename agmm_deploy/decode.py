@@ -47,6 +47,11 @@ DEFAULT_MAX_FRAMES = 1000
 # image at the pixel limit; a 16-bit one is refused at half the pixels.
 DEFAULT_BYTES_PER_PIXEL = 4
 
+# The header walks are Python loops over chunks, segments or blocks (about 1 us each): a file made of millions
+# of tiny ones (a PNG of a million tEXt chunks, a GIF of 2-byte sub-blocks) is refused at this many, where a
+# real image has tens (a 10 MB animated GIF ~40,000 sub-blocks).
+MAX_HEADER_STEPS = 200_000
+
 _FORMAT_NAMES = "JPEG, PNG, WebP, TIFF, BMP, GIF or ICO"
 
 
@@ -96,6 +101,11 @@ class ImageHeader:
 # ------------------------------------------------------------------------------------------ header readers
 
 
+def _steps(name: str, fmt: str, what: str) -> ImageDecodeError:
+    return ImageDecodeError(f"{name} is a {fmt} of more than {MAX_HEADER_STEPS} {what}, where an image has tens; "
+                            "refused before decoding. Re-save it with an ordinary encoder")
+
+
 def _short(data: bytes, name: str, what: str) -> ImageDecodeError:
     return ImageDecodeError(f"{name} could not be decoded as an image (its {what} is cut short); expected a "
                             f"complete {_FORMAT_NAMES} file")
@@ -115,9 +125,12 @@ def _png_header(data: bytes, name: str, offset: int = 0, fmt: str = "PNG") -> Im
         raise ImageDecodeError(f"{name} has a PNG header with colour type {colour} and bit depth {bits}, which "
                                "no valid PNG has; expected a complete PNG file")
     mode, channels = _PNG_COLOURS[colour]
-    frames, pos = 1, start
+    frames, pos, steps = 1, start, 0
     # APNG: the frame count is in an acTL chunk before the first IDAT.
     while pos + 8 <= len(data):
+        steps += 1
+        if steps > MAX_HEADER_STEPS:
+            raise _steps(name, fmt, "chunks before its image data")
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         if kind == b"IDAT":
             break
@@ -133,8 +146,11 @@ _STANDALONE = {0x01, *range(0xD0, 0xD9)}
 
 
 def _jpeg_header(data: bytes, name: str) -> ImageHeader:
-    pos, sof = 2, None
+    pos, sof, steps = 2, None, 0
     while True:
+        steps += 1
+        if steps > MAX_HEADER_STEPS:
+            raise _steps(name, "JPEG", "segments before its first scan")
         while pos < len(data) and data[pos] != 0xFF:
             pos += 1  # garbage between segments, which libjpeg skips too
         while pos < len(data) and data[pos] == 0xFF:
@@ -175,7 +191,7 @@ def _gif_header(data: bytes, name: str) -> ImageHeader:
         raise _short(data, name, "GIF header")
     width, height, flags = struct.unpack("<HHB", data[6:11])
     pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-    frames = 0
+    frames, steps = 0, 0
     while pos < len(data):
         block = data[pos]
         if block == 0x3B:  # trailer
@@ -193,6 +209,9 @@ def _gif_header(data: bytes, name: str) -> ImageHeader:
             break  # garbage after the frames: Pillow stops there too
         while pos < len(data) and data[pos]:  # sub-blocks until the empty one
             pos += 1 + data[pos]
+            steps += 1
+            if steps > MAX_HEADER_STEPS:
+                raise _steps(name, "GIF", "blocks")
         pos += 1
         if frames > DEFAULT_MAX_FRAMES:
             frames += 1  # enough to refuse; the rest is not walked
@@ -249,8 +268,11 @@ def _tiff_header(data: bytes, name: str) -> ImageHeader:
 
 
 def _webp_header(data: bytes, name: str) -> ImageHeader:
-    pos, width, height, frames, alpha = 12, 0, 0, 0, False
+    pos, width, height, frames, alpha, steps = 12, 0, 0, 0, False, 0
     while pos + 8 <= len(data):
+        steps += 1
+        if steps > MAX_HEADER_STEPS:
+            raise _steps(name, "WebP", "chunks")
         kind, length = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
         body = data[pos + 8:pos + 8 + length]
         if kind == b"VP8X" and len(body) >= 10:

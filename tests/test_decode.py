@@ -139,3 +139,22 @@ def test_read_image_refuses_what_is_not_a_regular_file(tmp_path):
         read_image("/dev/zero")
     with pytest.raises(FileNotFoundError):
         read_image(tmp_path / "nothing.png")
+
+
+def test_headers_made_of_millions_of_tiny_chunks_are_refused():
+    from agmm_deploy.decode import MAX_HEADER_STEPS
+
+    png = _png_header_only(8, 8)
+    ihdr_end = 8 + 25
+    many = png[:ihdr_end] + _chunk(b"tEXt", b"") * (MAX_HEADER_STEPS + 1) + png[ihdr_end:]
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=f"is a PNG of more than {MAX_HEADER_STEPS} chunks before its image"):
+        read_image_header(many)
+    # an 8x8 GIF: screen, no colour table, one image descriptor, its LZW code size, then 2-byte sub-blocks
+    screen = b"GIF89a" + struct.pack("<HHBBB", 8, 8, 0, 0, 0)
+    descriptor = b"\x2c" + struct.pack("<HHHHB", 0, 0, 8, 8, 0) + b"\x02"
+    data = screen + descriptor + b"\x01\x00" * (MAX_HEADER_STEPS + 1) + b"\x00\x3b"
+    with pytest.raises(ImageDecodeError, match=f"is a GIF of more than {MAX_HEADER_STEPS} blocks"):
+        read_image_header(data)
+    print(f"a PNG of {MAX_HEADER_STEPS + 1} chunks and a GIF of as many sub-blocks refused in "
+          f"{time.perf_counter() - start:.2f} s")
