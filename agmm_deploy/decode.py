@@ -71,6 +71,7 @@ class ImageHeader:
         channels: samples per pixel.
         frames: frames, pages or icon entries in the file (only the first one is decoded).
         scans: JPEG scans (1 for a baseline JPEG, about 10 for a progressive one); 1 for other formats.
+        orientation: the EXIF orientation (1 = none; 5-8 turn the image by 90 degrees when it is decoded).
     """
 
     format: str
@@ -81,6 +82,12 @@ class ImageHeader:
     channels: int
     frames: int = 1
     scans: int = 1
+    orientation: int = 1
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) as decode_image returns it: after the EXIF orientation (what tiles are priced on)."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
 
     @property
     def pixels(self) -> int:
@@ -111,6 +118,24 @@ def _short(data: bytes, name: str, what: str) -> ImageDecodeError:
                             f"complete {_FORMAT_NAMES} file")
 
 
+def _exif_orientation(exif: bytes) -> int:
+    """The orientation tag (0x0112) of an EXIF block (a TIFF header and IFD0); 1 where absent or unreadable."""
+    exif = exif[6:] if exif.startswith(b"Exif\0\0") else exif
+    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    try:
+        offset = struct.unpack(order + "I", exif[4:8])[0]
+        count = struct.unpack(order + "H", exif[offset:offset + 2])[0]
+        for i in range(min(count, 1000)):
+            entry = offset + 2 + 12 * i
+            tag, kind = struct.unpack(order + "HH", exif[entry:entry + 4])
+            if tag == 0x0112 and kind == 3:
+                value = struct.unpack(order + "H", exif[entry + 8:entry + 10])[0]
+                return value if 1 <= value <= 8 else 1
+    except (struct.error, TypeError):  # TypeError: no byte-order mark (order is None)
+        pass
+    return 1
+
+
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # colour type -> (mode, channels)
 _PNG_COLOURS = {0: ("L", 1), 2: ("RGB", 3), 3: ("P", 1), 4: ("LA", 2), 6: ("RGBA", 4)}
@@ -125,8 +150,8 @@ def _png_header(data: bytes, name: str, offset: int = 0, fmt: str = "PNG") -> Im
         raise ImageDecodeError(f"{name} has a PNG header with colour type {colour} and bit depth {bits}, which "
                                "no valid PNG has; expected a complete PNG file")
     mode, channels = _PNG_COLOURS[colour]
-    frames, pos, steps = 1, start, 0
-    # APNG: the frame count is in an acTL chunk before the first IDAT.
+    frames, pos, steps, orientation = 1, start, 0, 1
+    # APNG: the frame count is in an acTL chunk before the first IDAT; the EXIF orientation in eXIf.
     while pos + 8 <= len(data):
         steps += 1
         if steps > MAX_HEADER_STEPS:
@@ -136,8 +161,10 @@ def _png_header(data: bytes, name: str, offset: int = 0, fmt: str = "PNG") -> Im
             break
         if kind == b"acTL" and pos + 12 <= len(data):
             frames = max(1, struct.unpack(">I", data[pos + 8:pos + 12])[0])
+        if kind == b"eXIf":
+            orientation = _exif_orientation(data[pos + 8:pos + 8 + length])
         pos += 12 + length
-    return ImageHeader(fmt, width, height, mode, bits, channels, frames)
+    return ImageHeader(fmt, width, height, mode, bits, channels, frames, orientation=orientation)
 
 
 # JPEG start-of-frame markers (C0-CF but DHT C4, JPG C8, DAC CC), and markers without a length.
@@ -146,7 +173,7 @@ _STANDALONE = {0x01, *range(0xD0, 0xD9)}
 
 
 def _jpeg_header(data: bytes, name: str) -> ImageHeader:
-    pos, sof, steps = 2, None, 0
+    pos, sof, steps, orientation = 2, None, 0, 1
     while True:
         steps += 1
         if steps > MAX_HEADER_STEPS:
@@ -164,6 +191,8 @@ def _jpeg_header(data: bytes, name: str) -> ImageHeader:
         if marker == 0xD9 or pos + 2 > len(data):
             raise _short(data, name, "JPEG header")
         length = struct.unpack(">H", data[pos:pos + 2])[0]
+        if marker == 0xE1 and data[pos + 2:pos + 8] == b"Exif\0\0" and orientation == 1:
+            orientation = _exif_orientation(data[pos + 2:pos + length])
         if marker in _SOF:
             if pos + 8 > len(data):
                 raise _short(data, name, "JPEG frame header")
@@ -183,7 +212,7 @@ def _jpeg_header(data: bytes, name: str) -> ImageHeader:
     # marker, so counting FFDA is exact (plus one per embedded thumbnail) and costs no decoding.
     scans = 1 + data.count(b"\xff\xda", pos)
     mode = {1: "L", 3: "RGB", 4: "CMYK"}.get(components, f"{components}-component")
-    return ImageHeader("JPEG", width, height, mode, bits, components, 1, scans)
+    return ImageHeader("JPEG", width, height, mode, bits, components, 1, scans, orientation)
 
 
 def _gif_header(data: bytes, name: str) -> ImageHeader:
@@ -264,11 +293,12 @@ def _tiff_header(data: bytes, name: str) -> ImageHeader:
     scans = 1
     if compression == 7:  # JPEG strips or tiles: a progressive one may hide many scans (an upper bound)
         scans = max(1, data.count(b"\xff\xda"))
-    return ImageHeader("TIFF", width, height, mode, bits, channels, max(pages, 1), scans)
+    orientation = tags.get(274, 1) if 1 <= tags.get(274, 1) <= 8 else 1
+    return ImageHeader("TIFF", width, height, mode, bits, channels, max(pages, 1), scans, orientation)
 
 
 def _webp_header(data: bytes, name: str) -> ImageHeader:
-    pos, width, height, frames, alpha, steps = 12, 0, 0, 0, False, 0
+    pos, width, height, frames, alpha, steps, orientation = 12, 0, 0, 0, False, 0, 1
     while pos + 8 <= len(data):
         steps += 1
         if steps > MAX_HEADER_STEPS:
@@ -279,6 +309,8 @@ def _webp_header(data: bytes, name: str) -> ImageHeader:
             alpha = bool(body[0] & 0x10)
             width = 1 + int.from_bytes(body[4:7], "little")
             height = 1 + int.from_bytes(body[7:10], "little")
+        elif kind == b"EXIF":
+            orientation = _exif_orientation(body)
         elif kind == b"ANMF":
             frames += 1
             if frames > DEFAULT_MAX_FRAMES:
@@ -293,7 +325,8 @@ def _webp_header(data: bytes, name: str) -> ImageHeader:
     if not width:
         raise _short(data, name, "WebP header")
     channels = 4 if alpha else 3
-    return ImageHeader("WEBP", width, height, "RGBA" if alpha else "RGB", 8, channels, max(frames, 1))
+    return ImageHeader("WEBP", width, height, "RGBA" if alpha else "RGB", 8, channels, max(frames, 1),
+                       orientation=orientation)
 
 
 def _dib_header(data: bytes, offset: int, name: str, fmt: str, icon: bool = False) -> ImageHeader:

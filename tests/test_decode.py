@@ -158,3 +158,14 @@ def test_headers_made_of_millions_of_tiny_chunks_are_refused():
         read_image_header(data)
     print(f"a PNG of {MAX_HEADER_STEPS + 1} chunks and a GIF of as many sub-blocks refused in "
           f"{time.perf_counter() - start:.2f} s")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_the_header_gives_the_size_as_decoded_after_the_exif_orientation(fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: the service prices its tiles on the upright size
+    data = _encode(_photo((48, 32)), fmt, exif=exif)
+    header = read_image_header(data)
+    assert header.orientation == 6 and header.upright_size == (32, 48)
+    assert decode_image(data).shape == (48, 32, 3)
+    assert read_image_header(_encode(_photo((48, 32)), fmt)).upright_size == (48, 32)
