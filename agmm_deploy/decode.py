@@ -19,6 +19,7 @@ by a timer: an accepted image costs at most MAX_SCAN_PASSES passes over max_pixe
 (benchmarks/decode_bombs.py measures the bombs and the slowest accepted image).
 
     header = read_image_header(data)          # ImageHeader(format, width, height, mode, bits, frames, ...)
+    check_budget([(name, header), ...], max_pixels=..., max_decoded_bytes=...)   # a whole request at once
     image = decode_image(data, max_pixels=8 << 20, name="photo.jpg")   # uint8 RGB (H, W, 3)
 """
 
@@ -432,6 +433,23 @@ def check_image_header(header: ImageHeader, name: str = "image", max_pixels: int
         raise ImageDecodeError(f"{what}: {header.scans} passes over {header.pixels} pixels exceed the decoding "
                                f"budget of {MAX_SCAN_PASSES} passes over {max_pixels} pixels (the pixel limit). "
                                "Re-save it as a baseline JPEG or downscale it")
+
+
+def check_budget(headers: list[tuple[str, ImageHeader]], max_pixels: int, max_decoded_bytes: int,
+                 what: str = "the request") -> None:
+    """Refuses a group of images (a request, a batch) whose pixels or decoded bytes together exceed a budget.
+
+    Args:
+        headers: (name, header) of each image, from read_image_header, before any is decoded.
+        max_pixels, max_decoded_bytes: the budget of the whole group.
+    """
+    pixels = sum(h.pixels for _, h in headers)
+    decoded = sum(h.decoded_bytes for _, h in headers)
+    if pixels > max_pixels or decoded > max_decoded_bytes:
+        largest = max(headers, key=lambda item: item[1].decoded_bytes)
+        raise ImageDecodeError(f"{what} holds {len(headers)} image(s) of {pixels} pixels and {decoded} decoded bytes "
+                               f"together; the budget is {max_pixels} pixels and {max_decoded_bytes} bytes (the "
+                               f"largest, {largest[0]}, is {largest[1].describe()}). Send fewer or smaller images")
 
 
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:

@@ -17,7 +17,8 @@ from PIL import Image
 
 # The bounded decoder lives in agmm_deploy.decode; its names stay importable from here.
 from agmm_deploy.decode import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageHeader,  # noqa: F401
-                                check_image_header, decode_image, read_image, read_image_header, to_rgb_uint8)
+                                check_budget, check_image_header, decode_image, read_image, read_image_header,
+                                to_rgb_uint8)
 
 # The official sliding-window evaluation (pre_slide) moves its tiles by a third of the tile: overlap 2/3.
 SLIDING_OVERLAP = 2 / 3

@@ -169,3 +169,14 @@ def test_the_header_gives_the_size_as_decoded_after_the_exif_orientation(fmt):
     assert header.orientation == 6 and header.upright_size == (32, 48)
     assert decode_image(data).shape == (48, 32, 3)
     assert read_image_header(_encode(_photo((48, 32)), fmt)).upright_size == (48, 32)
+
+
+def test_a_request_is_priced_as_a_whole_before_any_image_is_decoded():
+    from agmm_deploy.transforms import check_budget
+
+    grey = _encode(Image.fromarray(np.zeros((2048, 4096), np.uint16)), "PNG")  # 19 KB, 16.8 MB decoded
+    headers = [(f"image {i}", read_image_header(grey)) for i in range(16)]
+    check_budget(headers[:4], max_pixels=64 << 20, max_decoded_bytes=80 << 20)
+    with pytest.raises(ImageDecodeError, match=r"the request holds 16 image\(s\) of 134217728 pixels and 268435456 "
+                                               r"decoded bytes together; the budget is 67108864 pixels"):
+        check_budget(headers, max_pixels=64 << 20, max_decoded_bytes=80 << 20)
