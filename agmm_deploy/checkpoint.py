@@ -178,6 +178,19 @@ def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     )
 
 
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuses weights holding NaN or Inf: such a model answers one class everywhere and passes a parity check
+    (argmax of NaN is 0 on every backend alike), so it must not get that far."""
+    name = first_nonfinite(state)
+    if name is None:
+        return
+    value = state[name]
+    nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+    raise CheckpointError(f"{path} holds non-finite weights: {name} has {nan} NaN and {inf} Inf of its "
+                          f"{value.numel()} values (the first such tensor); the training run diverged or the file "
+                          "was damaged. Use an earlier checkpoint (e.g. best.pt) or train again with a lower --lr")
+
+
 def _infer_stem(state: dict[str, torch.Tensor]) -> str:
     return "deep" if "backbone.conv1.0.weight" in state else "torchvision"
 
@@ -262,6 +275,7 @@ def load_model(path: str | Path, *, backbone: str | None = None, num_classes: in
         checkpoint = {"model": state, "model_config": config.to_dict(), "meta": meta.to_dict(), "raw": True}
     model = DeepLabV3Plus(config)
     _check_state_dict(model, state, str(path))
+    _check_finite(state, path)
     model.load_state_dict(state, strict=True)
     model.eval()
     return LoadedModel(model=model, config=config, meta=meta, checkpoint=checkpoint, path=path)

@@ -13,72 +13,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-# Pillow's own bomb guard (about 89 Mpx) stays on; callers may pass a tighter max_pixels.
-DEFAULT_MAX_PIXELS = 64_000_000
+# The bounded decoder lives in agmm_deploy.decode; its names stay importable from here.
+from agmm_deploy.decode import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageHeader,  # noqa: F401
+                                check_budget, check_image_header, decode_image, read_image, read_image_header,
+                                to_rgb_uint8)
+
 # The official sliding-window evaluation (pre_slide) moves its tiles by a third of the tile: overlap 2/3.
 SLIDING_OVERLAP = 2 / 3
-
-
-class ImageDecodeError(ValueError):
-    """The bytes or file are not a decodable image, or the image is larger than allowed."""
-
-
-def to_rgb_uint8(image: Image.Image) -> np.ndarray:
-    """Any PIL image (RGB, RGBA, L, LA, P, I;16, I, F, CMYK) as uint8 RGB (H, W, 3), EXIF orientation applied."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / 32-bit single channel: scale the full value range to 0..255 (what a viewer would show).
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        array = np.zeros_like(array) if hi <= lo else (array - lo) * (255.0 / (hi - lo))
-        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Composite transparency over black, as the network never saw alpha.
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, image)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-
-
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
-    """Decodes JPEG/PNG/WebP/TIFF/... bytes to uint8 RGB (H, W, 3).
-
-    Raises:
-        ImageDecodeError: empty or non-image bytes, truncated data, or more than ``max_pixels`` pixels
-            (checked from the header, before the pixels are decoded).
-    """
-    if not data:
-        raise ImageDecodeError(f"{name} is empty; expected the bytes of a JPEG, PNG, WebP or TIFF image")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"{name} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}. "
-                    "Downscale it before sending."
-                )
-            image.load()
-            return to_rgb_uint8(image)
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"{name} was refused as a decompression bomb: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
-        # PIL's own message for unknown formats names its BytesIO object, which helps nobody.
-        reason = "not a recognised image format" if isinstance(err, UnidentifiedImageError) else str(err)
-        raise ImageDecodeError(f"{name} could not be decoded as an image ({reason}); expected a complete "
-                               "JPEG, PNG, WebP or TIFF file") from err
-
-
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Reads an image file as uint8 RGB (H, W, 3)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    return decode_image(path.read_bytes(), max_pixels=max_pixels, name=str(path))
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -173,3 +173,29 @@ def test_atomic_writes_use_unique_temporary_files_and_the_umask(tmp_path):
     atomic_write_bytes(path, b"x")
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("key,value,count", [
+    ("backbone.conv1.0.weight", float("nan"), "1 NaN and 0 Inf"),  # one NaN in the first conv
+    ("classifier.weight", float("nan"), "NaN and 0 Inf"),  # the whole classifier NaN
+    ("backbone.conv1.1.running_var", float("nan"), "1 NaN"),  # a BatchNorm statistic, not a parameter
+    ("head.b1.0.weight", float("inf"), "0 NaN and 1 Inf"),  # one Inf
+])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, key, value, count):
+    model = DeepLabV3Plus(TINY).eval()
+    tensor = model.state_dict()[key]
+    if key == "classifier.weight":
+        tensor.fill_(value)
+    else:
+        tensor.view(-1)[0] = value
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, ModelMeta.for_dataset("cityscapes", (64, 64)))
+    with pytest.raises(CheckpointError, match=rf"ckpt.pt holds non-finite weights: {key} has .*{count}"):
+        load_model(path)
+
+
+def test_raw_state_dict_with_nan_is_refused(tmp_path):
+    state = _official_state_dict(ModelConfig.pascal(backbone="resnet18"))
+    state["backbone.layer1.0.bn1.running_var"][3] = float("nan")
+    torch.save(state, tmp_path / "raw.pth")
+    with pytest.raises(CheckpointError, match="backbone.layer1.0.bn1.running_var has 1 NaN"):
+        load_model(tmp_path / "raw.pth", backbone="resnet18", num_classes=21, dataset="pascal")

@@ -191,3 +191,25 @@ def test_a_full_disk_exits_2_with_a_sentence(checkpoint, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "failed (No space left on device); free some space or choose another --out" in err
     assert "Traceback" not in err and not (tmp_path / "full" / "model.onnx").exists()
+
+
+def test_non_finite_weights_exit_2_before_the_export(checkpoint, tmp_path, capsys):
+    data = torch.load(checkpoint, weights_only=True)
+    data["model"]["backbone.conv1.0.weight"].view(-1)[0] = float("nan")
+    torch.save(data, tmp_path / "nan.pt")
+    code = main([str(tmp_path / "nan.pt"), "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds non-finite weights: backbone.conv1.0.weight has 1 NaN" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_absurd_weights_fail_parity_whatever_the_tolerance(checkpoint, tmp_path, capsys):
+    data = torch.load(checkpoint, weights_only=True)
+    for key in ("classifier.weight", "classifier.bias"):  # logits ~1e30: finite in fp32, absurd
+        data["model"][key] *= 1e30
+    torch.save(data, tmp_path / "huge.pt")
+    code = main([str(tmp_path / "huge.pt"), "--device", "cpu", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "beyond the sane scale 10000 (MAX_LOGIT)" in out and "parity FAILED" in out
+    assert (tmp_path / "out" / "model.onnx.failed").is_file()

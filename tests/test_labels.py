@@ -335,3 +335,208 @@ def test_import_train_predict_and_preannotate_end_to_end(tmp_path, capsys):
         for image in export.images:  # two steps from random weights predict something: every pixel is covered
             back = rasterize(image.shapes, {n: i for i, n in enumerate(CLASSES)}, 48, 64, 0, 1)
             assert image.shapes and (back != IGNORE_INDEX).mean() > 0.95
+
+
+# ---- annotation files are third-party input (issue 21): names that escape --images, bombs, malformed values ----
+
+def _exports_naming(tmp_path, name):
+    """The same click, on an image called ``name``, in each of the four formats."""
+    cvat_xml = tmp_path / "a.xml"
+    cvat_xml.write_text(f'<annotations><meta><task><labels><label><name>disk</name></label><label><name>box</name>'
+                        f'</label></labels></task></meta><image id="0" name="{name}">'
+                        f'<points label="disk" points="1,1"/></image></annotations>')
+    ls = tmp_path / "a.json"
+    ls.write_text(json.dumps([{"data": {"image": f"/data/local-files/?d={name}"}, "annotations": [{"result": [
+        {"type": "keypointlabels", "original_width": 64, "original_height": 48,
+         "value": {"x": 1, "y": 1, "keypointlabels": ["disk"]}}]}]}]))
+    coco = tmp_path / "c.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": name}], "categories": [{"id": 1, "name": "disk"},
+                                {"id": 2, "name": "box"}], "annotations": [{"image_id": 1, "category_id": 1,
+                                                                             "keypoints": [1, 1, 2]}]}))
+    csv = tmp_path / "a.csv"
+    csv.write_text(f"{name},1,1,disk\n{name},2,2,box\n")
+    return [(cvat_xml, "cvat"), (ls, "label-studio"), (coco, "coco"), (csv, "csv")]
+
+
+@pytest.mark.parametrize("target", ["exists", "absent"])
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "upload-url"])
+def test_image_names_outside_images_are_refused_unopened_with_one_sentence(tmp_path, capsys, monkeypatch, how,
+                                                                          target):
+    images = tmp_path / "images"
+    shutil.copytree(IMAGES, images)
+    outside = tmp_path / ("secret.png" if target == "exists" else "absent.png")
+    if target == "exists":
+        shutil.copyfile(IMAGES / "img_0.png", outside)
+    names = {"dotdot": f"../{outside.name}", "absolute": str(outside), "symlink": "link.png",
+             "upload-url": None}
+    if how == "symlink":
+        (images / "link.png").symlink_to(outside)
+    opened = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self) or real_read_bytes(self))
+    if how == "upload-url":  # Label Studio's upload path, its name percent-encoded with a '../' inside
+        path = tmp_path / "ls.json"
+        click = {"type": "keypointlabels", "original_width": 64, "original_height": 48,
+                 "value": {"x": 1, "y": 1, "keypointlabels": ["disk"]}}
+        path.write_text(json.dumps([{"data": {"image": f"/data/upload/1/0badcafe-..%2F{outside.name}"},
+                                     "annotations": [{"result": [click]}]}]))
+        exports, shown = [(path, "label-studio")], f"../{outside.name}"
+    else:
+        exports, shown = _exports_naming(tmp_path, names[how]), names[how]
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    for export, fmt in exports:
+        out = tmp_path / f"out_{fmt}"
+        assert run_import(export, out, "--format", fmt, "--classes", str(classes), images=images) == 2, fmt
+        err = capsys.readouterr().err
+        assert (f"image {shown!r} of the export names a file outside --images {images}; refused without opening "
+                "it" in err), (fmt, err)
+        assert "Traceback" not in err and "exist" not in err.replace("not in", "")
+        assert_nothing_written(out)
+    assert not [p for p in opened if not p.resolve().is_relative_to(tmp_path / "images")], opened
+
+
+def test_a_cvat_mask_of_a_few_bytes_is_sized_from_its_image_before_decoding(tmp_path, capsys):
+    path = _cvat_with(tmp_path, '<image id="0" name="img_0.png" width="64" height="48">',
+                      '<image id="0" name="img_0.png" width="64" height="48"><mask label="disk" rle="0, 10000000000" '
+                      'left="0" top="0" width="100000" height="100000"/>')
+    out = tmp_path / "out"
+    assert run_import(path, out) == 2
+    err = capsys.readouterr().err
+    assert "spans x 0..100000, y 0..100000, outside its 64x48 image; refused before decoding its rle" in err
+    huge = _cvat_with(tmp_path, 'name="img_0.png" width="64" height="48"', 'name="img_0.png" width="100000" '
+                      'height="100000"')
+    assert run_import(huge, out) == 2
+    assert "declares an image of 100000x100000 = 10000000000 pixels; the limit is 64000000" in capsys.readouterr().err
+    assert_nothing_written(out)
+
+
+def _ls_brush(tmp_path, rle, width=64, height=48):
+    path = tmp_path / "brush.json"
+    path.write_text(json.dumps([{"id": 7, "data": {"image": "img_0.png"}, "annotations": [{"result": [
+        {"type": "brushlabels", "original_width": width, "original_height": height,
+         "value": {"format": "rle", "rle": rle, "brushlabels": ["disk"]}}]}]}]))
+    return path
+
+
+@pytest.mark.parametrize("case", ["header", "length", "declared", "ends", "chunks"])
+def test_brush_rle_is_bounded_by_its_declared_size(tmp_path, capsys, monkeypatch, case):
+    good = label_studio.encode_brush_rle(np.ones((48, 64), bool))
+    header_of = lambda num: list(num.to_bytes(4, "big"))  # noqa: E731  (the value count: the first 32 bits)
+    rle, width, height, expected = {
+        # a header asking for far more values than the declared 64x48 RGBA (the 7.45 GiB one)
+        "header": (header_of(2_000_000_000) + good[4:], 64, 48, "holds 2000000000 values; the image's 64x48 RGBA "
+                   "needs 12288"),
+        # a stream longer than any 64x48 mask needs (the 200 MB one, small)
+        "length": (good + [0] * 60_000, 64, 48, "brush rle holds 60010 bytes; a 64x48 mask needs at most 49160"),
+        "declared": (good, 100_000, 100_000, "declares an image of 100000x100000 = 10000000000 pixels"),
+        "ends": (good[:9], 64, 48, "brush rle ends early"),
+        # every run of the mask costs a chunk; over the bound (here lowered to 100) it is refused, not decoded
+        "chunks": (label_studio.encode_brush_rle(np.tile([[True, False]], (48, 32))), 64, 48,
+                   "brush rle needs more than 100 chunks for its 64x48 mask"),
+    }[case]
+    monkeypatch.setattr(label_studio, "MAX_BRUSH_CHUNKS", 100)
+    path = _ls_brush(tmp_path, rle, width, height)
+    out = tmp_path / "out"
+    assert run_import(path, out, "--format", "label-studio") == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(path) in err and "Traceback" not in err, err
+    assert_nothing_written(out)
+
+
+_LS_POINT = {"type": "keypointlabels", "original_width": 64, "original_height": 48,
+             "value": {"x": 10, "y": 10, "keypointlabels": ["disk"]}}
+_COCO = {"images": [{"id": 1, "file_name": "img_0.png", "width": 64, "height": 48}],
+         "categories": [{"id": 1, "name": "disk"}, {"id": 2, "name": "box"}],
+         "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "keypoints": [10, 10, 2]}]}
+
+
+def _with(base, path, value):
+    """A deep copy of ``base`` with the item at ``path`` (a tuple of keys) replaced, or deleted for ``...``."""
+    data = json.loads(json.dumps(base))
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    if value is ...:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return data
+
+
+def _ls(result):
+    return [{"id": 3, "data": {"image": "img_0.png"}, "annotations": [{"result": [result]}]}]
+
+
+_MALFORMED = {
+    "cvat-nan-point": ("xml", ('points="14.50,16.50"', 'points="NaN,16.50"'),
+                       "has points='NaN,16.50'; expected finite"),
+    "cvat-infinity-point": ("xml", ('points="14.50,16.50"', 'points="14.5,Infinity"'), "expected finite numbers"),
+    "cvat-abc-width": ("xml", ('name="img_0.png" width="64"', 'name="img_0.png" width="abc"'),
+                       "image 'img_0.png' has width='abc'; expected a number"),
+    "cvat-inf-mask-left": ("xml", ('left="0" top="0"', 'left="inf" top="0"'),
+                           "has left='inf'; expected a finite number"),
+    "ls-nan-x": ("json", _ls(_with(_LS_POINT, ("value", "x"), float("nan"))), "has x=nan; expected a finite number"),
+    "ls-abc-width": ("json", _ls(_with(_LS_POINT, ("original_width",), "abc")), "has width='abc'; expected a number"),
+    "ls-task-not-object": ("json", [["not", "a", "task"]], "task 1 has the task of type list; expected a JSON object"),
+    "ls-annotations-string": ("json", [{"data": {"image": "a.png"}, "annotations": "x"}],
+                              "has annotations of type str; expected a JSON list"),
+    "ls-label-not-list": ("json", _ls(_with(_LS_POINT, ("value", "keypointlabels"), "disk")),
+                          "has value.keypointlabels that is not a list of label names"),
+    "coco-image-without-file-name": ("json", _with(_COCO, ("images", 0, "file_name"), ...),
+                                     "images[0] lacks file_name; a COCO entry there has id, file_name"),
+    "coco-category-without-name": ("json", _with(_COCO, ("categories", 0, "name"), ...),
+                                   "categories[0] lacks name"),
+    "coco-annotation-without-image-id": ("json", _with(_COCO, ("annotations", 0, "image_id"), ...),
+                                         "annotations[0] lacks image_id"),
+    "coco-abc-keypoint": ("json", _with(_COCO, ("annotations", 0, "keypoints"), ["abc", 1, 2]),
+                          "annotation 5 has keypoints='abc'; expected a number"),
+    "coco-infinity-keypoint": ("json", _with(_COCO, ("annotations", 0, "keypoints"), [float("inf"), 1, 2]),
+                               "annotation 5 has keypoints=inf; expected a finite number"),
+    "coco-keypoints-not-triples": ("json", _with(_COCO, ("annotations", 0, "keypoints"), [1, 2]),
+                                   "has keypoints that is not a flat list of numbers in groups of 3"),
+    "coco-abc-height": ("json", _with(_COCO, ("images", 0, "height"), "abc"), "has height='abc'; expected a number"),
+    "coco-not-an-object": ("json", [1, 2], None),  # a list is read as Label Studio: forced to coco below
+    "deep-json": ("json", None, "nests JSON lists or objects deeper than the parser goes"),
+    "csv-abc": ("csv", "img_0.png,abc,1,disk\nimg_0.png,1,1,box\n", "row 1 has x='abc'; expected a number"),
+    "csv-nan": ("csv", "img_0.png,nan,1,disk\nimg_0.png,1,1,box\n", "row 1 has x='nan'; expected a finite number"),
+    "csv-131k-field": ("csv", "img_0.png,1,1," + "d" * 131_073 + "\n", "is not a readable CSV (field larger than"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED))
+def test_every_malformed_value_is_one_sentence_naming_the_file_and_field(tmp_path, capsys, case):
+    kind, content, expected = _MALFORMED[case]
+    fmt = {"xml": "cvat", "csv": "csv"}.get(kind, "coco" if case.startswith(("coco", "deep")) else "label-studio")
+    path = tmp_path / f"export.{kind}"
+    if kind == "xml":
+        path = _cvat_with(tmp_path, *content)
+    elif case == "deep-json":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "json":
+        path.write_text(json.dumps(content))  # Python writes NaN / Infinity, as some exporters do
+    else:
+        path.write_text(content)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "out"
+    assert run_import(path, out, "--format", fmt, "--classes", str(classes)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(path) in err and err.count("\n") == 1, err
+    assert expected is None or expected in err, err
+    assert_nothing_written(out)
+
+
+def test_many_shapes_cost_their_own_size_not_the_image_s():
+    """Each shape is drawn in its own box: 2,000 clicks on a 4000x3000 image took 50 s when each filled a canvas
+    of the image's size (0.2 s now). Shapes at the border are still drawn as on the whole image."""
+    from agmm_deploy.labels.annotations import Shape
+
+    ids = {n: i for i, n in enumerate(CLASSES)}
+    corner = rasterize([Shape("point", "disk", np.array([[64.0, 48.0]]))], ids, 48, 64, 2, 3)
+    assert corner[47, 63] == DISK and corner[45, 63] == DISK and corner[47, 61] == DISK and (corner == DISK).sum() == 6
+    line = rasterize([Shape("polyline", "box", np.array([[0.5, 0.5], [63.5, 0.5]]))], ids, 48, 64, 2, 3)
+    assert (line[0:2, 1:63] == BOX).all() and (line[3:] == IGNORE_INDEX).all()  # 3 wide, cut by the top border
+    rng = np.random.default_rng(0)
+    clicks = [Shape("point", "disk", rng.uniform([0, 0], [4000, 3000], (1, 2))) for _ in range(2000)]
+    assert (rasterize(clicks, ids, 3000, 4000, 2, 3) == DISK).sum() > 2000 * 10

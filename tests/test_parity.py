@@ -230,3 +230,54 @@ def test_an_export_with_its_classifier_rounded_to_fp16_fails_the_fp32_gate(large
     assert not result.passed and b.allclose is False and b.tolerance_used > 2, result.table()
     assert b.failures[0].startswith("logits not allclose (rtol=0.001, atol=0.0001, atol_rel=1e-05 of max|ref| "
                                     "per image)")
+
+
+@pytest.mark.parametrize("side", ["reference", "candidate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_fail_whatever_the_tolerance(side, value, tmp_path):
+    images, logits = _data()
+    bad = logits.copy()
+    bad[:, 0] = value  # a NaN classifier row: argmax is 0 everywhere, on both sides alike when both are NaN
+    reference, candidate = (bad, logits) if side == "reference" else (logits, bad)
+    result = check_parity(ArrayRunner(reference), [ArrayRunner(candidate, "onnxruntime-cpu")], images,
+                          gates={"fp32": gates_for("fp32", atol=1e30, rtol=1e30, min_agreement=0.0)})
+    b = result.backends[0]
+    who = "the reference (pytorch)" if side == "reference" else "onnxruntime-cpu"
+    assert not result.passed
+    assert any(f.startswith(f"{who} logits hold 256 NaN/Inf value(s) of 768") for f in b.failures), b.failures
+    assert np.isfinite(b.max_abs_diff) and np.isfinite(b.mean_abs_diff)
+    json.loads(result.write_json(tmp_path / "parity.json").read_text())  # still strict JSON
+
+
+def test_both_sides_nan_is_not_a_perfect_match():
+    images, logits = _data()
+    logits[:] = np.nan  # what an export of NaN weights gave: max|diff| 0, agreement 100 %, "PASSED"
+    result = check_parity(ArrayRunner(logits), [ArrayRunner(logits, "onnxruntime-cpu")], images)
+    assert not result.passed and "parity FAILED" in result.table()
+
+
+def test_logits_beyond_the_sane_scale_fail_whatever_the_tolerance():
+    images, logits = _data()
+    huge = logits * 1e23  # weights scaled by 1e30 gave |logits| ~1e25 and passed at max|diff| 1.3e23
+    noisy = huge * (1 + 1e-3)
+    result = check_parity(ArrayRunner(huge), [ArrayRunner(noisy, "onnxruntime-cpu")], images)
+    failures = result.backends[0].failures
+    assert not result.passed
+    assert any("logits reach |" in f and "beyond the sane scale 10000 (MAX_LOGIT)" in f for f in failures), failures
+
+
+def test_a_label_png_claiming_a_huge_size_is_refused_from_its_header(tmp_path):
+    import struct
+    import zlib
+
+    from agmm_deploy.transforms import ImageDecodeError
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    png = bytearray((tmp_path / "images" / "a.png").read_bytes())
+    png[16:24] = struct.pack(">II", 30_000, 30_000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (tmp_path / "labels" / "a.png").write_bytes(bytes(png))
+    with pytest.raises(ImageDecodeError, match="a.png is 30000x30000 = 900000000 pixels, a decompression bomb"):
+        load_parity_images(tmp_path, META, (8, 8))

@@ -20,7 +20,7 @@ import numpy as np
 
 from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES, default_palette
-from agmm_deploy.labels import FORMATS, LabelsError, detect_format, get_format
+from agmm_deploy.labels import FORMATS, LabelsError, detect_format, get_format, read_export
 from agmm_deploy.labels.annotations import PredictedImage
 from agmm_deploy.labels.dataset import ImportSummary, import_labels, read_classes
 
@@ -101,7 +101,7 @@ def run_import(args: argparse.Namespace) -> None:
         raise LabelsError(f"annotation file {args.annotations} does not exist")
     fmt = get_format(args.format) if args.format else detect_format(args.annotations)
     classes = read_classes(args.classes) if args.classes else None
-    export = fmt.read(args.annotations)
+    export = read_export(args.annotations, fmt)
     summary = import_labels(export, args.images, args.out, classes, args.click_radius, args.scribble_width)
     print_summary(summary, f"{args.annotations} ({fmt.name})")
 
@@ -109,7 +109,14 @@ def run_import(args: argparse.Namespace) -> None:
 def _read_label_map(path: Path, num_classes: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
+    from agmm_deploy.decode import ImageDecodeError, check_image_header, read_image_header
+
+    try:  # priced by its header first, as every image is
+        header = read_image_header(path.read_bytes(), str(path))
+        check_image_header(header, str(path))
+    except ImageDecodeError as err:
+        raise LabelsError(str(err)) from None
+    with Image.open(path, formats=[header.format]) as image:
         if image.mode not in ("P", "L"):
             raise LabelsError(f"{path} has mode {image.mode}; expected a label PNG of class ids as agmm-predict writes")
         label = np.asarray(image)

@@ -49,7 +49,14 @@ from agmm_deploy.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from agmm_deploy.contract import write_json_atomic
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.metrics import ConfusionMatrix
-from agmm_deploy.transforms import letterbox, normalize, pad_value, read_image
+from agmm_deploy.transforms import (check_image_header, letterbox, normalize, pad_value, read_image,
+                                   read_image_header)
+
+
+# No trained DeepLabV3+ we measured has a logit beyond |903| (R101, random weights; trained ones stay under |500|).
+# Beyond 1e4 the weights are absurd (a diverged run, weights scaled by 1e30), and a scale-relative tolerance
+# would pass differences of 1e23: parity fails there whatever the tolerance, as it does for NaN and Inf logits.
+MAX_LOGIT = 1e4
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,8 @@ class BackendParity:
     miou: float | None = None
     miou_delta: float | None = None
     seconds: float = 0.0
+    nonfinite_logits: int = 0  # NaN / Inf values among this backend's logits
+    abs_max: float = 0.0  # its largest finite |logit|
     failures: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
 
@@ -161,6 +170,7 @@ class ParityResult:
     reference_seconds: float
     backends: list[BackendParity]
     reference_abs_max: float = 0.0  # the logits' scale, over all images (fp32's atol_rel uses each image's own)
+    reference_nonfinite: int = 0  # NaN / Inf values among the reference's logits
 
     @property
     def passed(self) -> bool:
@@ -239,7 +249,7 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
     worst = [0.0] * len(candidates)  # max |diff| / tolerance so far
     abs_sums = [0.0] * len(candidates)
     agree = [0] * len(candidates)
-    ref_seconds, ref_abs_max = 0.0, 0.0
+    ref_seconds, ref_abs_max, ref_nonfinite = 0.0, 0.0, 0
     chunks = range(0, len(images), batch_size)
     if progress:
         from tqdm import tqdm
@@ -251,7 +261,9 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
         ref_logits = reference(batch)  # (B, K, H, W)
         ref_seconds += time.perf_counter() - t0
         ref_pred = ref_logits.argmax(1)
-        ref_abs_max = max(ref_abs_max, float(np.abs(ref_logits).max()))
+        ref_finite = np.isfinite(ref_logits)
+        ref_nonfinite += int(ref_finite.size - ref_finite.sum())
+        ref_abs_max = max(ref_abs_max, _finite_abs_max(ref_logits, ref_finite))
         if labels is not None:
             ref_matrix.update(labels[start:start + batch_size], ref_pred)
         for i, (candidate, result) in enumerate(zip(candidates, results)):
@@ -261,14 +273,20 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
             if logits.shape != ref_logits.shape:
                 raise ValueError(f"{candidate.backend} returned logits {logits.shape}; the reference returned "
                                  f"{ref_logits.shape}")
-            diff = np.abs(logits - ref_logits)
+            finite = np.isfinite(logits)
+            result.nonfinite_logits += int(finite.size - finite.sum())
+            result.abs_max = max(result.abs_max, _finite_abs_max(logits, finite))
+            # Differences over the logits finite on both sides: NaN would vanish in max() (max(0.0, nan) is 0)
+            # and an Inf makes every statistic Inf; the non-finite ones fail on their own below.
+            diff = np.where(finite & ref_finite, np.abs(logits - ref_logits), 0.0)
             result.max_abs_diff = max(result.max_abs_diff, float(diff.max()))
             abs_sums[i] += float(diff.sum(dtype=np.float64))
             g = result.gates
             if g.allclose_checked():
-                tolerance = g.tolerance(ref_logits)
                 # A zero tolerance (--atol 0 --rtol 0) asks for equality: any difference is infinitely over.
+                # (Non-finite reference logits make tolerances NaN; they fail on their own below.)
                 with np.errstate(divide="ignore", invalid="ignore"):
+                    tolerance = g.tolerance(ref_logits)
                     ratio = np.where(diff > 0, diff / tolerance, 0.0)
                 worst[i] = max(worst[i], float(ratio.max()))
             pred = logits.argmax(1)
@@ -281,6 +299,9 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
     ref_miou = ref_matrix.miou() if scored else None
     for i, result in enumerate(results):
         g = result.gates
+        values = pixels * num_classes
+        result.failures += _sanity_failures(f"the reference ({reference.backend})", ref_nonfinite, ref_abs_max, values)
+        result.failures += _sanity_failures(result.backend, result.nonfinite_logits, result.abs_max, values)
         result.mean_abs_diff = abs_sums[i] / (pixels * num_classes)
         result.argmax_agreement = agree[i] / pixels
         if g.allclose_checked():
@@ -306,7 +327,25 @@ def check_parity(reference: Any, candidates: Sequence[Any], images: np.ndarray,
     return ParityResult(reference=reference.backend, source=source, num_images=int(images.shape[0]),
                         input_size=(int(images.shape[2]), int(images.shape[3])), labelled=labels is not None,
                         reference_miou=ref_miou, reference_seconds=ref_seconds, backends=results,
-                        reference_abs_max=ref_abs_max)
+                        reference_abs_max=ref_abs_max, reference_nonfinite=ref_nonfinite)
+
+
+def _finite_abs_max(logits: np.ndarray, finite: np.ndarray) -> float:
+    return float(np.abs(np.where(finite, logits, 0.0)).max(initial=0.0))
+
+
+def _sanity_failures(backend: str, nonfinite: int, abs_max: float, total: int) -> list[str]:
+    """The failures no tolerance can pass: NaN / Inf logits, or logits beyond MAX_LOGIT (absurd weights)."""
+    failures = []
+    if nonfinite:
+        failures.append(f"{backend} logits hold {nonfinite} NaN/Inf value(s) of {total}: the weights (or the "
+                        "input) are not finite, and argmax of NaN is class 0 on every backend alike, so nothing "
+                        "here can be compared")
+    if abs_max > MAX_LOGIT:
+        failures.append(f"{backend} logits reach |{abs_max:.3g}|, beyond the sane scale {MAX_LOGIT:g} "
+                        "(MAX_LOGIT): the weights are absurd (a diverged run?) and a tolerance relative to that "
+                        "scale would pass any difference")
+    return failures
 
 
 def check_artifacts(reference: Any, paths: Sequence[str | Path], images: np.ndarray,
@@ -406,7 +445,10 @@ def load_parity_images(folder: str | Path, meta: ModelMeta, size: tuple[int, int
         canvas, box = letterbox(image, size, fill=pad_value(meta.mean))
         canvases.append(canvas)
         if have_labels:
-            label = np.asarray(Image.open(label_path))
+            # Priced by its header like the images (a label PNG claiming 30000x30000 is refused, not decoded).
+            header = read_image_header(label_path.read_bytes(), str(label_path))
+            check_image_header(header, str(label_path))
+            label = np.asarray(Image.open(label_path, formats=[header.format]))
             if label.ndim != 2 or label.shape != image.shape[:2]:
                 raise ValueError(f"label {label_path} is {label.shape}; expected a single-channel map of the image "
                                  f"size {image.shape[:2]}")

@@ -58,4 +58,23 @@ def detect_format(path: Path) -> LabelFormat:
                       "pass --format if it is one of them")
 
 
-__all__ = ["FORMATS", "Export", "LabelFormat", "LabelsError", "detect_format", "get_format"]
+def read_export(path: Path, fmt: LabelFormat) -> Export:
+    """``fmt.read(path)``, with anything the reader did not foresee in a third-party file as one sentence too.
+
+    The readers check every value they use and name its field; this is the net beneath them, so that no export
+    ends in a traceback.
+    """
+    try:
+        return fmt.read(path)
+    except LabelsError:
+        raise
+    except OSError as err:
+        raise LabelsError(f"annotation file {path} cannot be read ({err.strerror or err})") from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError,
+            MemoryError) as err:
+        detail = str(err)[:200]
+        raise LabelsError(f"{path} could not be read as a {fmt.name} export ({type(err).__name__}: {detail}); "
+                          "export it from the tool again or pass --format if it is another format") from None
+
+
+__all__ = ["FORMATS", "Export", "LabelFormat", "LabelsError", "detect_format", "get_format", "read_export"]

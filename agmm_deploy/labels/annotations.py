@@ -7,9 +7,14 @@ Images are seen as the tools show them: after their EXIF orientation (the traine
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from agmm_deploy.decode import DEFAULT_MAX_PIXELS
 
 # The kinds of shape a reader may return, and how each becomes pixels (see rasterize.py):
 # point = a click (a disk), polyline = a scribble (a line of some width), polygon = a filled region,
@@ -19,6 +24,59 @@ SHAPE_KINDS = ("point", "polyline", "polygon", "mask")
 
 class LabelsError(ValueError):
     """An export that cannot be imported as it is: the message is one sentence saying what to fix."""
+
+
+# An export is third-party input: every value is checked where it is read, and a bad one named with its field.
+# A mask or brush RLE is sized from its declared image before it is decoded, and no image (declared or on
+# disk) is larger than the bounded decoder takes.
+MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+
+
+def number(value: object, where: str, name: str) -> float:
+    """``value`` as a finite float; a sentence naming ``where`` and the field ``name`` otherwise."""
+    raw = value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise LabelsError(f"{where} has {name}={_short(raw)}; expected a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LabelsError(f"{where} has {name}={_short(raw)}; expected a finite number")
+    return float(value)
+
+
+def integer(value: object, where: str, name: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value`` as an int in [minimum, maximum] (an integral float such as 64.0 is accepted, as tools write)."""
+    result = number(value, where, name)
+    if result != int(result) or result < minimum or (maximum is not None and result > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise LabelsError(f"{where} has {name}={_short(value)}; expected a whole number {bounds}")
+    return int(result)
+
+
+def image_size(width: object, height: object, where: str) -> tuple[int, int]:
+    """A declared image size, refused when it is not two positive integers or exceeds MAX_IMAGE_PIXELS."""
+    w, h = integer(width, where, "width", 1), integer(height, where, "height", 1)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise LabelsError(f"{where} declares an image of {w}x{h} = {w * h} pixels; the limit is "
+                          f"{MAX_IMAGE_PIXELS} (the image decoder's)")
+    return w, h
+
+
+def read_json(path: Path, what: str) -> object:
+    """Parses a JSON export; invalid JSON, bad UTF-8 or nesting deeper than the parser goes is one sentence."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LabelsError(f"{path} is not valid JSON ({err}); expected {what}") from None
+    except RecursionError:
+        raise LabelsError(f"{path} nests JSON lists or objects deeper than the parser goes; expected {what}, "
+                          "which nests a few levels") from None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 @dataclass

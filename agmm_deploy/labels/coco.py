@@ -8,12 +8,12 @@ present, are filled regions; RLE segmentations (crowd regions) are counted and n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from agmm_deploy.labels.annotations import Export, ImageAnnotations, LabelsError, Shape
+from agmm_deploy.labels.annotations import (Export, ImageAnnotations, LabelsError, Shape, image_size, number,
+                                            read_json)
 
 
 def detect(head: str) -> bool:
@@ -21,37 +21,82 @@ def detect(head: str) -> bool:
     return head.lstrip().startswith("{")
 
 
+def _entry(entry: object, where: str, keys: tuple[str, ...]) -> dict:
+    if not isinstance(entry, dict):
+        raise LabelsError(f"{where} is a {type(entry).__name__}; expected an object with {', '.join(keys)}")
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise LabelsError(f"{where} lacks {', '.join(missing)}; a COCO entry there has {', '.join(keys)}")
+    return entry
+
+
+def _id(value: object, where: str, name: str) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise LabelsError(f"{where} has {name}={value!r:.40}; expected an integer id")
+    return value
+
+
+def _id_order(key: int | str) -> tuple[bool, int | str]:
+    return isinstance(key, str), key  # numbers in numeric order, then any string ids
+
+
+def _coordinates(values: object, where: str, name: str, group: int) -> np.ndarray:
+    """A flat list of finite numbers, a multiple of ``group`` long, as (N, group) float64."""
+    if not isinstance(values, list) or len(values) % group:
+        raise LabelsError(f"{where} has {name} that is not a flat list of numbers in groups of {group}")
+    return np.array([number(v, where, name) for v in values], np.float64).reshape(-1, group)
+
+
 def read(path: Path) -> Export:
     """Parses a COCO keypoints (or COCO instances with polygons) JSON file."""
-    try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LabelsError(f"{path} is not valid JSON ({err}); expected a COCO keypoints file") from None
+    coco = read_json(path, "a COCO keypoints file")
+    if not isinstance(coco, dict):
+        raise LabelsError(f"{path} holds a JSON {type(coco).__name__}; a COCO file is an object with images, "
+                          "annotations and categories")
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(coco.get(key), list)]
     if missing:
         raise LabelsError(f"{path} lacks the list(s) {missing}; a COCO file has images, annotations and categories")
-    categories = {c["id"]: c["name"] for c in coco["categories"]}
-    by_id = {image["id"]: ImageAnnotations(image["file_name"], [], image.get("width"), image.get("height"))
-             for image in coco["images"]}
+    categories = {}
+    for number_, category in enumerate(coco["categories"], start=1):
+        where = f"{path}: categories[{number_ - 1}]"
+        category = _entry(category, where, ("id", "name"))
+        if not isinstance(category["name"], str):
+            raise LabelsError(f"{where} has name={category['name']!r:.40}; expected a class name")
+        categories[_id(category["id"], where, "id")] = category["name"]
+    by_id = {}
+    for number_, image in enumerate(coco["images"]):
+        where = f"{path}: images[{number_}]"
+        image = _entry(image, where, ("id", "file_name"))
+        if not isinstance(image["file_name"], str):
+            raise LabelsError(f"{where} has file_name={image['file_name']!r:.40}; expected a file name")
+        size = ((None, None) if image.get("width") is None and image.get("height") is None
+                else image_size(image.get("width"), image.get("height"), where))
+        by_id[_id(image["id"], where, "id")] = ImageAnnotations(image["file_name"], [], *size)
     ignored = {}
-    for ann in coco["annotations"]:
-        where = f"{path}: annotation {ann.get('id')}"
-        image = by_id.get(ann.get("image_id"))
+    for number_, ann in enumerate(coco["annotations"]):
+        where = f"{path}: annotations[{number_}]"
+        ann = _entry(ann, where, ("image_id", "category_id"))
+        where = f"{path}: annotation {ann.get('id', number_)!r:.40}"
+        image = by_id.get(ann["image_id"]) if isinstance(ann["image_id"], (int, str)) else None
         if image is None:
-            raise LabelsError(f"{where} refers to image_id {ann.get('image_id')}, which is not in images")
-        if ann.get("category_id") not in categories:
-            raise LabelsError(f"{where} has category_id {ann.get('category_id')}, which is not in categories "
-                              f"{sorted(categories)}")
+            raise LabelsError(f"{where} refers to image_id {ann['image_id']!r:.40}, which is not in images")
+        if not isinstance(ann["category_id"], (int, str)) or ann["category_id"] not in categories:
+            raise LabelsError(f"{where} has category_id {ann['category_id']!r:.40}, which is not in categories "
+                              f"{sorted(categories, key=_id_order)[:20]}")
         label = categories[ann["category_id"]]
-        keypoints = np.asarray(ann.get("keypoints") or [], dtype=np.float64).reshape(-1, 3)
+        keypoints = _coordinates(ann.get("keypoints") or [], where, "keypoints", 3)
         visible = keypoints[keypoints[:, 2] > 0, :2]
         if len(visible):
             image.shapes.append(Shape("point", label, visible))
         segmentation = ann.get("segmentation")
         if isinstance(segmentation, list):
             for polygon in segmentation:
-                image.shapes.append(Shape("polygon", label, np.asarray(polygon, dtype=np.float64).reshape(-1, 2)))
+                points = _coordinates(polygon, where, "segmentation", 2)
+                if len(points) < 3:
+                    raise LabelsError(f"{where} has a segmentation polygon of {len(points)} point(s); expected 3 "
+                                      "or more")
+                image.shapes.append(Shape("polygon", label, points))
         elif segmentation:
             ignored["rle segmentation"] = ignored.get("rle segmentation", 0) + 1
-    labels = tuple(categories[k] for k in sorted(categories))
+    labels = tuple(categories[k] for k in sorted(categories, key=_id_order))
     return Export(list(by_id.values()), labels, {}, ignored)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agmm_deploy.labels.annotations import Export, ImageAnnotations, LabelsError, Shape
+from agmm_deploy.labels.annotations import Export, ImageAnnotations, LabelsError, Shape, number
 
 HEADER = ("image", "x", "y", "class")
 
@@ -24,20 +24,23 @@ def detect(head: str) -> bool:
 
 def read(path: Path) -> Export:
     """Parses an ``image,x,y,class`` CSV."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as err:
+        raise LabelsError(f"{path} is not UTF-8 text ({err}); expected an image,x,y,class CSV") from None
+    except csv.Error as err:  # e.g. a field over the csv module's 131072 characters
+        raise LabelsError(f"{path} is not a readable CSV ({err}); expected short image,x,y,class rows") from None
     if rows and tuple(cell.strip().lower() for cell in rows[0]) == HEADER:
         rows = rows[1:]
     images: dict[str, ImageAnnotations] = {}
     labels = []
-    for number, row in enumerate(rows, start=1):
+    for number_, row in enumerate(rows, start=1):
         if len(row) != 4:
-            raise LabelsError(f"{path} row {number} has {len(row)} fields; expected image,x,y,class")
+            raise LabelsError(f"{path} row {number_} has {len(row)} fields; expected image,x,y,class")
         name, x, y, label = (cell.strip() for cell in row)
-        try:
-            point = np.array([[float(x), float(y)]])
-        except ValueError:
-            raise LabelsError(f"{path} row {number} has x={x!r}, y={y!r}; expected numbers (pixels)") from None
+        where = f"{path} row {number_}"
+        point = np.array([[number(x, where, "x"), number(y, where, "y")]])
         images.setdefault(name, ImageAnnotations(name, [])).shapes.append(Shape("point", label, point))
         if label not in labels:
             labels.append(label)

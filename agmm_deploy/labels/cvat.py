@@ -14,8 +14,8 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from agmm_deploy.labels.annotations import (Export, ImageAnnotations, LabelsError, PredictedImage, Shape,
-                                            hex_colour)
+from agmm_deploy.labels.annotations import (MAX_IMAGE_PIXELS, Export, ImageAnnotations, LabelsError,
+                                            PredictedImage, Shape, hex_colour, image_size, integer)
 from agmm_deploy.labels.rasterize import label_regions
 
 _POINT_SHAPES = {"points": "point", "polyline": "polyline", "polygon": "polygon"}
@@ -32,8 +32,9 @@ def _points(text: str, where: str) -> np.ndarray:
         points = np.array([[float(v) for v in pair.split(",")] for pair in text.split(";") if pair.strip()])
     except ValueError:
         points = np.zeros((0,))
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
-        raise LabelsError(f"{where} has points={text!r}; expected 'x1,y1;x2,y2;...'")
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0 or not np.isfinite(points).all():
+        shown = text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+        raise LabelsError(f"{where} has points={shown!r}; expected finite numbers 'x1,y1;x2,y2;...'")
     return points
 
 
@@ -43,6 +44,7 @@ def decode_mask_rle(rle: str, width: int, height: int, where: str) -> np.ndarray
         counts = [int(v) for v in rle.replace(" ", "").split(",") if v]
     except ValueError:
         raise LabelsError(f"{where} has an rle that is not comma-separated integers") from None
+    # The caller bounded width x height by the image, so the runs can only fill a mask of that size.
     if sum(counts) != width * height or any(c < 0 for c in counts):
         raise LabelsError(f"{where} has an rle covering {sum(counts)} pixels; its box is {width}x{height} = "
                           f"{width * height}")
@@ -81,6 +83,9 @@ def read(path: Path) -> Export:
     images, ignored = [], {}
     for image in root.iter("image"):
         name = image.get("name", "")
+        declared = image.get("width") is not None or image.get("height") is not None
+        width, height = (image_size(image.get("width"), image.get("height"), f"{path}: image {name!r}") if declared
+                         else (MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS))
         shapes = []
         for element in image:
             where = f"{path}: image {name!r}, <{element.tag} label={element.get('label')!r}>"
@@ -88,16 +93,19 @@ def read(path: Path) -> Export:
                 shapes.append(Shape(_POINT_SHAPES[element.tag], element.get("label", ""),
                                     _points(element.get("points", ""), where)))
             elif element.tag == "mask":
-                try:
-                    left, top, w, h = (int(float(element.get(k, ""))) for k in ("left", "top", "width", "height"))
-                except ValueError:
-                    raise LabelsError(f"{where} lacks integer left, top, width and height") from None
+                left, top = (integer(element.get(k), where, k, minimum=-(1 << 31)) for k in ("left", "top"))
+                w, h = (integer(element.get(k), where, k, minimum=1) for k in ("width", "height"))
+                # Sized from the image before decoding: a few bytes of rle ("0, 10000000000") must not fill GBs.
+                if left < 0 or top < 0 or left + w > width or top + h > height:
+                    raise LabelsError(f"{where} spans x {left}..{left + w}, y {top}..{top + h}, outside its "
+                                      f"{width}x{height} image; refused before decoding its rle")
+                if w * h > MAX_IMAGE_PIXELS:  # an image without a declared size: the decoder's limit
+                    raise LabelsError(f"{where} is a {w}x{h} mask; the limit is {MAX_IMAGE_PIXELS} pixels")
                 mask = decode_mask_rle(element.get("rle", ""), w, h, where)
                 shapes.append(Shape("mask", element.get("label", ""), mask=mask, left=left, top=top))
             elif element.tag in _IGNORED:
                 ignored[element.tag] = ignored.get(element.tag, 0) + 1
-        width, height = image.get("width"), image.get("height")
-        images.append(ImageAnnotations(name, shapes, int(width) if width else None, int(height) if height else None))
+        images.append(ImageAnnotations(name, shapes, width if declared else None, height if declared else None))
     tracks = len(root.findall("track"))
     if tracks:  # video annotation: shapes per frame of a track, not per image
         ignored["track"] = tracks

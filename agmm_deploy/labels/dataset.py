@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.constants import IGNORE_INDEX, default_palette
+from agmm_deploy.decode import ImageDecodeError, check_image_header, read_image_header
 from agmm_deploy.labels.annotations import Export, ImageAnnotations, LabelsError
 from agmm_deploy.labels.rasterize import rasterize
 from agmm_deploy.transforms import palette_png
@@ -81,20 +82,49 @@ def _resolve_classes(export: Export, classes: tuple[str, ...] | None) -> tuple[s
     return tuple(known)
 
 
+def _escapes(name: str) -> bool:
+    """True for a name that is not a plain relative path: absolute, a drive or UNC path, or with a '..' part."""
+    parts = name.replace("\\", "/").split("/")
+    return not name or name.startswith(("/", "\\")) or (name[:1].isalpha() and name[1:2] == ":") or ".." in parts
+
+
 def _find_image(images_dir: Path, name: str) -> Path | None:
-    for candidate in (images_dir / name, images_dir / Path(name).name):
-        if candidate.is_file():
+    """The file ``name`` (or its base name) under ``images_dir``, resolved; None when neither is there.
+
+    Raises:
+        LabelsError: the name escapes ``images_dir`` (absolute, '..', or a symlink resolving outside). Decided
+            from the name and the links alone, before anything is opened, with one sentence whether the file
+            it names exists or not.
+    """
+    root = images_dir.resolve()
+    refusal = LabelsError(f"image {name!r} of the export names a file outside --images {images_dir}; refused "
+                          "without opening it. Image names must be paths inside --images (no '..', no absolute "
+                          "path, no link out of it)")
+    if _escapes(name):
+        raise refusal
+    for candidate in dict.fromkeys((images_dir / name, images_dir / Path(name).name)):
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(root):
+            raise refusal
+        if resolved.is_file():
             return candidate
     return None
 
 
 def _upright_size(path: Path) -> tuple[tuple[int, int], tuple[int, int], int]:
-    """(width, height) as shown (EXIF orientation applied), as stored, and the orientation (1 = none)."""
+    """(width, height) as shown (EXIF orientation applied), as stored, and the orientation (1 = none).
+
+    The header is priced by the bounded decoder first, so an image the trainer could not decode is refused here.
+    """
     try:
-        with Image.open(path) as image:
+        header = read_image_header(path.read_bytes(), str(path))
+        check_image_header(header, str(path))
+        with Image.open(path, formats=[header.format]) as image:
             stored = image.size
             orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except (UnidentifiedImageError, OSError) as err:
+    except ImageDecodeError as err:
+        raise LabelsError(str(err)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise LabelsError(f"{path} cannot be read as an image ({err})") from None
     upright = stored[::-1] if orientation in _SWAPPING_ORIENTATIONS else stored
     return upright, stored, orientation
@@ -155,7 +185,11 @@ def import_labels(export: Export, images_dir: Path, out: Path, classes: tuple[st
     for entry in export.images:
         if not entry.shapes:
             continue
-        path = _find_image(images_dir, entry.name)
+        try:
+            path = _find_image(images_dir, entry.name)
+        except LabelsError as err:
+            problems.append(str(err))
+            continue
         if path is None:
             problems.append(f"image {entry.name} is annotated in the export but is not in {images_dir} (looked for "
                             f"{images_dir / entry.name}); copy it there or point --images at its folder")

@@ -50,28 +50,42 @@ def polygon_pixels(points: np.ndarray, height: int, width: int) -> np.ndarray:
     return inside
 
 
-def shape_pixels(shape: Shape, height: int, width: int, click_radius: int, scribble_width: int) -> np.ndarray:
-    """The pixels one shape marks, as a (H, W) bool array."""
-    canvas = np.zeros((height, width), np.uint8)
-    if shape.kind == "point":
-        for x, y in shape.points:
-            cv2.circle(canvas, click_pixel(x, y, width, height), click_radius, 1, -1)
-    elif shape.kind == "polyline":
-        if len(shape.points) == 1:  # a scribble of one point (a tap) is a dot of the scribble's width
-            cv2.circle(canvas, click_pixel(*shape.points[0], width, height), max(scribble_width // 2, 0), 1, -1)
-        else:
-            cv2.polylines(canvas, [_fixed(shape.points)], False, 1, scribble_width, cv2.LINE_8, _SHIFT)
-    elif shape.kind == "polygon":
-        return polygon_pixels(shape.points, height, width)
-    elif shape.kind == "mask":
+def shape_pixels(shape: Shape, height: int, width: int, click_radius: int,
+                 scribble_width: int) -> tuple[int, int, np.ndarray]:
+    """The pixels one shape marks, within its own box: (top, left, (h, w) bool) placed at row top, column left.
+
+    Drawn in the shape's bounding box (plus the click radius / scribble width), clipped to the image, so a shape
+    costs its own size: an export of 100,000 clicks on a large photo must not fill 100,000 image-sized canvases.
+    The shape lies inside the image (checked by the caller).
+    """
+    if shape.kind == "mask":
         h, w = shape.mask.shape
         top, left = shape.top, shape.left
         # Masks may touch the border; the part inside the image is drawn (outside was refused earlier).
         view = shape.mask[max(0, -top):height - top, max(0, -left):width - left]
-        canvas[max(0, top):max(0, top) + view.shape[0], max(0, left):max(0, left) + view.shape[1]] = view
+        return max(0, top), max(0, left), view.astype(bool)
+    x_min, y_min, x_max, y_max = shape.bounds()
+    pad = max(click_radius, scribble_width) + 2
+    left, top = max(0, int(np.floor(x_min)) - pad), max(0, int(np.floor(y_min)) - pad)
+    right, bottom = min(width, int(np.ceil(x_max)) + pad + 1), min(height, int(np.ceil(y_max)) + pad + 1)
+    offset = np.array([left, top])
+    if shape.kind == "polygon":  # the pixel-centre test is the same in the box, moved by whole pixels
+        return top, left, polygon_pixels(shape.points - offset, bottom - top, right - left)
+    canvas = np.zeros((bottom - top, right - left), np.uint8)
+    if shape.kind == "point":
+        for x, y in shape.points:
+            column, row = click_pixel(x, y, width, height)
+            cv2.circle(canvas, (column - left, row - top), click_radius, 1, -1)
+    elif shape.kind == "polyline":
+        if len(shape.points) == 1:  # a scribble of one point (a tap) is a dot of the scribble's width
+            column, row = click_pixel(*shape.points[0], width, height)
+            cv2.circle(canvas, (column - left, row - top), max(scribble_width // 2, 0), 1, -1)
+        else:
+            cv2.polylines(canvas, [_fixed(shape.points) - (offset << _SHIFT)], False, 1, scribble_width, cv2.LINE_8,
+                          _SHIFT)
     else:
         raise AssertionError(f"unknown shape kind {shape.kind!r}")
-    return canvas.astype(bool)
+    return top, left, canvas.astype(bool)
 
 
 def rasterize(shapes: list[Shape], class_ids: dict[str, int], height: int, width: int, click_radius: int,
@@ -88,7 +102,9 @@ def rasterize(shapes: list[Shape], class_ids: dict[str, int], height: int, width
     """
     label = np.full((height, width), IGNORE_INDEX, np.uint8)
     for shape in sorted(shapes, key=lambda s: _DRAW_ORDER[s.kind]):  # stable: export order within a kind
-        label[shape_pixels(shape, height, width, click_radius, scribble_width)] = class_ids[shape.label]
+        top, left, pixels = shape_pixels(shape, height, width, click_radius, scribble_width)
+        h, w = pixels.shape
+        label[top:top + h, left:left + w][pixels] = class_ids[shape.label]
     return label
 
 
