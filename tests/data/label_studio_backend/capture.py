@@ -68,7 +68,7 @@ def make_model(path: Path) -> Path:
     from agmm_deploy.export.onnx import export_onnx
     from agmm_deploy.model import ModelConfig, build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # a seed whose random model predicts two classes on these images
     model = build_model(ModelConfig.for_dataset("folder", backbone="resnet18", stem="torchvision", output_stride=16,
                                                 num_classes=len(CLASSES)))
     export_onnx(model, ModelMeta.for_dataset("folder", (64, 64), classes=CLASSES), path, height=64, width=64)
