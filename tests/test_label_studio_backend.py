@@ -12,9 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -36,10 +34,11 @@ from agmm_deploy.transforms import decode_image
 from serving.label_studio import brush_results
 from serving.launch import free_port
 
+from label_studio_stand_in import API_KEY, Recorder, label_studio_answer
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "label_studio_backend"
 CLASSES = ("background", "disk", "box")
-API_KEY = "test-key"
 POLYGON_CONFIG = """<View><Image name="img" value="$image"/><PolygonLabels name="outline" toName="img">
 <Label value="box"/><Label value="disk"/><Label value="background"/></PolygonLabels></View>"""
 
@@ -72,45 +71,6 @@ def decode_rle(rle: list[int], width: int, height: int) -> np.ndarray:
 
 
 # ---- servers ---------------------------------------------------------------------------------------------------
-
-class Recorder(ThreadingHTTPServer):
-    """An HTTP server in a thread recording each request's path and Authorization header."""
-
-    def __init__(self, answer):
-        self.requests: list[tuple[str, str | None]] = []
-        self.answer = answer
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(handler):
-                self.requests.append((handler.path, handler.headers.get("Authorization")))
-                status, body = self.answer(handler.path, handler.headers.get("Authorization"))
-                handler.send_response(status)
-                handler.send_header("Content-Length", str(len(body)))
-                handler.end_headers()
-                handler.wfile.write(body)
-
-            def log_message(handler, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-def label_studio_answer(path: str, auth: str | None) -> tuple[int, bytes]:
-    """The stand-in Label Studio: uploads and the project export, for its API key only."""
-    if auth != f"Token {API_KEY}":
-        return 401, b'{"detail": "Authentication credentials were not provided."}'
-    if path.startswith("/data/upload/"):
-        file = DATA / "images" / image_name(path)
-        return (200, file.read_bytes()) if file.is_file() else (404, b"")
-    if path.startswith("/api/projects/2/export"):
-        return 200, (DATA / "export.json").read_bytes()
-    return 404, b""
-
 
 @pytest.fixture(scope="module")
 def label_studio():
