@@ -9,22 +9,33 @@ POST /train            the same job, for Label Studio versions that post annotat
 GET  /train            the training job's status (also what the service reports in /info)
 =====================  ==================================================================================
 
-Mounting it in the service (serving/service.py), with ``self`` the service holding the door and the batcher::
+Mounting it in the service (serving/service.py). BentoML mounts ASGI apps on the class, while ``segment`` needs
+the instance's batcher, so the class mounts ``deferred_app``, which builds the backend from the running
+instance on its first request::
 
-    from serving.label_studio import LabelStudioSettings, label_studio_app
+    from serving.label_studio import LabelStudioSettings, deferred_app, label_studio_app
 
-    async def segment(images):           # list of uint8 RGB (H, W, 3) -> list of uint8 label maps (H, W)
-        return await <the batcher>(images)   # after the door's pixel and input-count limits, as /segment
-    app = label_studio_app(segment, meta.classes, lambda: model_version, LabelStudioSettings.from_env(),
-                           on_new_model=<swap to the model at this path after its parity passed>)
-    bentoml.mount_asgi_app(app, path="/label-studio")  # on the @bentoml.service class
+    @bentoml.asgi_app(deferred_app(lambda: bentoml.get_current_service().label_studio), path="/label-studio")
+    @bentoml.service(...)
+    class AgmmSegmenter:
+        def __init__(self):
+            ...
+            async def segment(images):  # list of uint8 RGB (H, W, 3) -> list of uint8 label maps (H, W)
+                ...                     # the door's pixel and input-count limits, then the batcher, as /segment
+            self.label_studio = label_studio_app(segment, meta.classes, lambda: self.model_version,
+                                                 LabelStudioSettings.from_env(), on_new_model=self.swap_model)
+
+``on_new_model(path, version)`` runs in a thread; the service loads the model there and swaps between batches
+(raising keeps the old model, and the job reports failed with the reason).
 
 Settings come from the environment (``LabelStudioSettings.from_env``): ``LABEL_STUDIO_URL`` and
 ``LABEL_STUDIO_API_KEY`` (Label Studio's own names), ``AGMM_LS_LOCAL_FILES_ROOT``, ``AGMM_LS_TRAIN_EVERY``,
-``AGMM_LS_TRAIN_OUT``, ``AGMM_LS_TRAIN_FROM``, ``AGMM_LS_TRAIN_ARGS`` and the limits. Images are read only from Label Studio or the
-local-files root (agmm_deploy.labels.label_studio_api); the ``hostname`` and ``access_token`` Label Studio sends
-to /setup are user input and never used. A training job is ``agmm-labels train`` run as a subprocess, one at a
-time; when it ends with a new model, ``on_new_model(path, model_version)`` hands it to the service.
+``AGMM_LS_TRAIN_OUT``, ``AGMM_LS_TRAIN_FROM``, ``AGMM_LS_TRAIN_ARGS`` and the limits; the service logs
+``settings.describe()`` at start and reports ``app.state.job.status()`` in /info. Images are read only from Label
+Studio or the local-files root (agmm_deploy.labels.label_studio_api); the ``hostname`` and ``access_token``
+Label Studio sends to /setup are user input and never used. A training job is ``agmm-labels train`` run as a
+subprocess, one at a time; when it ends with a new model, ``on_new_model(path, model_version)`` hands it to the
+service.
 """
 
 from __future__ import annotations
@@ -180,6 +191,21 @@ def brush_results(label_map: np.ndarray, control: LabelControl, ids: dict[str, i
     return results
 
 
+def deferred_app(build: Callable[[], Any]):
+    """An ASGI app that calls ``build()`` on its first HTTP request and hands every request to what it returned
+    (for an app that needs the running service instance, which does not exist when the class is mounted)."""
+    built = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":  # lifespan events of the outer app are not the backend's
+            return
+        if not built:
+            built.append(build())
+        await built[0](scope, receive, send)
+
+    return app
+
+
 def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: str | Callable[[], str],
                      settings: LabelStudioSettings,
                      on_new_model: Callable[[Path, str], None] | None = None):
@@ -213,9 +239,13 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
         return JSONResponse({"status": "ERROR", "error": message}, status_code=status)
 
     async def read_json(request: Request, limit: int = 64 << 20) -> dict:
-        body = await request.body()
-        if len(body) > limit:
-            raise _Refused(413, f"the request body is {len(body)} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read up to the limit, never the whole of a larger body
+            size += len(chunk)
+            if size > limit:
+                raise _Refused(413, f"the request body is over {limit} bytes, the limit; send fewer tasks at once")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             data = json.loads(body or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -242,14 +272,16 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
             return refused(err.status, err.message)
         return JSONResponse({"model_version": version()})
 
+    def read_image(source: ImageSource, name: str) -> np.ndarray:
+        data = read_source(source, settings.api_key, settings.max_image_bytes, settings.fetch_timeout_s)
+        return decode_image(data, settings.max_pixels, name)
+
     async def fetch(task: dict, source: ImageSource) -> np.ndarray:
         name = f"task {task.get('id')} image"
         async with fetches:
             try:
-                data = await asyncio.wait_for(
-                    asyncio.to_thread(read_source, source, settings.api_key, settings.max_image_bytes,
-                                      settings.fetch_timeout_s), settings.fetch_timeout_s * 2)
-                return decode_image(data, settings.max_pixels, name)
+                # Reading and decoding run in a thread: the event loop stays free for /health and /setup.
+                return await asyncio.wait_for(asyncio.to_thread(read_image, source, name), settings.fetch_timeout_s * 2)
             except asyncio.TimeoutError:
                 raise _Refused(504, f"{name} did not arrive within {settings.fetch_timeout_s * 2:g} s") from None
             except (LabelsError, ImageDecodeError) as err:
@@ -278,8 +310,9 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
                 part = slice(start, start + settings.batch_tasks)
                 images = await asyncio.gather(*(fetch(t, s) for t, s in zip(tasks[part], resolved[part])))
                 label_maps = await segment(list(images))
-                results += [{"result": brush_results(m, control, ids, settings.min_area), "model_version": current}
-                            for m in label_maps]
+                regions = await asyncio.to_thread(lambda: [brush_results(m, control, ids, settings.min_area)
+                                                           for m in label_maps])
+                results += [{"result": r, "model_version": current} for r in regions]
         except _Refused as err:
             return refused(err.status, err.message)
         return JSONResponse({"results": results, "model_version": current})

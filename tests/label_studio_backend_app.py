@@ -38,7 +38,8 @@ def create_app():
     def swap(path: Path, version: str) -> None:
         runner = load_runner(path, device="cpu")
         if runner.meta.classes != state["runner"].meta.classes:
-            raise ValueError(f"{path} has classes {runner.meta.classes}; the served model {state['runner'].meta.classes}")
+            raise ValueError(f"{path} has classes {runner.meta.classes}; the served model has "
+                             f"{state['runner'].meta.classes}")
         with lock:
             state.update(runner=runner, version=version)
 

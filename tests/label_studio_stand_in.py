@@ -12,6 +12,8 @@ from agmm_deploy.labels.label_studio import image_name
 
 DATA = Path(__file__).resolve().parent / "data" / "label_studio_backend"
 API_KEY = "test-key"
+# The captured project's id; any other project id answers with the same tasks, none annotated yet.
+PROJECT = json.loads((DATA / "export.json").read_text())[0]["project"]
 
 
 class Recorder(ThreadingHTTPServer):
@@ -42,15 +44,15 @@ class Recorder(ThreadingHTTPServer):
 
 
 def label_studio_answer(path: str, auth: str | None) -> tuple[int, bytes]:
-    """Uploads and the export of project 2 (the captured one; project 3: its tasks unannotated), for API_KEY only."""
+    """Uploads and project exports (see PROJECT), for API_KEY only."""
     if auth != f"Token {API_KEY}":
         return 401, b'{"detail": "Authentication credentials were not provided."}'
     if path.startswith("/data/upload/"):
         file = DATA / "images" / image_name(path)
         return (200, file.read_bytes()) if file.is_file() else (404, b"")
-    if path.startswith("/api/projects/2/export"):
+    if path.startswith(f"/api/projects/{PROJECT}/export"):
         return 200, (DATA / "export.json").read_bytes()
-    if path.startswith("/api/projects/3/export"):  # the same tasks, not annotated yet
+    if path.startswith("/api/projects/"):
         tasks = json.loads((DATA / "export.json").read_text())
         return 200, json.dumps([{**task, "annotations": []} for task in tasks]).encode()
     return 404, b""

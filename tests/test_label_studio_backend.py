@@ -32,9 +32,9 @@ from agmm_deploy.model import ModelConfig, build_model
 from agmm_deploy.runtime import load_runner
 from agmm_deploy.transforms import decode_image
 from serving.label_studio import brush_results
-from serving.launch import free_port
+from serving.launch import free_port, start_server, stop_server
 
-from label_studio_stand_in import API_KEY, Recorder, label_studio_answer
+from label_studio_stand_in import API_KEY, PROJECT, Recorder, label_studio_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "label_studio_backend"
@@ -256,6 +256,31 @@ def test_a_wrong_api_key_is_named(tiny_model, label_studio, tmp_path):
         stop(process)
 
 
+def test_the_mounting_instructions_work_under_bentoml_serve(tiny_model, label_studio, served_masks, tmp_path):
+    """tests/label_studio_bento_service.py mounts the backend as the module docstring tells serving/service.py to."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGMM_", "LABEL_STUDIO_"))}
+    env.update(AGMM_MODEL=str(tiny_model), LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=API_KEY,
+               BENTOML_HOME=str(tmp_path / "bentoml"), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    port = free_port()
+    process = start_server(port, tmp_path / "serve.log", env, bento="label_studio_bento_service:MountedSegmenter")
+    try:
+        url = f"http://127.0.0.1:{port}/label-studio"
+        assert requests.get(f"{url}/health", timeout=1).json()["model_version"] == "mounted-0"
+        assert requests.post(f"{url}/setup", json=captured("setup.json"), timeout=3).json() == {
+            "model_version": "mounted-0"}
+        body = captured("predict.json")
+        results = requests.post(f"{url}/predict", json=body, timeout=100).json()["results"]
+        for task, prediction in zip(body["tasks"], results):
+            mask = served_masks[task["id"]]
+            for result in prediction["result"]:
+                decoded = decode_rle(result["value"]["rle"], mask.shape[1], mask.shape[0])
+                assert (decoded == (mask == CLASSES.index(result["value"]["brushlabels"][0]))).all()
+        info = requests.post(f"http://127.0.0.1:{port}/info", json={}, timeout=5).json()
+        assert info["training"]["state"] == "idle"
+    finally:
+        stop_server(process)
+
+
 def test_other_webhook_events_are_acknowledged_without_a_job(backend):
     response = requests.post(f"{backend}/webhook", json=captured("webhook_annotation_created.json"), timeout=3)
     assert response.json() == {"status": "acknowledged", "action": "ANNOTATION_CREATED"}
@@ -334,9 +359,9 @@ def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_req
                                  LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_ARGS=FAST_TRAINING)
     try:
         started = requests.post(f"{url}/webhook", json=captured("webhook_start_training.json"), timeout=3)
-        assert started.status_code == 201 and started.json()["job"]["project"] == 2
-        second = requests.post(f"{url}/train", json={"project": "2.1796171985"}, timeout=3)
-        refused(second, 409, "project 2 is running", "one job runs at a time")
+        assert started.status_code == 201 and started.json()["job"]["project"] == PROJECT
+        second = requests.post(f"{url}/train", json={"project": f"{PROJECT}.1796171985"}, timeout=3)
+        refused(second, 409, f"project {PROJECT} is running", "one job runs at a time")
         versions = []
 
         def still_serving():
@@ -351,12 +376,12 @@ def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_req
         assert status["state"] == "finished", (status, Path(status["log"]).read_text()[-3000:])
         assert versions and versions[0] == "tiny-0"
         new = requests.get(f"{url}/health", timeout=1).json()["model_version"]
-        assert new == status["model_version"] and new.startswith("project2-")
+        assert new == status["model_version"] and new.startswith(f"project{PROJECT}-")
         predicted = requests.post(f"{url}/predict", json=captured("predict.json"), timeout=100).json()
         assert {r["model_version"] for r in predicted["results"]} == {new}
         log = Path(status["log"]).read_text()
         assert "step" in log and "parity PASSED" in log
-        assert any(p.startswith("/api/projects/2/export") for p, _ in label_studio.requests)
+        assert any(p.startswith(f"/api/projects/{PROJECT}/export") for p, _ in label_studio.requests)
     finally:
         stop(process)
 
@@ -365,7 +390,7 @@ def test_a_failing_job_says_why_and_leaves_the_old_model_serving(tiny_model, lab
     process, url = start_backend(tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
                                  LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_ARGS="--backbone no-such-net")
     try:
-        assert requests.post(f"{url}/train", json={"project": 2}, timeout=3).status_code == 201
+        assert requests.post(f"{url}/train", json={"project": PROJECT}, timeout=3).status_code == 201
         status = wait_for_job(url, 300)
         assert status["state"] == "failed" and "exited with code" in status["reason"]
         assert "--backbone" in Path(status["log"]).read_text()

@@ -180,7 +180,8 @@ def match_labels(control: LabelControl, classes: tuple[str, ...]) -> dict[str, i
     """Label name -> model class id for every label of the control; labels the model lacks are refused."""
     missing = [label for label in control.labels if label not in classes]
     if missing or not control.labels:
-        raise LabelsError(f"the project's {control.name} labels {list(control.labels)} do not all name classes of "
-                          f"the model {list(classes)}: {missing or 'none given'} missing; rename the labels to the "
+        raise LabelsError(f"the labels {list(control.labels)} of the project's {control.kind} control "
+                          f"{control.name!r} do not all name classes of the model {list(classes)}: "
+                          f"{missing or 'none given'} missing; rename the labels to the "
                           "model's class names (matched by name) or serve a model trained on these classes")
     return {label: classes.index(label) for label in control.labels}

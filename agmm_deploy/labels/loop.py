@@ -107,7 +107,8 @@ def _run(argv: list[str], what: str, log: Callable[[str], None]) -> int:
 
 
 def train_from_label_studio(url: str, api_key: str | None, project: int, out: Path, start: Path | None = None,
-                            classes: tuple[str, ...] | None = None, train_args: Sequence[str] = (), export_args: Sequence[str] = (),
+                            classes: tuple[str, ...] | None = None, train_args: Sequence[str] = (),
+                            export_args: Sequence[str] = (),
                             log: Callable[[str], None] = print) -> LoopResult:
     """Pulls a project's annotations, imports them, fine-tunes with the AGMM loss, exports with parity.
 

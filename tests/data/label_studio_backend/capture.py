@@ -6,8 +6,8 @@
 It makes a tiny 3-class model and three images, creates a BrushLabels project through Label Studio's API,
 imports the images (uploads), starts the backend (tests/label_studio_backend_app.py under uvicorn, recording
 every request), connects it (POST /api/ml), retrieves predictions for every task, annotates two tasks (clicks
-and a brush stroke), starts a training round ("Start training": POST /api/ml/ID/train) and waits for its
-model, then connects it to a second project whose labels the model lacks. Written here: the request bodies
+and a brush stroke), starts a training round ("Start training": POST /api/ml/ID/train), waits for its
+model and retrieves predictions again (now from the new model), then connects it to a second project whose labels the model lacks. Written here: the request bodies
 Label Studio sent (setup.json, predict.json, webhook_start_training.json, webhook_annotation_created.json),
 the project's export (export.json), the images (images/), and what happened (record.json). Tokens are
 replaced by "REDACTED".
@@ -156,6 +156,11 @@ def main() -> None:
             time.sleep(1)
         record["training"] = {**status, "seconds": round(time.time() - started, 1)}
         record["health_after"] = requests.get(f"{url}/health", timeout=1).json()
+        # Retrieve predictions again: Label Studio asks /setup for the model version and predicts anew with it.
+        call("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
+             json={"selectedItems": {"all": True, "excluded": []}})
+        record["prediction_versions_after_training"] = [
+            sorted(p["model_version"] for p in call("GET", f"/api/predictions?task={t['id']}").json()) for t in tasks]
 
         other = call("POST", "/api/projects", json={"title": "unknown labels", "label_config": UNKNOWN_CONFIG}).json()
         refused = call("POST", "/api/ml", json={"url": url, "project": other["id"], "title": "agmm"})
