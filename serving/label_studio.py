@@ -41,6 +41,7 @@ service.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -67,6 +68,15 @@ logger = logging.getLogger("agmm.label_studio")
 Segment = Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]]
 MODEL_CLASS = "AgmmSegmenter"
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+# Jobs still running when the service stops are stopped with it: nobody would take their model.
+_RUNNING: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _stop_jobs() -> None:
+    for process in list(_RUNNING):
+        if process.poll() is None:
+            process.terminate()
 
 
 def _env(name: str, default: Any, kind: type = int) -> Any:
@@ -326,6 +336,7 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
                 _collect()
 
     def _collect() -> None:
+        _RUNNING.discard(job.process)
         job.returncode, job.process = job.process.returncode, None
         ready = Path(job.out) / READY_FILE
         if job.returncode == 0 and ready.is_file():
@@ -371,6 +382,7 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
         with open(log, "wb") as stream:  # the child keeps its own descriptor
             process = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env={**os.environ, "LABEL_STUDIO_API_KEY": settings.api_key or ""})
+        _RUNNING.add(process)
         job.__init__(state="running", project=project, out=str(out), log=str(log), started=time.time(),
                      process=process)
         logger.info("label-studio: training job for project %s started (pid %d, log %s)", project, process.pid, log)

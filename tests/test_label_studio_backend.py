@@ -7,6 +7,7 @@ written here from the format's description, not the one in agmm_deploy.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
 import os
@@ -241,6 +242,19 @@ def test_a_task_image_outside_label_studio_is_refused_and_nothing_is_fetched(bac
     assert len(label_studio.requests) == before and len(outside.requests) == before_outside  # nothing fetched
 
 
+def test_health_and_setup_answer_in_time_while_predictions_are_in_flight(backend):
+    body = captured("predict.json")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(requests.post, f"{backend}/predict", json=body, timeout=100) for _ in range(3)]
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert requests.get(f"{backend}/health", timeout=1).ok and time.perf_counter() - t0 < 1
+            t0 = time.perf_counter()
+            assert requests.post(f"{backend}/setup", json=captured("setup.json"), timeout=3).ok
+            assert time.perf_counter() - t0 < 3
+        assert all(f.result().status_code == 200 for f in busy)
+
+
 def test_more_tasks_than_the_limit_are_refused_with_a_sentence(backend):
     body = captured("predict.json")
     body["tasks"] = (body["tasks"] * 2)[:5]
@@ -386,15 +400,22 @@ def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_req
         stop(process)
 
 
-def test_a_failing_job_says_why_and_leaves_the_old_model_serving(tiny_model, label_studio, tmp_path):
+def test_every_second_annotation_starts_a_job_and_a_failing_job_leaves_the_old_model_serving(
+        tiny_model, label_studio, tmp_path):
     process, url = start_backend(tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
-                                 LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_ARGS="--backbone no-such-net")
+                                 LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_EVERY="2",
+                                 AGMM_LS_TRAIN_ARGS="--backbone no-such-net")
     try:
-        assert requests.post(f"{url}/train", json={"project": PROJECT}, timeout=3).status_code == 201
+        annotated = captured("webhook_annotation_created.json")
+        assert requests.post(f"{url}/webhook", json=annotated, timeout=3).json()["status"] == "acknowledged"
+        assert requests.post(f"{url}/webhook", json=annotated, timeout=3).status_code == 201
         status = wait_for_job(url, 300)
         assert status["state"] == "failed" and "exited with code" in status["reason"]
         assert "--backbone" in Path(status["log"]).read_text()
         assert requests.get(f"{url}/health", timeout=1).json()["model_version"] == "tiny-0"
         assert requests.post(f"{url}/predict", json=captured("predict.json"), timeout=100).status_code == 200
+        # after a failure the next request starts a new job (here the /train of older Label Studio versions)
+        assert requests.post(f"{url}/train", json={"project": PROJECT}, timeout=3).status_code == 201
+        assert wait_for_job(url, 300)["state"] == "failed"
     finally:
         stop(process)

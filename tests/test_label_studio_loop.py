@@ -6,7 +6,6 @@ be trained is refused with its sentence."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

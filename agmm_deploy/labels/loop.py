@@ -77,9 +77,12 @@ def fetch_task_images(tasks: list[dict], url: str, api_key: str | None, folder: 
 def fine_tune_start(checkpoint: Path, out: Path) -> tuple[Path, list[str], tuple[str, ...]]:
     """A checkpoint with ``checkpoint``'s weights and optimiser but epoch, step and schedule at zero, so that
     ``training.run --resume`` fine-tunes from it; the flags that rebuild its model; its class names."""
-    from agmm_deploy.checkpoint import atomic_torch_save, read_checkpoint
+    from agmm_deploy.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
 
-    state = read_checkpoint(checkpoint)
+    try:
+        state = read_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise LabelsError(f"--from: {err}") from None
     if "model_config" not in state or "optimizer" not in state:
         raise LabelsError(f"--from {checkpoint} is not a checkpoint written by training.run (it lacks the model "
                           "config or the optimiser); pass the last.pt of a run")
