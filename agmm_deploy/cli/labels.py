@@ -66,7 +66,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="one polygon per connected region (outer boundary), or a mask (CVAT RLE / Label Studio "
                      "brush) that keeps holes")
     pre.add_argument("--min-area", type=int, default=16, help="leave out regions smaller than this many pixels")
+    train = commands.add_parser("train", help="a Label Studio project's annotations -> fine-tuned, exported model")
+    train.add_argument("--label-studio", required=True, metavar="URL", help="the Label Studio server, e.g. "
+                       "http://127.0.0.1:8080 (its API key from LABEL_STUDIO_API_KEY)")
+    train.add_argument("--project", type=int, required=True, help="the project's id")
+    train.add_argument("--out", type=Path, required=True, help="the round's folder (export, data, run, model)")
+    train.add_argument("--from", dest="start", type=Path, default=None,
+                       help="checkpoint (last.pt of a run) to fine-tune from; default: a new model")
+    train.add_argument("--classes", type=Path, default=None, help="classes.txt fixing the class ids (the served "
+                       "model's); default: those of --from, else the labels in order of first use")
+    train.add_argument("--train-args", default="", help="more flags for training.run, e.g. \"--max-steps 200\"")
     return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    import os
+    import shlex
+
+    from agmm_deploy.labels.loop import train_from_label_studio
+
+    train_from_label_studio(args.label_studio, os.environ.get("LABEL_STUDIO_API_KEY"), args.project, args.out,
+                            args.start, read_classes(args.classes) if args.classes else None,
+                            shlex.split(args.train_args), log=lambda line: print(line, flush=True))
 
 
 def _mean_range(values: list[int]) -> str:
@@ -152,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "import":
             run_import(args)
+        elif args.command == "train":
+            run_train(args)
         else:
             run_preannotate(args)
     except LabelsError as err:
