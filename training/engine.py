@@ -182,6 +182,8 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         step += 1
         steps_run += 1
         stopping, saving = any_rank(stop is not None and stop.requested, saves is not None and saves.due(step))
+        # The epoch's end (or the run's) writes its own checkpoint right after: no mid-epoch one just before it.
+        saving = saving and step < total_steps and steps_run != getattr(loader, "__len__", lambda: -1)()
         if (stopping or saving) and save is not None:
             report()  # the records up to this step are in metrics.jsonl before the checkpoint that covers them
             save(steps_run)

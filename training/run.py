@@ -366,7 +366,11 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 logger.scalars({"val/mIoU": miou, **per_class}, step)
                 best_miou = max(best_miou, miou)
             best = miou is not None and miou == best_miou
-            save([out / "last.pt"] + ([out / "best.pt"] if best else []), **state(epoch, mid_epoch=False, miou=miou))
+            # An epoch cut short by --max-steps is saved as mid-epoch: a resume with more steps finishes it.
+            images = first_image + result.steps_run * cfg.batch_size * world
+            cut = images < steps_per_epoch * cfg.batch_size * world
+            save([out / "last.pt"] + ([out / "best.pt"] if best else []),
+                 **state(epoch, mid_epoch=cut, epoch_images=images, miou=miou))
             saves.saved()
             if best:
                 best_path = out / "best.pt"
