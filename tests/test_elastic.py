@@ -73,6 +73,7 @@ def logged_step(out, step):
     return lambda: path.is_file() and f'"step": {step},' in path.read_text()
 
 
+@pytest.mark.slow
 def test_kill_9_and_sigterm_mid_epoch_then_resume_reproduce_the_straight_run_step_for_step(city_root, tmp_path):
     flags = ("--epochs", "3", "--eval-every", "3", "--save-every", "2")  # 12 steps, 4 per epoch
     straight = tmp_path / "straight"
@@ -133,6 +134,7 @@ def test_a_second_signal_exits_at_once_but_a_repeated_notice_does_not(monkeypatc
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_within_10_s_and_the_rerun_continues(city_root, tmp_path):
     out = tmp_path / "ddp"
     command = torchrun("--standalone", "--nproc-per-node", "2") + tiny_args(
@@ -156,6 +158,7 @@ def test_sigterm_to_torchrun_checkpoints_within_10_s_and_the_rerun_continues(cit
     assert "parameters identical on all 2 ranks: True" in (out / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_max_restarts_resumes_by_itself_after_one_rank_is_killed(city_root, tmp_path):
     out = tmp_path / "elastic"
     command = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1") + tiny_args(
@@ -175,6 +178,7 @@ def test_max_restarts_resumes_by_itself_after_one_rank_is_killed(city_root, tmp_
     assert "parameters identical on all 2 ranks: True" in log
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_train_to_the_weights_of_one_node(city_root, tmp_path):
     flags = ("--epochs", "2", "--max-steps", "3")  # 2 processes x batch 2: 2 steps per epoch
     one = tmp_path / "one_node"

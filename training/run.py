@@ -298,7 +298,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     def save(paths: list[Path], **state) -> None:
         """Writes the checkpoint on rank 0 (all ranks call it and agree on the outcome, so none waits alone):
         refused if the weights are non-finite or absurd (NonFiniteError), a WriteError if the disk refuses."""
-        problem = _unsound_weights(net, step) if is_main else None
+        problem = unsound_weights(net, step) if is_main else None
         failure = None
         if is_main and problem is None:
             try:
@@ -456,7 +456,7 @@ def _remove_stale_temp_files(out: Path) -> list[str]:
     return [p.name for p in stale]
 
 
-def _unsound_weights(net: nn.Module, step: int) -> str | None:
+def unsound_weights(net: nn.Module, step: int) -> str | None:
     """Why the weights after ``step`` must not be written (non-finite, or beyond WEIGHT_LIMIT), or None."""
     bad = first_nonfinite(net.state_dict())
     if bad is None:
