@@ -187,7 +187,8 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         if (stopping or saving) and save is not None:
             report()  # the records up to this step are in metrics.jsonl before the checkpoint that covers them
             save(steps_run)
-            saves is not None and saves.saved()
+            if saves is not None:
+                saves.saved()
         if stopping:
             bar.close()
             return EpochResult(step=step, losses={k: v / steps_run for k, v in sums.items()}, steps_run=steps_run,

@@ -11,7 +11,10 @@ purpose); docs/paper-vs-code.md lists where this recipe departs from the paper a
 Defaults are the data format's recipe (the official configs for Cityscapes and VOC, see agmm_deploy.datasets);
 any value can be overridden by a flag or a ``--config FILE.yaml`` (flags win over the file, the file over the
 recipe), and official AGMM config files are read as they are (training/config.py). The resolved configuration is
-written to ``<out>/config.yaml``. Usage, data and disk errors end with one sentence on stderr and exit code 2.
+written to ``<out>/config.yaml``. Usage, data and disk errors, and a diverged run, end with one sentence on stderr
+and exit code 2. ``last.pt`` is also written within epochs (``--save-every``, default every 15 minutes); SIGTERM or
+SIGINT writes it after the current step and exits 75; ``--resume auto`` continues at the next batch (multi-node,
+preemption and torchrun restarts: docs/training-cluster.md).
 """
 
 from __future__ import annotations
@@ -345,8 +348,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                                      save=save_mid_epoch)
             step = result.step
             if result.stopped:
-                logger.info(str(Preempted(step, stop.received)))
-                raise Preempted(step, stop.received)
+                logger.info(str(Preempted(step, stop.received or "on another rank")))
+                raise Preempted(step, stop.received or "on another rank")
             terms = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
             logger.info(f"epoch {epoch} done in {result.seconds:.1f}s ({result.steps_run} steps): {terms}")
 
@@ -376,6 +379,9 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 best_path = out / "best.pt"
                 logger.info(f"new best mIoU {best_miou:.2f}: wrote {best_path}")
             logger.flush()
+            if any_rank(stop.requested)[0]:  # a signal during the evaluation or the save: this is its checkpoint
+                logger.info(str(Preempted(step, stop.received or "on another rank")))
+                raise Preempted(step, stop.received or "on another rank")
     if world > 1:
         same = parameters_match_across_ranks(net.to(device))
         logger.info(f"parameters identical on all {world} ranks: {same}")
