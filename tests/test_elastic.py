@@ -211,12 +211,17 @@ def test_two_nodes_on_one_machine_train_to_the_weights_of_one_node(city_root, tm
 def test_a_node_that_never_joins_stops_the_other_within_the_rendezvous_timeout(city_root, tmp_path):
     port = 29900 + os.getpid() % 90
     started = time.time()
-    alone = subprocess.run(torchrun("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                                    "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", "join_timeout=5")
-                           + tiny_args(city_root, tmp_path / "alone", "--epochs", "1"),
+    alone = subprocess.run([sys.executable, "-m", "training.launch", "--nnodes", "2", "--nproc-per-node", "1",
+                            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lonely",
+                            "--rdzv-conf", "join_timeout=5", "-m", "training.run",
+                            *tiny_args(city_root, tmp_path / "alone", "--epochs", "1")],
                            env=env(), capture_output=True, text=True, timeout=120)
-    assert alone.returncode == 1 and "RendezvousTimeoutError" in alone.stderr
-    assert time.time() - started < 5 + 60  # the timeout plus torchrun's start-up, never a hang
+    assert alone.returncode == 2, alone.stderr[-2000:]
+    assert alone.stderr.strip().splitlines()[-1] == (
+        f"error: the rendezvous at 127.0.0.1:{port} (--rdzv-id lonely) timed out after 5 s with fewer than --nnodes "
+        "2 node(s) joined. Start the same command on the other nodes (same --rdzv-endpoint and --rdzv-id), or set "
+        "--rdzv-conf join_timeout=SECONDS")
+    assert time.time() - started < 5 + 60  # the timeout plus the start-up, never a hang
     assert not (tmp_path / "alone").exists()  # no worker started
 
 
