@@ -242,7 +242,8 @@ def test_a_full_disk_during_a_mid_epoch_save_keeps_the_previous_last_pt(city_roo
                              preexec_fn=_limit_file_size(1 << 20))
     assert resumed.returncode == 2, resumed.stderr[-2000:]
     error = resumed.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: could not write {out / 'last.pt'} (") and "the last complete checkpoint is kept" in error
+    assert error.startswith(f"error: could not write {out / 'last.pt'} (")  # torch.save's EFBIG
+    assert error.endswith("the last complete checkpoint is kept")
     assert hashlib.sha256((out / "last.pt").read_bytes()).hexdigest() == before
     assert read_checkpoint(out / "last.pt")["step"] == 1
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
