@@ -9,7 +9,9 @@
 # 2. benchmarks/train_speed.py at paper scale (R50 OS8 multi-grid, batch 4, crop 721, 19 classes, 20 clicks):
 #    official formulation vs ours, the loss's share, peak memory, and the loader on 2048x1024 synthetic PNGs;
 # 3. a real `torchrun --nproc-per-node 1 -m training.run --amp bf16` on synthetic Cityscapes that trains and
-#    evaluates, is killed after its first checkpoint, and resumes to the end with --resume auto.
+#    evaluates, is killed after its first checkpoint, and resumes to the end with --resume auto;
+# 4. preemption on CUDA with nccl (issue 23): SIGTERM to torchrun mid-epoch writes a mid-epoch last.pt within 10 s
+#    (the worker exits 75, torchrun 1), and the same command with --resume auto continues to the end.
 # Everything it prints is also in OUT_DIR/*.txt; the last lines say PASS or FAIL per step.
 set -u
 cd "$(dirname "$0")/.."
@@ -79,6 +81,39 @@ assert "resumed from" in log and log.count("validation, mode center") >= 3, "no 
 print("trained, evaluated, killed and resumed to the end")
 EOF
 RESULTS+=("$([ $? = 0 ] && echo PASS || echo FAIL) run_check ($(tail -1 "$OUT_DIR/run_check.txt"))")
+
+# --- SIGTERM mid-epoch on CUDA/nccl, then the rerun
+run="$OUT_DIR/preempted"
+rm -rf "$run"
+pargs=(-m training.run --dataset cityscapes --clicks 20 --data-root "$data" --out "$run" --pretrained none
+       --epochs 20 --max-steps 40 --eval-every 100 --save-every 0 --batch-size 2 --amp "$AMP" --device "$DEVICE"
+       --eval-mode center --log-every 1 "${RUN[@]}")
+"${launcher[@]}" "${pargs[@]}" > "$OUT_DIR/run_preempted.txt" 2>&1 &
+pid=$!
+for _ in $(seq 1 1200); do  # until step 5 is logged
+    grep -qs '"step": 5,' "$run/metrics.jsonl" || ! kill -0 "$pid" 2>/dev/null && break
+    sleep 0.5
+done
+start=$(date +%s); kill -TERM "$pid"; wait "$pid"; rc=$?; took=$(( $(date +%s) - start ))
+if grep -qs "preempted at step" "$run/train.log" && [ "$took" -le 10 ]; then
+    RESULTS+=("PASS sigterm (torchrun exit $rc after ${took} s: $(grep -o 'preempted at step [0-9]*' "$run/train.log"))")
+else
+    RESULTS+=("FAIL sigterm (torchrun exit $rc after ${took} s, no 'preempted at step' line or over 10 s)")
+fi
+step sigterm_resumed timeout 600 "${launcher[@]}" "${pargs[@]}" --resume auto
+"$PY" - "$run" > "$OUT_DIR/sigterm_check.txt" 2>&1 <<'EOF'
+import json
+import sys
+from pathlib import Path
+from agmm_deploy.checkpoint import read_checkpoint
+run = Path(sys.argv[1])
+steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+assert steps == list(range(1, 41)), f"steps logged {steps[:3]}...{steps[-3:]}, expected 1..40 once each"
+ckpt = read_checkpoint(run / "last.pt")
+assert ckpt["step"] == 40 and "resumed from" in (run / "train.log").read_text()
+print(f"SIGTERM mid-epoch on {ckpt['args']['device']} ({ckpt['args']['amp']}), resumed to step 40")
+EOF
+RESULTS+=("$([ $? = 0 ] && echo PASS || echo FAIL) sigterm_check ($(tail -1 "$OUT_DIR/sigterm_check.txt"))")
 
 printf '%s\n' "${RESULTS[@]}" | tee "$OUT_DIR/summary.txt"
 ! grep -q FAIL "$OUT_DIR/summary.txt"

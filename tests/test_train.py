@@ -508,17 +508,20 @@ def test_more_processes_than_gpus_stop_before_nccl(monkeypatch):
 def test_each_epoch_gives_every_rank_a_disjoint_shard_in_a_new_order(city_root):
     from torch.utils.data import DistributedSampler
 
-    from training.data import SegmentationDataset
+    from training.data import EpochSampler, SegmentationDataset
 
     samples = get_format("cityscapes").train_samples(city_root, {"clicks": 20})
     dataset = SegmentationDataset(samples, 19, train=True, crop_size=32)
-    samplers = [DistributedSampler(dataset, 2, rank, shuffle=True, seed=0) for rank in (0, 1)]
+    samplers = [EpochSampler(len(dataset), 2, rank, seed=0) for rank in (0, 1)]
     orders = []
     for epoch in (0, 1):
         shards = []
         for rank, sampler in enumerate(samplers):
             run.set_epoch(epoch, 0, rank, dataset, sampler, torch.Generator())
             shards.append(list(sampler))
+            reference = DistributedSampler(dataset, 2, rank, shuffle=True, seed=0)
+            reference.set_epoch(epoch)
+            assert shards[-1] == list(reference)  # DistributedSampler's order, which it can also start mid-way
         assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(8))
         orders.append(shards)
         assert dataset.epoch == epoch

@@ -14,6 +14,7 @@ crops as an uninterrupted one, whatever the number of workers.
 from __future__ import annotations
 
 import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from agmm_deploy.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from agmm_deploy.datasets import DataError, Sample
@@ -251,3 +252,41 @@ class SegmentationDataset(Dataset):
         return tensor, mask, torch.from_numpy(cls_label), index
 
 
+
+
+class EpochSampler(Sampler[int]):
+    """The training images of one rank in one epoch, from (seed, epoch) alone, after the images already trained on.
+
+    The epoch's order is a permutation drawn from seed + epoch (as DistributedSampler draws it), padded with its own
+    first images to a multiple of the process count; rank r takes every world-th image from position r (so ranks
+    get disjoint shards). Step j of an epoch therefore trains on positions [j B W, (j + 1) B W) of the order for
+    batch B and W processes: a run stopped after k steps resumes at position ``start`` = k B W, also with another
+    process count at the same global batch B W.
+    """
+
+    def __init__(self, size: int, world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+        self.size, self.world_size, self.rank, self.seed = size, world_size, rank, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Selects ``epoch``'s order, beginning at position ``start`` (the images of the epoch trained before)."""
+        self.epoch, self.start = epoch, start
+
+    def _padded(self) -> int:
+        return -(-self.size // self.world_size) * self.world_size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[:self._padded() - self.size]
+        return iter(order[self.start:][self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return max(0, self._padded() - self.start) // self.world_size
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loader: its workers ignore SIGTERM and SIGINT, which a scheduler or a
+    terminal may send to the whole process group; the main process finishes its step and checkpoints with them
+    still running, and they end with it (a worker watches its parent)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

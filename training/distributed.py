@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 
+_CONTROL_GROUP = None  # the gloo group of any_rank beside an nccl default group (None: the default group)
+
+
 class DeviceError(ValueError):
     """The requested device, or the number of processes per device, does not exist on this machine."""
 
@@ -70,6 +73,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=target if target.type == "cuda" else None)
+    global _CONTROL_GROUP
+    # The per-step stop/save agreement runs on CPU tensors over gloo, also beside nccl: reading an nccl result on
+    # the host would synchronise the GPU at every step.
+    _CONTROL_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=target, local_world_size=per_node)
 
 
@@ -86,6 +93,25 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over all ranks (the flags themselves in a single process): how ranks agree to do something
+    together (stop, save) that one of them decided, so that none waits alone in a collective."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flags
+    values = torch.tensor(flags, dtype=torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return tuple(bool(v) for v in values.tolist())
+
+
+def same_on_every_rank(value: int) -> bool:
+    """Whether every rank holds the same integer (True in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    values = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return int(values[0]) == -int(values[1])
 
 
 def parameters_match_across_ranks(module: torch.nn.Module) -> bool:

@@ -19,8 +19,9 @@ from tqdm import tqdm
 from agmm_deploy.inference import Windows, chunks, run_slices, sliding_window_scores
 from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import SLIDING_OVERLAP, palette_png, sliding_window_tiles
-from training.distributed import all_reduce_mean
+from training.distributed import all_reduce_mean, any_rank
 from training.logger import RunLogger
+from training.preemption import StopSignals
 
 EVAL_MODES = ("served", "sliding", "multiscale", "whole", "center")
 # What each mode's number measures, printed beside every mIoU so that two figures are never compared blindly.
@@ -57,12 +58,42 @@ def poly_factor(step: int, total_steps: int, power: float = 0.9) -> float:
     return max(0.0, 1.0 - step / max(1, total_steps)) ** power
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or the weights became NaN/Inf (or absurdly large): the run stops without writing those weights."""
+
+
+@dataclass
+class SaveSchedule:
+    """When mid-epoch checkpoints are due: every ``every_steps`` optimiser steps, or (None) every ``every_seconds``
+    of training measured on rank 0 (the ranks agree on it after each step); 0 steps: at epoch ends only."""
+
+    every_steps: int | None
+    every_seconds: float
+    is_main: bool = True
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self, step: int) -> bool:
+        if self.every_steps is not None:
+            return self.every_steps > 0 and step % self.every_steps == 0
+        return self.is_main and time.monotonic() - self.last >= self.every_seconds
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
 @dataclass
 class EpochResult:
     step: int  # global step after the epoch
     losses: dict[str, float] = field(default_factory=dict)  # means over the epoch's steps (all ranks)
     steps_run: int = 0
     seconds: float = 0.0
+    stopped: bool = False  # a stop signal was agreed: the checkpoint of ``step`` is written, the epoch is not done
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of torch's RNG (dropout) for one optimiser step on one rank: a run resumed at any step draws the
+    same as an uninterrupted one, so no RNG state has to travel in the checkpoint."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]],
@@ -70,18 +101,24 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int,
                     logger: RunLogger, *, total_steps: int, amp_dtype: torch.dtype | None = None,
                     scaler: torch.amp.GradScaler | None = None,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> EpochResult:
+                    memory_format: torch.memory_format = torch.contiguous_format, seed: int = 0, rank: int = 0,
+                    stop: StopSignals | None = None, saves: SaveSchedule | None = None,
+                    save: Callable[[int], None] | None = None) -> EpochResult:
     """Runs the epoch's steps (stopping at ``total_steps``); the scheduler steps once per optimiser step.
 
     The global step is the scheduler's (``scheduler.last_epoch``), so a resumed run continues its count. Losses
     stay on the device and are copied to the host (averaged over ranks, checked for NaN/inf, logged) every
-    ``logger.log_every`` steps, before that step's update, and at the end of the epoch.
+    ``logger.log_every`` steps, before that step's update, and at the end of the epoch. After each step the ranks
+    agree (one small gloo all-reduce) whether a stop signal arrived on any of them or a checkpoint is due; then
+    ``save(steps_run)`` runs on every rank (rank 0 writes), and on a stop the epoch returns with ``stopped``.
 
     Args:
         model: DDP(TrainForward(net)) or TrainForward(net): returns (feat, logits).
         loss_fn: (feat, logits, mask, cls_label) -> dict with ``total`` and the terms to log.
         loader: batches of (images (B, 3, S, S) float, masks (B, S, S) uint8, cls_label (B, K), index).
         memory_format: the layout of the images, the network's (torch.channels_last with a channels_last network).
+        seed, rank: torch's RNG is seeded from (seed, step, rank) before every step (``step_seed``).
+        stop, saves, save: the stop signals, the mid-epoch checkpoint schedule and the function writing one.
     Returns:
         EpochResult with the new global step and the epoch's mean loss terms.
     """
@@ -107,9 +144,9 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         for (at, lrs, _), row, own in zip(pending, averaged, local.tolist()):
             record = dict(zip(keys, row))
             if not math.isfinite(record["total"]):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {at}: {dict(zip(keys, own))} on "
-                                         f"this rank, {record} averaged over ranks; lower --lr or use --amp "
-                                         "none/bf16 instead of fp16")
+                raise NonFiniteError(f"non-finite loss at epoch {epoch}, step {at}: {dict(zip(keys, own))} on this "
+                                     f"rank, {record} averaged over ranks; nothing after the last checkpoint was "
+                                     "written. Lower --lr (or use --amp none/bf16 instead of fp16)")
             for key, value in record.items():
                 sums[key] = sums.get(key, 0.0) + value
             records.append({"step": at + 1, "lr": lrs[0], **({"lr_head": lrs[-1]} if len(lrs) > 1 else {}), **record})
@@ -120,6 +157,7 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
     for images, masks, cls_label, _ in bar:
         if step >= total_steps:
             break
+        torch.manual_seed(step_seed(seed, step, rank))
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True).long()  # uint8 through the loader, int64 for the loss
         cls_label = cls_label.to(device, non_blocking=True)
@@ -143,6 +181,18 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Ten
         scheduler.step()
         step += 1
         steps_run += 1
+        stopping, saving = any_rank(stop is not None and stop.requested, saves is not None and saves.due(step))
+        # The epoch's end (or the run's) writes its own checkpoint right after: no mid-epoch one just before it.
+        saving = saving and step < total_steps and steps_run != getattr(loader, "__len__", lambda: -1)()
+        if (stopping or saving) and save is not None:
+            report()  # the records up to this step are in metrics.jsonl before the checkpoint that covers them
+            save(steps_run)
+            if saves is not None:
+                saves.saved()
+        if stopping:
+            bar.close()
+            return EpochResult(step=step, losses={k: v / steps_run for k, v in sums.items()}, steps_run=steps_run,
+                               seconds=time.perf_counter() - start, stopped=True)
     report()
     bar.close()
     means = {k: v / max(1, steps_run) for k, v in sums.items()}

@@ -11,7 +11,10 @@ purpose); docs/paper-vs-code.md lists where this recipe departs from the paper a
 Defaults are the data format's recipe (the official configs for Cityscapes and VOC, see agmm_deploy.datasets);
 any value can be overridden by a flag or a ``--config FILE.yaml`` (flags win over the file, the file over the
 recipe), and official AGMM config files are read as they are (training/config.py). The resolved configuration is
-written to ``<out>/config.yaml``. Usage, data and disk errors end with one sentence on stderr and exit code 2.
+written to ``<out>/config.yaml``. Usage, data and disk errors, and a diverged run, end with one sentence on stderr
+and exit code 2. ``last.pt`` is also written within epochs (``--save-every``, default every 15 minutes); SIGTERM or
+SIGINT writes it after the current step and exits 75; ``--resume auto`` continues at the next batch (multi-node,
+preemption and torchrun restarts: docs/training-cluster.md).
 """
 
 from __future__ import annotations
@@ -26,18 +29,22 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from agmm_deploy.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from agmm_deploy.checkpoint import CheckpointError, first_nonfinite, read_checkpoint, save_checkpoint
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.datasets import DATA_FORMATS, DataError, format_flags
 from agmm_deploy.model import BACKBONE_DEPTHS, ModelConfig, build_model, count_parameters
-from training.config import (AMP_MODES, LOSSES, MEMORY_FORMATS, ConfigError, TrainConfig, missing_pretrained,
-                             random_weights, resolve_config, resolve_for_device)
-from training.data import SegmentationDataset, check_labels, default_workers, usable_cores
-from training.distributed import (DeviceError, DistInfo, cleanup_distributed, init_distributed,
-                                  parameters_match_across_ranks)
-from training.engine import EVAL_MODE_TEXT, EVAL_MODES, TrainForward, evaluate, poly_factor, train_one_epoch
+from training.config import (AMP_MODES, LOSSES, MEMORY_FORMATS, SAVE_EVERY_SECONDS, ConfigError, TrainConfig,
+                             missing_pretrained, random_weights, resolve_config, resolve_for_device)
+from training.data import (EpochSampler, SegmentationDataset, check_labels, default_workers, ignore_stop_signals,
+                           usable_cores)
+from training.distributed import (DeviceError, DistInfo, any_rank, cleanup_distributed, init_distributed,
+                                  parameters_match_across_ranks, same_on_every_rank)
+from training.engine import (EVAL_MODE_TEXT, EVAL_MODES, NonFiniteError, SaveSchedule, TrainForward, evaluate,
+                             poly_factor, train_one_epoch)
+from training.preemption import EXIT_PREEMPTED, Preempted, StopSignals
+from training.resume import resume_changes, resume_point
 from training.logger import RunLogger, WriteError, write_failed
 from training.losses import AGMMLoss, PartialCELoss
 from training.cli import run_cli
@@ -46,8 +53,12 @@ from training.cli import run_cli
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_TEXT = {"none": "fp32, no autocast", "bf16": "bf16 autocast", "fp16": "fp16 autocast, loss scaling"}
 MEMORY_FORMAT_OF = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-# What a user can fix: printed as their one sentence, exit code 2 (see cli()).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, WriteError, DeviceError)
+# What a user can fix: printed as their one sentence, exit code 2 (see cli()); a stop on a signal exits
+# EXIT_PREEMPTED (75) after its log line.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, WriteError, DeviceError, NonFiniteError)
+# No trained network holds a weight near this (they are O(1)); a run reaching it has diverged (--lr 1e6 reached
+# 1.8e24 within a few steps while its loss was still finite), and its weights are not written.
+WEIGHT_LIMIT = 1e6
 # The files this run writes atomically; a kill mid-write leaves ".<name>.<random>.tmp" beside them.
 ATOMIC_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")
 
@@ -105,7 +116,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                    "(default 10; the mIoU line comes with every evaluation)")
     p.add_argument("--max-val-images", type=int, help="evaluate on the first N validation images only")
     p.add_argument("--log-every", type=int, help="log line (and losses copied from the device) every N steps")
-    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <out>/last.pt if it exists")
+    p.add_argument("--save-every", type=int, help="write last.pt every N optimiser steps within an epoch too (0: "
+                                                  "at epoch ends only; default: every "
+                                                  f"{SAVE_EVERY_SECONDS // 60} minutes of training)")
+    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <out>/last.pt if it exists; "
+                                    "continues at the batch after it. Changing --lr, --epochs, ... is said in the "
+                                    "log; a flag that shapes the weights otherwise (--crop-size, --seed, ...) is "
+                                    "refused")
     return p
 
 
@@ -159,6 +176,10 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     if resume is None and cfg.pretrained is None and cfg.data_format.pretrained_source:
         raise missing_pretrained(cfg.data_format, cfg.backbone, f" (--resume auto found no {out / 'last.pt'})")
     ckpt = read_checkpoint(resume) if resume else None
+    if not same_on_every_rank(int(ckpt["step"]) if ckpt else -1):
+        found = f"{resume} at step {ckpt['step']}" if ckpt else f"no {out / 'last.pt'}"
+        raise ConfigError(f"the processes do not resume from the same checkpoint: rank {rank} found {found}. --out "
+                          "must be a folder every node shares (or hold the same last.pt on every node)")
     logger = RunLogger(out, is_main=is_main, log_every=cfg.log_every, resume_step=ckpt and int(ckpt["step"]))
     if removed:
         logger.info(f"removed {len(removed)} temporary file(s) of an interrupted write: {', '.join(removed)}")
@@ -202,11 +223,12 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     if cfg.batch_size < 2 and not (device.type == "cuda" and world > 1):
         raise ConfigError("--batch-size 1 cannot train BatchNorm (the ASPP image-pool branch sees one value per "
                           "channel); use --batch-size 2 or more, or several GPUs (SyncBatchNorm)")
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    # One sampler for one process or several (a disjoint shard each): it can start an epoch mid-way (resume).
+    sampler = EpochSampler(len(train_set), world, rank, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-                              generator=generator, persistent_workers=workers > 0)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                              pin_memory=device.type == "cuda", drop_last=True, generator=generator,
+                              persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
     val_loader = None
     if val_samples:
         val_set = SegmentationDataset(val_samples, num_classes, train=False)
@@ -239,19 +261,30 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     # --- resume
-    start_epoch, step, best_miou = 0, 0, float("-inf")
+    start_epoch, start_image, step, best_miou = 0, 0, 0, float("-inf")
     if ckpt is not None:
         if ckpt.get("model_config") != model_config.to_dict():
             raise ConfigError(f"--resume {resume} was trained with model {ckpt.get('model_config')}, but this run "
                               f"builds {model_config.to_dict()}; use the same --backbone/--stem/--dataset")
+        changes = resume_changes(ckpt.get("args", {}), cfg, str(resume))
+        point, mapping = resume_point(ckpt, str(resume), world, cfg.batch_size)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = int(ckpt["epoch"]) + 1, int(ckpt["step"])
+        start_epoch, start_image, step = point.epoch, point.start_image, point.step
+        # The schedule from this run's settings at the checkpoint's step: the same as saved unless --lr, --epochs,
+        # --max-steps, --poly-power, ... changed (each said below).
+        scheduler.base_lrs = [cfg.lr, cfg.lr * cfg.head_lr_mult]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group.update(initial_lr=base, lr=base * poly_factor(step, total_steps, cfg.poly_power),
+                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         best_miou = float(ckpt.get("best_miou", float("-inf")))
-        logger.info(f"resumed from {resume}: epoch {start_epoch}, step {step}, best mIoU {best_miou:.2f}")
+        where = f"image {start_image} of epoch {start_epoch}" if start_image else f"epoch {start_epoch}"
+        logger.info(f"resumed from {resume}: step {step}, {where}, best mIoU {best_miou:.2f}")
+        for line in changes + ([mapping] if mapping else []):
+            logger.info(line)
 
     if is_main:
         resolved = {**cfg.to_dict(), "num_classes": num_classes, "world_size": world,
@@ -265,19 +298,58 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         logger.info(f"{len(train_set)} training images ({steps_per_epoch} steps/epoch), "
                     f"{len(val_samples or [])} validation images; {total_steps} steps in all")
 
+    def save(paths: list[Path], **state) -> None:
+        """Writes the checkpoint on rank 0 (all ranks call it and agree on the outcome, so none waits alone):
+        refused if the weights are non-finite or absurd (NonFiniteError), a WriteError if the disk refuses."""
+        problem = unsound_weights(net, step) if is_main else None
+        failure = None
+        if is_main and problem is None:
+            try:
+                for path in paths:
+                    save_checkpoint(path, net, meta, args=cfg.to_dict(), world_size=world, **state)
+            except (OSError, RuntimeError) as err:  # torch.save on a full disk raises RuntimeError
+                failure = write_failed(path, err)
+        refused, failed = any_rank(problem is not None, failure is not None)
+        if problem or refused:
+            raise NonFiniteError(problem or "rank 0 refused to write non-finite weights (its log says why)")
+        if failure or failed:
+            raise failure or WriteError("rank 0 could not write the checkpoint (its log says why)")
+
+    def state(epoch: int, **extra) -> dict:
+        return dict(epoch=epoch, step=step, best_miou=best_miou, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                    total_steps=total_steps, **extra)
+
     # --- epochs
     best_path = out / "best.pt" if (out / "best.pt").is_file() else None
     epoch = start_epoch - 1
     evaluations = 0  # in this process: the per-class table comes with every table_every-th
-    with logger:
+    saves = SaveSchedule(cfg.save_every, SAVE_EVERY_SECONDS, is_main=is_main)
+    logger.info(f"checkpoint {out / 'last.pt'} at every epoch end"
+                + ("" if cfg.save_every == 0 else f" and every {cfg.save_every} steps" if cfg.save_every else
+                   f" and every {SAVE_EVERY_SECONDS // 60} minutes of training (--save-every N: every N steps)")
+                + f"; SIGTERM/SIGINT: a checkpoint after the current step, exit code {EXIT_PREEMPTED}")
+    with StopSignals() as stop, logger:
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total_steps:
                 break
-            set_epoch(epoch, cfg.seed, rank, train_set, sampler, generator)
+            first_image = start_image if epoch == start_epoch else 0
+            set_epoch(epoch, cfg.seed, rank, train_set, sampler, generator, first_image)
+
+            def save_mid_epoch(batches: int, epoch: int = epoch, first_image: int = first_image) -> None:
+                nonlocal step
+                step = scheduler.last_epoch
+                images = first_image + batches * cfg.batch_size * world  # of the epoch's order, all ranks
+                save([out / "last.pt"], **state(epoch, mid_epoch=True, epoch_images=images, miou=None))
+
             result = train_one_epoch(model, loss_fn, optimizer, train_loader, scheduler, device, epoch, logger,
                                      total_steps=total_steps, amp_dtype=amp_dtype, scaler=scaler,
-                                     memory_format=memory_format)
+                                     memory_format=memory_format, seed=cfg.seed, rank=rank, stop=stop, saves=saves,
+                                     save=save_mid_epoch)
             step = result.step
+            if result.stopped:
+                logger.info(str(Preempted(step, stop.received or "on another rank")))
+                raise Preempted(step, stop.received or "on another rank")
             terms = " ".join(f"{k}={v:.4f}" for k, v in result.losses.items())
             logger.info(f"epoch {epoch} done in {result.seconds:.1f}s ({result.steps_run} steps): {terms}")
 
@@ -296,15 +368,20 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 per_class = {f"val_iou/{name}": v * 100 for name, v in zip(classes, matrix.iou().tolist()) if v == v}
                 logger.scalars({"val/mIoU": miou, **per_class}, step)
                 best_miou = max(best_miou, miou)
-            if is_main:
-                state = dict(args=cfg.to_dict(), epoch=epoch, step=step, best_miou=best_miou,
-                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                             scaler=scaler.state_dict() if scaler else None, miou=miou, total_steps=total_steps)
-                _write(out / "last.pt", lambda path: save_checkpoint(path, net, meta, **state))
-                if miou is not None and miou == best_miou:
-                    best_path = _write(out / "best.pt", lambda path: save_checkpoint(path, net, meta, **state))
-                    logger.info(f"new best mIoU {best_miou:.2f}: wrote {best_path}")
-                logger.flush()
+            best = miou is not None and miou == best_miou
+            # An epoch cut short by --max-steps is saved as mid-epoch: a resume with more steps finishes it.
+            images = first_image + result.steps_run * cfg.batch_size * world
+            cut = images < steps_per_epoch * cfg.batch_size * world
+            save([out / "last.pt"] + ([out / "best.pt"] if best else []),
+                 **state(epoch, mid_epoch=cut, epoch_images=images, miou=miou))
+            saves.saved()
+            if best:
+                best_path = out / "best.pt"
+                logger.info(f"new best mIoU {best_miou:.2f}: wrote {best_path}")
+            logger.flush()
+            if any_rank(stop.requested)[0]:  # a signal during the evaluation or the save: this is its checkpoint
+                logger.info(str(Preempted(step, stop.received or "on another rank")))
+                raise Preempted(step, stop.received or "on another rank")
     if world > 1:
         same = parameters_match_across_ranks(net.to(device))
         logger.info(f"parameters identical on all {world} ranks: {same}")
@@ -342,16 +419,16 @@ def _workers_within_cores(workers: int, logger: RunLogger) -> int:
     return cores
 
 
-def set_epoch(epoch: int, seed: int, rank: int, train_set: SegmentationDataset, sampler: DistributedSampler | None,
-              generator: torch.Generator) -> None:
+def set_epoch(epoch: int, seed: int, rank: int, train_set: SegmentationDataset, sampler: EpochSampler,
+              generator: torch.Generator, first_image: int = 0) -> None:
     """Everything random in ``epoch`` from (seed, epoch, rank) alone, so a run resumed there draws the same:
-    the augmentations (also in persistent workers), the shard and order of the images (DistributedSampler with
-    several processes: each rank a disjoint shard, reshuffled every epoch; else the loader's generator), dropout."""
+    the augmentations (also in persistent workers), the shard and order of the images (each rank a disjoint shard,
+    reshuffled every epoch, from ``first_image`` of the order on), the loader's worker seeds. Dropout is seeded
+    per step (training.engine.step_seed)."""
     torch.manual_seed(_epoch_seed(seed, epoch, rank))
     train_set.set_epoch(epoch)
-    if sampler is not None:
-        sampler.set_epoch(epoch)
-    generator.manual_seed(seed * 1_000_003 + epoch)  # the single-process shuffle order of this epoch
+    sampler.set_epoch(epoch, first_image)
+    generator.manual_seed(seed * 1_000_003 + epoch)  # the loader draws its workers' base seed from it
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -385,6 +462,22 @@ def _remove_stale_temp_files(out: Path) -> list[str]:
     return [p.name for p in stale]
 
 
+def unsound_weights(net: nn.Module, step: int) -> str | None:
+    """Why the weights after ``step`` must not be written (non-finite, or beyond WEIGHT_LIMIT), or None."""
+    bad = first_nonfinite(net.state_dict())
+    if bad is None:
+        largest = max(((name, float(p.detach().abs().max())) for name, p in net.named_parameters()),
+                      key=lambda item: item[1])
+        if largest[1] <= WEIGHT_LIMIT:
+            return None
+        what = f"{largest[0]} reaches {largest[1]:.3g}, beyond {WEIGHT_LIMIT:.0e} (no trained network holds such"
+        what += " weights)"
+    else:
+        what = f"{bad} holds NaN or Inf"
+    return (f"the weights after step {step} diverged: {what}; they were not written, the last checkpoint is kept. "
+            "Lower --lr")
+
+
 def _write(path: Path, write) -> Path:
     """Calls ``write(path)``; an I/O failure (torch.save on a full disk raises RuntimeError) becomes a WriteError."""
     try:
@@ -395,8 +488,12 @@ def _write(path: Path, write) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``main`` for the command line: exit code 0, or 2 with one sentence for an error the user can fix."""
-    return run_cli(main, argv, USER_ERRORS, user_message)
+    """``main`` for the command line: exit code 0; 2 with one sentence for an error the user can fix;
+    EXIT_PREEMPTED (75) after a stop on SIGTERM/SIGINT with its checkpoint written (its log line said so)."""
+    try:
+        return run_cli(main, argv, USER_ERRORS, user_message)
+    except Preempted:
+        return EXIT_PREEMPTED
 
 
 def user_message(err: BaseException) -> str:
