@@ -1,13 +1,13 @@
 """The service's batcher: the model inputs of concurrent requests (letterboxed canvases and sliding-window
 tiles) run together, counted in model inputs, with a deadline per request.
 
-A request arrives as ``agmm_deploy.inference.Windows`` (its image already decoded, checked and priced at the
+A request arrives as ``agmm_deploy.inference.Tiles`` (its image already decoded, checked and priced at the
 door). ``submit`` queues it, or refuses it at once with ``Overloaded`` when the work queued ahead of it would
 outlast its deadline (``max_latency_s``: how long a request may wait; its own work is bounded by the door's limit
 on inputs per image, so a lone request is always served). One worker thread drains the queue in the manner of
 Triton's dynamic batcher: it takes up to ``max_batch_size`` model inputs in arrival order (a tiled image may span
 several batches, and several images share one), waiting at most ``wait_s`` for more while a batch is not full,
-runs them with ``agmm_deploy.inference.run_slices``, and hands each finished request its ``Windows`` at once, the
+runs them with ``agmm_deploy.inference.run_slices``, and hands each finished request its ``Tiles`` at once, the
 model's outputs gathered at the image's size; the request's own thread takes the label map from them, so that the
 worker starts the next batch instead of post-processing this one (on a CPU, the model would otherwise wait for
 the argmax of every image of the batch, and the handlers for the slowest of them). Work
@@ -35,11 +35,11 @@ from typing import Callable
 
 import torch
 
-from agmm_deploy.inference import Windows
+from agmm_deploy.inference import Tiles
 
 logger = logging.getLogger("bentoml.agmm_deploy")
 
-Slices = list[tuple[Windows, int, int]]
+Slices = list[tuple[Tiles, int, int]]
 
 
 class Overloaded(Exception):
@@ -52,20 +52,20 @@ class Overloaded(Exception):
 
 @dataclass(frozen=True)
 class Result:
-    windows: Windows  # done: every model output added; ``windows.labels()`` is the label map on the device
+    tiles: Tiles  # done: every model output added; ``tiles.labels()`` is the label map on the device
     batch_size: int  # model inputs in the batch that ran this image's last input
 
 
 @dataclass(eq=False)
 class _Job:
-    windows: Windows
+    tiles: Tiles
     deadline: float  # time.monotonic() by which the result is due
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     sent: int = 0  # inputs handed to a batch so far
 
     @property
     def remaining(self) -> int:
-        return self.windows.count - self.sent
+        return self.tiles.count - self.sent
 
 
 class Batcher:
@@ -98,7 +98,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ the request side (event loop thread)
 
-    def submit(self, windows: Windows) -> concurrent.futures.Future:
+    def submit(self, tiles: Tiles) -> concurrent.futures.Future:
         """Queues one image's inputs; raises Overloaded when the work ahead of it would outlast its deadline."""
         with self._cond:
             ahead = self._queued_inputs
@@ -108,15 +108,15 @@ class Batcher:
                 raise Overloaded(f"the server is busy: {ahead} model inputs are queued ahead of this image, about "
                                  f"{wait:.1f} s of work, over the {self.max_latency_s * 1000:.0f} ms a request may "
                                  f"wait (AGMM_MAX_LATENCY_MS). Retry in {retry} s.", retry)
-            job = _Job(windows, deadline=time.monotonic() + self.max_latency_s)
+            job = _Job(tiles, deadline=time.monotonic() + self.max_latency_s)
             self._queue.append(job)
-            self._queued_inputs += windows.count
+            self._queued_inputs += tiles.count
             self._cond.notify()
         return job.future
 
-    async def segment(self, windows: Windows) -> Result:
+    async def segment(self, tiles: Tiles) -> Result:
         """One image's model outputs, all added; cancelling the awaiting task drops its queued work."""
-        return await asyncio.wrap_future(self.submit(windows))
+        return await asyncio.wrap_future(self.submit(tiles))
 
     def queued_inputs(self) -> int:
         with self._cond:
@@ -183,7 +183,7 @@ class Batcher:
         jobs = list(dict.fromkeys(job for job, _, _ in slices))
         try:
             with torch.inference_mode():
-                count = self.run_batch([(job.windows, a, b) for job, a, b in slices])
+                count = self.run_batch([(job.tiles, a, b) for job, a, b in slices])
         except Exception as err:  # the model failed: every job in the batch gets the error, the worker goes on
             logger.exception("the model failed on a batch of %d inputs", sum(b - a for _, a, b in slices))
             for job in jobs:
@@ -200,9 +200,9 @@ class Batcher:
         if self.on_batch is not None:
             self.on_batch(count)
         for job in jobs:
-            if job.windows.done:
-                windows, job.windows = job.windows, None  # the caller holds the only reference from here on
-                _settle(job.future, result=Result(windows, count))
+            if job.tiles.done:
+                tiles, job.tiles = job.tiles, None  # the caller holds the only reference from here on
+                _settle(job.future, result=Result(tiles, count))
 
 
 def _settle(future: concurrent.futures.Future, result: Result | None = None,

@@ -365,12 +365,12 @@ def _empty_body(receive: Any) -> Any:
     return replay
 
 
-def _labels(windows: "Windows") -> np.ndarray:  # noqa: F821
+def _labels(tiles: "Tiles") -> np.ndarray:  # noqa: F821
     """The label map (H, W) uint8 of an image whose model outputs are all added, taken on the runner's device."""
     import torch
 
     with torch.inference_mode():
-        return windows.labels().cpu().numpy()
+        return tiles.labels().cpu().numpy()
 
 
 def _fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -438,7 +438,7 @@ class AgmmSegmenter:
         import prometheus_client  # here: BentoML sets up its multiprocess metrics dir before the worker starts
         import torch
 
-        from agmm_deploy.inference import Windows, chunks, run_slices
+        from agmm_deploy.inference import Tiles, chunks, run_slices
         from serving.batcher import Batcher
 
         on_gpu = self.runner.device.type == "cuda"
@@ -446,12 +446,12 @@ class AgmmSegmenter:
         h, w = self.runner.input_size
         gray = torch.full((3, h, w), 128, dtype=torch.uint8, device=self.runner.device)
         for size in (batch, 1, batch):
-            windows = [Windows(gray, (h, w), self.meta.num_classes, mean=self.meta.mean, std=self.meta.std)
+            tiles = [Tiles(gray, (h, w), self.meta.num_classes, mean=self.meta.mean, std=self.meta.std)
                        for _ in range(size)]
             start = time.perf_counter()
-            for slices in chunks(windows, batch):
+            for slices in chunks(tiles, batch):
                 run_slices(self.runner.run, slices)
-            windows[-1].labels().cpu()
+            tiles[-1].labels().cpu()
             batch_s = time.perf_counter() - start
         per_input_s = batch_s / batch
         latency_ms = MAX_LATENCY_MS or max(1000, math.ceil(3 * batch_s * 1000))
@@ -481,13 +481,13 @@ class AgmmSegmenter:
 
     # ---------------------------------------------------------------- the request path of one image
 
-    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, "Windows"]:  # noqa: F821
-        """Bytes -> (uint8 RGB (H, W, 3), its Windows on the runner's device); Refusal when over a limit.
+    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, "Tiles"]:  # noqa: F821
+        """Bytes -> (uint8 RGB (H, W, 3), its Tiles on the runner's device); Refusal when over a limit.
 
         Runs in a worker thread of the event loop, so requests decode in parallel and a bad image is refused
         here, never queued.
         """
-        from agmm_deploy.inference import image_windows, input_count
+        from agmm_deploy.inference import image_tiles, input_count
 
         if len(data) > MAX_UPLOAD_BYTES:
             raise Refusal(413, f"{name} is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES} (AGMM_MAX_UPLOAD_BYTES)")
@@ -502,7 +502,7 @@ class AgmmSegmenter:
             raise Refusal(413, f"{name} is {w}x{h} pixels, which the {tw}x{th} model covers with {cost} "
                                f"sliding-window tiles; the limit is {MAX_INPUTS} model inputs per image "
                                "(AGMM_MAX_INPUTS, reported by /info). Downscale it or send it in parts.")
-        return image, image_windows(self.runner, image, name=name)
+        return image, image_tiles(self.runner, image, name=name)
 
     async def _segment(self, data: bytes, answer: Callable[[np.ndarray, np.ndarray], Any],
                        name: str = "the image") -> tuple[Any, int]:
@@ -517,9 +517,9 @@ class AgmmSegmenter:
         """
         from serving.batcher import Overloaded
 
-        image, windows = await anyio.to_thread.run_sync(self._decode, data, name)
+        image, tiles = await anyio.to_thread.run_sync(self._decode, data, name)
         try:
-            result = await self.batcher.segment(windows)
+            result = await self.batcher.segment(tiles)
         except Overloaded as err:
             raise Refusal(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
         except RuntimeError as err:  # the model failed; logged with its traceback by the batcher
@@ -527,7 +527,7 @@ class AgmmSegmenter:
         # Here, not in the batcher: the argmax of each image runs in its own request's thread (on the runner's
         # device), while the batcher's thread already runs the next batch; the answer is made in that same
         # thread, one hop instead of one for the argmax and another for the encoding.
-        answered = await anyio.to_thread.run_sync(lambda: answer(image, _labels(result.windows)))
+        answered = await anyio.to_thread.run_sync(lambda: answer(image, _labels(result.tiles)))
         return answered, result.batch_size
 
     def _png(self, image: np.ndarray, labels: np.ndarray) -> bytes:
