@@ -98,6 +98,17 @@ def server(served):
     return served[0]
 
 
+@pytest.fixture(scope="module")
+def served_closed(tiny_model, tmp_path_factory):
+    """(base URL, log file) of a server whose API documents are closed (AGMM_API_DOCS=0)."""
+    tmp = tmp_path_factory.mktemp("serve-closed")
+    process, url = _start(tiny_model, tmp, AGMM_API_DOCS="0")
+    try:
+        yield url, tmp / "serve.log"
+    finally:
+        stop_server(process)
+
+
 def _post_image(url: str, data: bytes, route: str = "segment", filename: str = "x.png", **kwargs):
     return requests.post(f"{url}/{route}", files={"image": (filename, data)}, timeout=60, **kwargs)
 
@@ -451,10 +462,12 @@ def test_item6_a_client_leaving_mid_upload_leaves_no_request_behind(tiny_model, 
     assert "/segment refused with 499: the client closed the connection after" in text
 
 
-def test_item7_user_errors_are_one_log_line_without_upload_content_and_the_api_document_is_closed(served):
-    url, log = served
+def test_item7_user_errors_are_one_log_line_without_upload_content_and_the_api_document_is_closed(served_closed):
+    url, log = served_closed
     assert requests.get(f"{url}/docs.json", timeout=10).status_code == 404
     _refused(requests.get(f"{url}/", timeout=10), 404, "/segment")
+    for path in ("/docs", "/schema.json", "/docs/static/swagger-ui.css"):  # closed with it: every document
+        _refused(requests.get(f"{url}{path}", timeout=10), 404, "AGMM_API_DOCS=0", "/segment_batch (JSON)")
     marker = b"careless-user-upload-" + os.urandom(4).hex().encode()
     _refused(_post_image(url, marker * 10, filename="secret-name.png"), 400, "could not be decoded")
     _still_serving(url)
@@ -665,3 +678,85 @@ def test_an_export_folder_goes_into_the_store_with_every_precision_and_serves_th
     log = (tmp_path / "serve.log").read_text(errors="replace")
     assert "(chosen by AGMM_PRECISION=int8)" in log
     assert "other artifacts in" in log and "model.onnx (fp32, onnxruntime, any) -> no setting (the default)" in log
+
+
+# ---------------------------------------------------------------- issue 20: the OpenAPI document and Swagger UI
+
+def _document(url: str) -> dict:
+    response = requests.get(f"{url}/docs.json", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    return response.json()
+
+
+def test_the_openapi_document_validates_and_holds_every_route_the_door_accepts(server):
+    from openapi_spec_validator import validate
+
+    from serving.api import ROUTES
+
+    document = _document(server)
+    validate(document)
+    assert document["info"]["title"] == "agmm_segmenter"
+    for route in ROUTES:
+        assert set(document["paths"][route.path]) == {m.lower() for m in route.methods}, route.path
+        for method in route.methods:
+            responses = document["paths"][route.path][method.lower()]["responses"]
+            assert {"200", *map(str, route.refusals)} == set(responses), route.path
+    overlay = document["paths"]["/overlay"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert overlay["required"] == ["image"] and overlay["properties"]["image"]["format"] == "binary"
+    assert overlay["properties"]["alpha"]["maximum"] == 1
+    assert "BentoML" not in str(document["paths"].get("/segment"))  # ours, not BentoML's generated view
+    error = document["components"]["schemas"]["Error"]
+    assert error["required"] == ["error"]
+    assert document["paths"]["/segment"]["post"]["responses"]["413"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"}
+
+
+def _example(schema: dict, components: dict, image: bytes):
+    """A value that meets ``schema`` (required properties only), for a request built from the document."""
+    if "$ref" in schema:
+        return _example(components[schema["$ref"].rsplit("/", 1)[1]], components, image)
+    if schema.get("type") == "object":
+        return {name: _example(schema["properties"][name], components, image) for name in schema.get("required", [])}
+    if schema.get("type") == "array":
+        return [_example(schema["items"], components, image)]
+    if schema.get("format") == "byte":
+        return base64.b64encode(image).decode()
+    if schema.get("format") == "binary":
+        return image
+    return schema.get("default", 0.5)
+
+
+def test_a_request_built_from_the_document_succeeds_for_every_operation(server):
+    """Each operation of /docs.json: its path, method, content type and required fields, nothing else known."""
+    document = _document(server)
+    components = document["components"]["schemas"]
+    image = _encode(_rgb(30, 40, seed=11), "PNG")
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            kwargs = {}
+            if "requestBody" in operation:
+                ((content_type, media),) = operation["requestBody"]["content"].items()
+                body = _example(media["schema"], components, image)
+                if content_type == "multipart/form-data":
+                    kwargs["files"] = {name: ("x.png", value) if isinstance(value, bytes) else (None, str(value))
+                                       for name, value in body.items()}
+                else:
+                    assert content_type == "application/json"
+                    kwargs["json"] = body
+            response = requests.request(method.upper(), f"{server}{path}", timeout=60, **kwargs)
+            assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.text[:300]}"
+            expected = next(iter(operation["responses"]["200"]["content"]))
+            assert response.headers["content-type"].split(";")[0] == expected, f"{method} {path}"
+
+
+def test_swagger_ui_at_docs_loads_only_local_assets(server):
+    page = requests.get(f"{server}/docs", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    references = re.findall(r'(?:src|href|url)\s*[:=]\s*"([^"]+)"', page.text)
+    assert references and not re.search(r"https?://|//cdn", page.text), page.text
+    for reference in references:
+        assert reference.startswith("/"), reference  # served by this server
+        loaded = requests.get(f"{server}{reference}", timeout=30)
+        assert loaded.status_code == 200 and loaded.content, reference
+    assert requests.get(f"{server}/docs/static/../settings.py", timeout=30).status_code == 404
+    assert requests.get(f"{server}/", timeout=30, allow_redirects=False).headers["location"] == "/docs"
