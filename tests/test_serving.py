@@ -760,3 +760,38 @@ def test_swagger_ui_at_docs_loads_only_local_assets(server):
         assert loaded.status_code == 200 and loaded.content, reference
     assert requests.get(f"{server}/docs/static/../settings.py", timeout=30).status_code == 404
     assert requests.get(f"{server}/", timeout=30, allow_redirects=False).headers["location"] == "/docs"
+
+
+# ---------------------------------------------------------------- issue 20: bentofile.yaml follows pyproject.toml
+
+# pyproject dependencies the service never imports: export, training and reporting tools.
+NOT_SERVED = {"onnxscript", "onnxslim", "tqdm", "tensorboard", "matplotlib"}
+
+
+def test_bentofile_packages_agree_with_pyproject():
+    """Every package the Bento installs is a dependency (or extra) of pyproject.toml with the same specifier, or
+    an exact pin inside its range; every dependency the service imports is in the Bento; the artifacts a served
+    folder may hold (model.int8.xml) have their runtime there."""
+    import tomllib
+
+    import yaml
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {}
+    for text in project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]:
+        requirement = Requirement(text)
+        declared.setdefault(requirement.name, requirement)
+    bento = {Requirement(t).name: Requirement(t) for t in yaml.safe_load((ROOT / "bentofile.yaml").read_text())[
+        "python"]["packages"]}
+    for name, requirement in bento.items():
+        assert name in declared, f"bentofile.yaml installs {name}, which pyproject.toml does not declare"
+        pins = [s.version for s in requirement.specifier if s.operator == "=="]
+        if pins:
+            assert declared[name].specifier.contains(pins[0]), f"{requirement} is outside pyproject's {declared[name]}"
+        else:
+            assert requirement.specifier == declared[name].specifier, f"bentofile {requirement}, pyproject " \
+                                                                      f"{declared[name]}"
+    dependencies = {Requirement(t).name for t in project["dependencies"]}
+    assert dependencies - NOT_SERVED - set(bento) == set(), "pyproject dependencies missing from bentofile.yaml"
+    assert "openvino" in bento  # runs model.int8.xml, the default int8 artifact of an export folder
