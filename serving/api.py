@@ -240,7 +240,7 @@ def openapi_document(settings: ServeSettings, version: str = "0.1.0") -> dict[st
             "DeepLabV3+ trained with the AGMM loss on sparse labels. Limits: "
             f"{settings.max_upload_bytes} bytes and {settings.max_pixels} pixels per image, "
             f"{settings.max_inputs} model inputs per image, {settings.max_batch_images} images per /segment_batch, "
-            f"bodies within {settings.read_timeout_s:g} s. Every refusal is JSON {{\"error\": \"<sentence>\"}}.")},
+            f"bodies within {settings.read_timeout_s:g} s. Every refusal is JSON {{\"error\": \"a sentence\"}}: what was received and what is expected.")},
         "paths": paths,
         "components": {"schemas": _openapi_30(schemas)},
     }
