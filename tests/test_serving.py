@@ -795,3 +795,55 @@ def test_bentofile_packages_agree_with_pyproject():
     dependencies = {Requirement(t).name for t in project["dependencies"]}
     assert dependencies - NOT_SERVED - set(bento) == set(), "pyproject dependencies missing from bentofile.yaml"
     assert "openvino" in bento  # runs model.int8.xml, the default int8 artifact of an export folder
+
+
+# ---------------------------------------------------------------- issue 20: the settings, read once
+
+@pytest.mark.parametrize("variable,value,expected", [
+    ("AGMM_MAX_INPUTS", "many", "a whole number >= 1"),
+    ("AGMM_MAX_PIXELS", "0", "a whole number >= 1"),
+    ("AGMM_READ_TIMEOUT_S", "-3", "a number of seconds > 0"),
+    ("AGMM_DEVICE", "tpu", "auto | cpu | cuda"),
+    ("AGMM_API_DOCS", "maybe", "1 or 0"),
+])
+def test_a_bad_setting_is_refused_naming_the_variable_and_what_it_takes(variable, value, expected):
+    from serving.settings import SettingsError, read_settings
+
+    with pytest.raises(SettingsError) as raised:
+        read_settings({variable: value})
+    assert str(raised.value).startswith(f"{variable}={value!r} cannot be used: it takes {expected}")
+
+
+def test_settings_are_one_frozen_object_with_a_row_per_variable():
+    import dataclasses
+
+    from serving.settings import SETTINGS_TABLE, ServeSettings, read_settings
+
+    settings = read_settings({"AGMM_MAX_INPUTS": "7", "AGMM_API_DOCS": "0", "AGMM_MAX_LATENCY_MS": "250"})
+    assert (settings.max_inputs, settings.api_docs, settings.max_latency_ms, settings.max_batch_size) == (
+        7, False, 250, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.max_inputs = 8
+    variables = [row[0] for row in SETTINGS_TABLE]
+    assert len(variables) == len(set(variables)) == len(dataclasses.fields(ServeSettings))
+    assert set(settings.by_variable()) == set(variables)
+    # Every AGMM_* variable serving/ mentions is a row of the table.
+    mentioned = set(re.findall(r"\bAGMM_[A-Z0-9_]+[A-Z0-9]", "".join(
+        p.read_text() for p in (ROOT / "serving").glob("*.py"))))
+    assert mentioned <= set(variables), mentioned - set(variables)
+
+
+def test_info_reports_every_setting_and_the_log_holds_them(served):
+    url, log = served
+    info = requests.get(f"{url}/info", timeout=30).json()
+    assert info["settings"]["AGMM_MAX_INPUTS"] == MAX_INPUTS and info["settings"]["AGMM_MAX_LATENCY_MS"] == 60000
+    assert info["settings"]["AGMM_API_DOCS"] is True
+    assert f"AGMM_MAX_INPUTS={MAX_INPUTS}" in log.read_text(errors="replace")
+
+
+def test_bentoml_serve_refuses_a_bad_setting_with_its_sentence(tiny_model, tmp_path):
+    result = subprocess.run(serve_command(free_port()), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=_serve_env(tmp_path, AGMM_MODEL=str(tiny_model), AGMM_MAX_UPLOAD_BYTES="20MB"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "AGMM_MAX_UPLOAD_BYTES='20MB' cannot be used: it takes a whole number >= 1"), result.stderr[-2000:]
