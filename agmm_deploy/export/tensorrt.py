@@ -21,11 +21,11 @@ import torch
 
 from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.contract import library_versions, read_onnx_metadata, write_engine_sidecar
-from agmm_deploy.export.precision import PRECISIONS as PRECISION_TABLE
 from agmm_deploy.runtime.trt import TensorRTUnavailable, import_tensorrt, tensorrt_missing
 
-# The engine rows of the precision table (agmm_deploy.export.precision), where agmm-export finds them.
-PRECISIONS = tuple(row.name for row in PRECISION_TABLE if row.runtime == "tensorrt")
+# What build_engine can build; agmm-export finds them as the tensorrt rows of the precision table
+# (agmm_deploy.export.precision), and tests/test_export_precision.py checks that the two agree.
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
