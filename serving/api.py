@@ -121,11 +121,12 @@ ROUTES_BY_PATH = {route.path: route for route in ROUTES}
 
 REFUSAL_MEANINGS = {
     400: "the body or the image is malformed, or a field is missing or unknown; the sentence says which",
-    408: "the request body did not arrive within AGMM_READ_TIMEOUT_S",
+    408: "the request body did not arrive within AGMM_READ_TIMEOUT_S (or its headers within AGMM_HEADER_TIMEOUT_S)",
     413: "over a limit: body bytes, images per batch, or model inputs per image (reported by /info)",
     415: "the wrong Content-Type: multipart/form-data for the image routes, application/json for /segment_batch",
     500: "the model failed on the batch that held this image",
-    503: "the server is busy: the work ahead would outlast AGMM_MAX_LATENCY_MS; retry after Retry-After seconds",
+    503: "the server is busy: the work ahead would outlast AGMM_MAX_LATENCY_MS (or every connection of the worker "
+         "is answering a request, AGMM_MAX_CONNECTIONS); retry after Retry-After seconds",
 }
 
 
@@ -166,6 +167,8 @@ def _info_schema() -> dict[str, Any]:
         "max_upload_bytes": {"type": "integer"}, "max_pixels": {"type": "integer"},
         "max_inputs": {"type": "integer"}, "max_batch_images": {"type": "integer"},
         "admission": {"type": "object", "description": "how requests are admitted to the batcher"},
+        "connections": {"type": "object", "description": "the header deadline, the connection cap and what they "
+                        "closed in this worker"},
         "settings": {"type": "object", "description": "every AGMM_* setting and its value"},
     }, "additionalProperties": True}
 

@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,14 @@ class RequestDoor:
             return
         try:
             upload = await self._read(route, scope, receive)
-        except Refusal as refusal:
-            await refusal.response(path)(scope, receive, send)
+        except Exception as err:  # noqa: BLE001 (a request the door cannot read is answered, never left hanging)
+            if not isinstance(err, Refusal):
+                logger.exception("the door failed on a request to %s", path)
+                err = Refusal(500, f"the server failed to read this request ({type(err).__name__}); it is logged")
+            # The rest of the body, if any, is never read: uvicorn closes the connection after this answer
+            # instead of reading on (a Content-Length of 1e15 would otherwise be read, and discarded, to its end).
+            err.headers.setdefault("Connection", "close")
+            await err.response(path)(scope, receive, send)
             return
         await self.app(_without_body(scope, upload), _empty_body(receive), send)
 
@@ -247,6 +254,9 @@ def _batch_upload(body: bytes, max_images: int) -> Upload:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         request = None
+    except RecursionError:  # the parser recurses per level: nesting is bounded by Python's recursion limit
+        raise Refusal(400, f"the JSON body nests deeper than {sys.getrecursionlimit()} levels; segment_batch takes "
+                           '{"images": ["<base64 of an image file>", ...]}, 2 deep') from None
     images = request.get("images") if isinstance(request, dict) else None
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise Refusal(400, 'segment_batch takes JSON {"images": ["<base64 of an image file>", ...]}; got '

@@ -43,6 +43,7 @@ from starlette.responses import Response
 from agmm_deploy import transforms
 from serving.api import ClassFractions, ImageResult
 from serving.artifacts import ModelChoice, choose_model  # noqa: F401 (ModelChoice: for callers of choose_model)
+from serving import connections
 from serving.door import Refusal, RequestDoor
 from serving.settings import ServeSettings, SettingsError, read_settings
 
@@ -54,6 +55,9 @@ try:
     SETTINGS = read_settings()
 except SettingsError as err:
     raise SystemExit(str(err)) from None  # the sentence alone, before BentoML starts anything
+# The header deadline and the connection cap live in uvicorn's protocol, which BentoML's worker makes after
+# importing this module (serving/connections.py).
+connections.install(SETTINGS.header_timeout_s, SETTINGS.max_connections)
 
 
 def resolve_model_path() -> Path:
@@ -203,12 +207,14 @@ class AgmmSegmenter:
         return image, image_tiles(self.runner, image, name=name)
 
     async def _segment(self, data: bytes, answer: Callable[[np.ndarray, np.ndarray], Any],
-                       name: str = "the image") -> tuple[Any, int]:
+                       name: str = "the image", request: object = None) -> tuple[Any, int]:
         """Decode and check at the door, the model through the batcher, then the label map and ``answer`` in one
         worker thread.
 
         Args:
             answer: (image (H, W, 3) uint8, label map (H, W) uint8) -> what the endpoint sends (PNG bytes, ...).
+            request: a key shared by the images of one request (the batcher never counts them against each
+                other); None: the image is the request.
         Returns:
             ``answer``'s result and the model inputs of the batch that ran the image's last input; Refusal on any
             failure.
@@ -217,7 +223,7 @@ class AgmmSegmenter:
 
         image, tiles = await anyio.to_thread.run_sync(self._decode, data, name)
         try:
-            result = await self.batcher.segment(tiles)
+            result = await self.batcher.segment(tiles, request)
         except Overloaded as err:
             raise Refusal(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
         except RuntimeError as err:  # the model failed; logged with its traceback by the batcher
@@ -280,7 +286,7 @@ class AgmmSegmenter:
                                    mask_png=base64.b64encode(self._png(image, labels)).decode("ascii"))
 
             try:
-                result, batch_size = await self._segment(data, answer, name=f"image {index}")
+                result, batch_size = await self._segment(data, answer, name=f"image {index}", request=ctx)
             except Refusal as refusal:
                 if refusal.status >= 500:
                     raise
@@ -298,7 +304,10 @@ class AgmmSegmenter:
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
-        """What is being served: classes, palette, input size, backend, precision, batching and limits."""
+        """What is being served: classes, palette, input size, backend, precision, batching, admission, limits and
+        every setting."""
+        from serving.batcher import ADMISSION
+
         h, w = self.runner.input_size
         return {
             "classes": list(self.meta.classes),
@@ -323,6 +332,8 @@ class AgmmSegmenter:
             "max_inputs": SETTINGS.max_inputs,
             "max_batch_images": SETTINGS.max_batch_images,
             "read_timeout_s": SETTINGS.read_timeout_s,
+            "admission": ADMISSION,
+            "connections": connections.connection_counts(),
             "settings": SETTINGS.by_variable(),
         }
 

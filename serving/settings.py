@@ -97,6 +97,12 @@ class ServeSettings:
     max_batch_images: int = _setting("AGMM_MAX_BATCH_IMAGES", 16, COUNT, "images per /segment_batch request")
     read_timeout_s: float = _setting("AGMM_READ_TIMEOUT_S", 30.0, SECONDS, "seconds for a whole request body to "
                                      "arrive (408 after)")
+    # Connections, per worker (serving/connections.py).
+    header_timeout_s: float = _setting("AGMM_HEADER_TIMEOUT_S", 10.0, SECONDS, "seconds for a request's headers to "
+                                       "arrive, from the connection's start or its previous response's end "
+                                       "(closed after; 408 when part of them came)")
+    max_connections: int = _setting("AGMM_MAX_CONNECTIONS", 1000, COUNT, "open connections per worker; over it "
+                                    "the one waiting longest for its headers is closed (503 when all are busy)")
     # Batching; None: derived from the device and the warm-up (AgmmSegmenter._start_batcher).
     max_batch_size: int | None = _setting("AGMM_MAX_BATCH_SIZE", None, COUNT, "model inputs per batch "
                                           "(derived: 16 on a GPU, 8 on a CPU)")
