@@ -14,8 +14,8 @@ Admission, in model inputs (what /info reports as ``admission``):
   would run before its last one, at most its own count from each image of *other* requests, would take longer
   than ``max_latency_s``. A request's own images never count against it, so every request within the door's
   limits is admitted on an idle server (a /segment_batch of 2 images of 32 inputs each included).
-- Deadline: an image that has not started by its deadline (``max_latency_s`` after admission) is dropped with
-  ``Overloaded``; work whose caller went away (client disconnected, request cancelled) is dropped silently.
+- Deadline: an image that has not started by its deadline (``max_latency_s`` after admission, plus the time
+  of the batch that may be running then) is dropped with ``Overloaded``; work whose caller went away (client disconnected, request cancelled) is dropped silently.
   Neither is ever run.
 
 Each finished request gets its ``Tiles`` at once, the model's outputs gathered at the image's size; the
@@ -72,7 +72,8 @@ ADMISSION = {
                     "of other requests) would take longer than max_latency_ms: 503 with Retry-After",
     "own_images": "a request's own images never count against it: every request within the limits is admitted on "
                   "an idle server",
-    "deadline": "an image not started within max_latency_ms of its admission is answered 503",
+    "deadline": "an image not started within max_latency_ms of its admission (plus one batch's time, for the batch "
+                "running then) is answered 503",
 }
 
 
@@ -133,7 +134,9 @@ class Batcher:
                                  f"this image's last one, about {wait:.1f} s of work, over the "
                                  f"{self.max_latency_s * 1000:.0f} ms a request may wait (AGMM_MAX_LATENCY_MS). "
                                  f"Retry in {retry} s.", retry)
-            job = _Job(tiles, deadline=time.monotonic() + self.max_latency_s, request=request)
+            # Its first input may also have to wait for the batch running now, which nothing can shorten.
+            running_s = self.max_batch_size * self.seconds_per_input
+            job = _Job(tiles, deadline=time.monotonic() + self.max_latency_s + running_s, request=request)
             self._queue.append(job)
             self._queued_inputs += tiles.count
             self._cond.notify()

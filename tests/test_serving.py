@@ -847,3 +847,171 @@ def test_bentoml_serve_refuses_a_bad_setting_with_its_sentence(tiny_model, tmp_p
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(
         "AGMM_MAX_UPLOAD_BYTES='20MB' cannot be used: it takes a whole number >= 1"), result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- issue 21: headers, connections, admission
+
+HEADER_TIMEOUT_S = 2
+MAX_CONNECTIONS = 100
+GUARD_LATENCY_MS = 150
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model, tmp_path_factory):
+    """A server with a short header deadline, a small connection cap and a short wait: what a hostile or busy
+    client meets, at sizes a test can reach."""
+    tmp = tmp_path_factory.mktemp("serve-guarded")
+    process, url = _start(tiny_model, tmp, AGMM_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+                          AGMM_MAX_CONNECTIONS=str(MAX_CONNECTIONS), AGMM_MAX_LATENCY_MS=str(GUARD_LATENCY_MS))
+    try:
+        yield url
+    finally:
+        stop_server(process)
+
+
+def _closed(sock, wait_s: float) -> bool:
+    """Whether the server has closed ``sock`` (EOF, after any answer) within ``wait_s``."""
+    import socket
+    import time
+
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        sock.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except socket.timeout:
+            return False
+        except OSError:  # reset
+            return True
+    return False
+
+
+def test_silent_and_trickling_header_connections_are_closed_within_the_deadline_while_good_work_is_served(guarded):
+    """200 connections (the cap is 100): half send nothing, half a header byte every 0.5 s. Each is closed within
+    the header deadline (408 for those that sent part of a request); a good request is served meanwhile."""
+    import socket
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(guarded).hostname, urlsplit(guarded).port
+    start = time.monotonic()
+    silent = [socket.create_connection((host, port), timeout=10) for _ in range(100)]
+    trickling = [socket.create_connection((host, port), timeout=10) for _ in range(100)]
+    header = b"POST /segment HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    stop = threading.Event()
+
+    def trickle():
+        for byte in header:
+            for sock in trickling:
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    pass
+            if stop.wait(0.5):
+                return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        _still_serving(guarded)  # a good request beside them
+        assert all(_closed(sock, HEADER_TIMEOUT_S + 3 - (time.monotonic() - start)) for sock in silent + trickling)
+        assert time.monotonic() - start < HEADER_TIMEOUT_S + 3
+    finally:
+        stop.set()
+        thread.join()
+        for sock in silent + trickling:
+            sock.close()
+    guard = requests.get(f"{guarded}/info", timeout=30).json()["connections"]
+    assert guard["header_timeout_s"] == HEADER_TIMEOUT_S and guard["max_connections"] == MAX_CONNECTIONS
+    assert guard["closed_header_deadline"] + guard["closed_over_cap"] >= 200, guard
+    _still_serving(guarded)
+
+
+def test_a_trickled_request_gets_a_408_sentence_when_its_header_deadline_passes(guarded):
+    import socket
+    from urllib.parse import urlsplit
+
+    with socket.create_connection((urlsplit(guarded).hostname, urlsplit(guarded).port), timeout=10) as sock:
+        sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\n")  # never the blank line that ends the headers
+        sock.settimeout(HEADER_TIMEOUT_S + 3)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert f"headers did not arrive within {HEADER_TIMEOUT_S} s (AGMM_HEADER_TIMEOUT_S)".encode() in answer
+
+
+def test_after_a_413_for_its_content_length_the_server_stops_reading(server):
+    """Content-Length 1e15: answered 413 at once and the connection closed, not read on to its end."""
+    import socket
+    from urllib.parse import urlsplit
+
+    with socket.create_connection((urlsplit(server).hostname, urlsplit(server).port), timeout=10) as sock:
+        sock.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                     b"Content-Length: 1000000000000000\r\n\r\n" + b"x" * 65536)
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        sent = 0
+        with pytest.raises(OSError):  # the server closed its end: sending fails long before 1e15 bytes
+            while sent < 1 << 30:
+                sent += sock.send(b"x" * (1 << 20))
+    assert sent < 256 << 20, f"the server read {sent} bytes after its 413"
+    _still_serving(server)
+
+
+def test_json_nested_2000_deep_is_a_400_at_once(server):
+    import time
+
+    start = time.perf_counter()
+    response = requests.post(f"{server}/segment_batch", data=b'{"images": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+                             headers={"Content-Type": "application/json"}, timeout=60)
+    _refused(response, 400, "the JSON body nests deeper than", '{"images": [')
+    assert time.perf_counter() - start < 5
+    _still_serving(server)
+
+
+def test_a_batch_of_two_32_input_images_is_served_on_an_idle_server(guarded):
+    """Each image alone is within every limit; the request's own images never count against each other."""
+    from agmm_deploy.inference import input_count
+
+    assert input_count(65, 373, (SIZE, SIZE)) == 32
+    images = [base64.b64encode(_encode(_rgb(65, 373, seed=i), "PNG")).decode() for i in range(2)]
+    for _ in range(3):
+        response = requests.post(f"{guarded}/segment_batch", json={"images": images}, timeout=120)
+        assert response.status_code == 200, response.text[:300]
+        assert [(r["height"], r["width"], r["error"]) for r in response.json()] == [(65, 373, None)] * 2
+
+
+def test_cheap_requests_keep_flowing_beside_a_client_sending_32_input_images_back_to_back(guarded):
+    """Two clients send 32-input images back to back; a 64x64 client beside them gets >= 90 % served."""
+    import threading
+    import time
+
+    costly, cheap = _encode(_rgb(65, 373, seed=1), "PNG"), _encode(_rgb(SIZE, SIZE, seed=2), "PNG")
+    stop = threading.Event()
+    costly_statuses: list[int] = []
+
+    def hog():
+        while not stop.is_set():
+            costly_statuses.append(_post_image(guarded, costly).status_code)
+
+    hogs = [threading.Thread(target=hog, daemon=True) for _ in range(2)]
+    for thread in hogs:
+        thread.start()
+    try:
+        time.sleep(1)
+        statuses = []
+        for _ in range(20):
+            statuses.append(_post_image(guarded, cheap).status_code)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in hogs:
+            thread.join()
+    assert statuses.count(200) >= 18, statuses
+    assert 200 in costly_statuses and set(costly_statuses) <= {200, 503}
+    admission = requests.get(f"{guarded}/info", timeout=30).json()["admission"]
+    assert "round-robin" in admission["turns"] and "never count against it" in admission["own_images"]
