@@ -1,5 +1,8 @@
 """The artifacts of a model folder, and which one a server runs; putting an export folder into the BentoML store.
 
+``choose_model(settings)`` is the server's choice: the file AGMM_MODEL names, or one artifact of the folder it
+names (or of the store entry AGMM_BENTO_MODEL names), by the table below.
+
 A model folder is what agmm-export writes (``--out``) or a BentoML model store entry holding it: model.onnx
 and, beside it, the reduced-precision files (model.int8.xml + .bin, model.fp16.onnx, model.engine + .json, ...).
 The server runs exactly one of them, chosen once at start-up:

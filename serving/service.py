@@ -30,7 +30,6 @@ import binascii
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -42,10 +41,10 @@ from starlette.responses import Response
 
 from agmm_deploy import transforms
 from serving.api import ClassFractions, ImageResult
-from serving.artifacts import ModelChoice, choose_model  # noqa: F401 (ModelChoice: for callers of choose_model)
 from serving import connections
+from serving.artifacts import ModelChoice, choose_model  # noqa: F401 (ModelChoice: for callers of choose_model)
 from serving.door import Refusal, RequestDoor
-from serving.settings import ServeSettings, SettingsError, read_settings
+from serving.settings import SettingsError, read_settings
 
 # BentoML configures the "bentoml" logger tree in its workers and disables loggers it does not know.
 logger = logging.getLogger("bentoml.agmm_deploy")
