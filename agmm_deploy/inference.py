@@ -10,7 +10,7 @@ and training's sliding-window evaluation:
   2/3; a tile past a short axis is padded bottom/right with zeros), and the tiles' softmax is averaged where
   they overlap, as in the official sliding-window evaluation.
 
-``Windows`` holds one image's side of this (its model inputs, made a slice at a time, and the accumulation of
+``Tiles`` holds one image's side of this (its model inputs, made a slice at a time, and the accumulation of
 the model's outputs), so that a caller may run the inputs of many images together in batches of its choosing:
 ``segment_images`` in chunks of ``runner.max_batch``, the service in batches across requests. Everything stays
 on the image tensor's device; only the final uint8 label map (or the scores, when asked for) leaves it.
@@ -41,7 +41,7 @@ def input_count(height: int, width: int, input_size: tuple[int, int], overlap: f
     return sliding_window_count(height, width, (th, tw), overlap)
 
 
-class Windows:
+class Tiles:
     """One image as model inputs, and the model's outputs gathered back at the image's size.
 
     Args:
@@ -78,10 +78,10 @@ class Windows:
         if self.letterboxed:
             scale = min(th / h, tw / w)
             self.resized = (max(1, min(th, round(h * scale))), max(1, min(tw, round(w * scale))))
-            self.windows = [(0, h, 0, w)]
+            self.boxes = [(0, h, 0, w)]
         else:
-            self.windows = sliding_window_tiles(h, w, (th, tw), overlap)
-        self.count = len(self.windows)
+            self.boxes = sliding_window_tiles(h, w, (th, tw), overlap)
+        self.count = len(self.boxes)
         self.added = 0
         self._sum: torch.Tensor | None = None  # letterbox: logits (K, H, W); tiles: summed softmax (K, H, W)
         self._covered: torch.Tensor | None = None  # tiles: how many tiles covered each pixel (1, H, W)
@@ -110,7 +110,7 @@ class Windows:
             rh, rw = self.resized
             return F.pad(x, (0, tw - rw, 0, th - rh))  # zero after normalising: the mean colour
         tiles = []
-        for y1, y2, x1, x2 in self.windows[start:stop]:
+        for y1, y2, x1, x2 in self.boxes[start:stop]:
             tile = self._normalised(self.image[:, y1:y2, x1:x2])
             tiles.append(F.pad(tile, (0, tw - (x2 - x1), 0, th - (y2 - y1))))  # along an axis shorter than the tile
         return torch.stack(tiles)
@@ -134,7 +134,7 @@ class Windows:
             self._sum = torch.zeros((self.num_classes, *self.size), dtype=torch.float32, device=logits.device)
             self._covered = torch.zeros((1, *self.size), dtype=torch.float32, device=logits.device)
         probs = torch.softmax(logits.float(), dim=1)
-        for (y1, y2, x1, x2), p in zip(self.windows[start:start + len(logits)], probs):
+        for (y1, y2, x1, x2), p in zip(self.boxes[start:start + len(logits)], probs):
             self._sum[:, y1:y2, x1:x2] += p[:, :y2 - y1, :x2 - x1]
             self._covered[:, y1:y2, x1:x2] += 1
         self.added += len(logits)
@@ -161,30 +161,30 @@ class Windows:
         return self._sum.max(dim=0).indices.to(torch.uint8)
 
 
-def run_slices(forward: Forward, slices: list[tuple[Windows, int, int]]) -> int:
-    """Runs the model once on the inputs start:stop of every (windows, start, stop), hands each its logits.
+def run_slices(forward: Forward, slices: list[tuple[Tiles, int, int]]) -> int:
+    """Runs the model once on the inputs start:stop of every (tiles, start, stop), hands each its logits.
 
     Returns:
         How many model inputs ran together.
     """
-    x = torch.cat([windows.inputs(start, stop) for windows, start, stop in slices])
+    x = torch.cat([tiles.inputs(start, stop) for tiles, start, stop in slices])
     logits = forward(x)  # (N, K, th, tw)
     offset = 0
-    for windows, start, stop in slices:
-        windows.add(start, logits[offset:offset + stop - start])
+    for tiles, start, stop in slices:
+        tiles.add(start, logits[offset:offset + stop - start])
         offset += stop - start
     return offset
 
 
-def chunks(images: list[Windows], size: int) -> Iterator[list[tuple[Windows, int, int]]]:
+def chunks(images: list[Tiles], size: int) -> Iterator[list[tuple[Tiles, int, int]]]:
     """The inputs of all ``images``, in order, as slices of at most ``size`` inputs in all."""
-    batch: list[tuple[Windows, int, int]] = []
+    batch: list[tuple[Tiles, int, int]] = []
     room = size
-    for windows in images:
+    for tiles in images:
         start = 0
-        while start < windows.count:
-            stop = min(windows.count, start + room)
-            batch.append((windows, start, stop))
+        while start < tiles.count:
+            stop = min(tiles.count, start + room)
+            batch.append((tiles, start, stop))
             room -= stop - start
             start = stop
             if room == 0:
@@ -206,22 +206,22 @@ def image_tensor(image: np.ndarray, device: torch.device | str, name: str = "ima
     return torch.from_numpy(image).to(device).permute(2, 0, 1)
 
 
-def image_windows(runner: Runner, image: np.ndarray, *, overlap: float = SLIDING_OVERLAP,
-                  name: str = "image") -> Windows:
-    """``Windows`` of a uint8 RGB image (H, W, 3) for ``runner``'s model, on ``runner.device``."""
+def image_tiles(runner: Runner, image: np.ndarray, *, overlap: float = SLIDING_OVERLAP,
+                  name: str = "image") -> Tiles:
+    """``Tiles`` of a uint8 RGB image (H, W, 3) for ``runner``'s model, on ``runner.device``."""
     meta = runner.meta
-    return Windows(image_tensor(image, runner.device, name), runner.input_size, meta.num_classes,
+    return Tiles(image_tensor(image, runner.device, name), runner.input_size, meta.num_classes,
                    mean=meta.mean, std=meta.std, overlap=overlap)
 
 
 @torch.no_grad()
-def _segment(runner: Runner, images: list[np.ndarray], overlap: float) -> list[Windows]:
+def _segment(runner: Runner, images: list[np.ndarray], overlap: float) -> list[Tiles]:
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap={overlap} is invalid; expected 0 <= overlap < 1 (the official value is 2/3)")
-    windows = [image_windows(runner, image, overlap=overlap, name=f"image {i}") for i, image in enumerate(images)]
-    for batch in chunks(windows, runner.max_batch):
+    tiles = [image_tiles(runner, image, overlap=overlap, name=f"image {i}") for i, image in enumerate(images)]
+    for batch in chunks(tiles, runner.max_batch):
         run_slices(runner.run, batch)
-    return windows
+    return tiles
 
 
 def batch_image_scores(runner: Runner, images: list[np.ndarray], *,
@@ -261,11 +261,16 @@ def sliding_window_scores(forward: Forward, image: torch.Tensor, tile: tuple[int
                           overlap: float = SLIDING_OVERLAP, tiles_per_batch: int = 4) -> torch.Tensor:
     """Softmax averaged over overlapping tiles of a normalised image (1, 3, H, W) -> (1, K, H, W), every image
     tiled (one padded tile when it is smaller), as training's sliding-window evaluation does."""
-    windows = Windows(image[0], tile, num_classes, overlap=overlap, letterbox=False)
-    for batch in chunks([windows], tiles_per_batch):
+    tiles = Tiles(image[0], tile, num_classes, overlap=overlap, letterbox=False)
+    for batch in chunks([tiles], tiles_per_batch):
         run_slices(forward, batch)
-    return windows.scores()[None]
+    return tiles.scores()[None]
 
 
-__all__ = ["Windows", "batch_image_scores", "chunks", "image_scores", "image_tensor", "image_windows",
-           "input_count", "run_slices", "segment_image", "segment_images", "sliding_window_scores"]
+# The old names, kept while other branches still import them: these objects hold an image's tiles (a letterbox
+# canvas is one tile), which "windows" did not say. Use Tiles and image_tiles.
+Windows = Tiles
+image_windows = image_tiles
+
+__all__ = ["Tiles", "Windows", "batch_image_scores", "chunks", "image_scores", "image_tensor", "image_tiles",
+           "image_windows", "input_count", "run_slices", "segment_image", "segment_images", "sliding_window_scores"]

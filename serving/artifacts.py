@@ -1,5 +1,8 @@
 """The artifacts of a model folder, and which one a server runs; putting an export folder into the BentoML store.
 
+``choose_model(settings)`` is the server's choice: the file AGMM_MODEL names, or one artifact of the folder it
+names (or of the store entry AGMM_BENTO_MODEL names), by the table below.
+
 A model folder is what agmm-export writes (``--out``) or a BentoML model store entry holding it: model.onnx
 and, beside it, the reduced-precision files (model.int8.xml + .bin, model.fp16.onnx, model.engine + .json, ...).
 The server runs exactly one of them, chosen once at start-up:
@@ -35,7 +38,8 @@ from pathlib import Path
 
 from agmm_deploy import contract
 from agmm_deploy.export.parity import FAILED_SUFFIX
-from agmm_deploy.runtime import backend_for, model_suffixes
+from agmm_deploy.runtime import backend_for, describe_suffixes, model_suffixes
+from serving.settings import ServeSettings, read_settings
 
 DEFAULT_PRECISION = "fp32"
 # Besides the artifacts and their companions, what the store entry keeps from an export folder.
@@ -156,6 +160,65 @@ def choose_artifact(folder: Path, precision: str = "", file_name: str = "", devi
         raise RuntimeError(f"{chosen.path.name} cannot run on this machine: {chosen.missing}. {folder} holds: "
                            f"{choices}")
     return chosen
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The artifact this server runs, and how it was chosen (logged at start-up, reported by /info)."""
+
+    path: Path
+    chosen_by: str  # e.g. "AGMM_MODEL", "AGMM_PRECISION=int8", "the default (fp32)"
+    folder: Path | None = None  # the model folder it was chosen from
+    others: tuple[str, ...] = ()  # the folder's other artifacts: "<file> (<precision>, ...) -> <setting>"
+
+
+def choose_model(settings: ServeSettings | None = None) -> ModelChoice:
+    """The artifact named by AGMM_MODEL (a file, or a folder to choose from) or chosen from the BentoML store entry
+    named by AGMM_BENTO_MODEL; AGMM_PRECISION / AGMM_MODEL_FILE pick within a folder (choose_artifact).
+
+    Args:
+        settings: the service's; None reads them from the environment now.
+    Raises:
+        RuntimeError (no model named), FileNotFoundError / ValueError (a choice that cannot be met), each one
+        sentence; bentoml.exceptions.NotFound for an unknown store tag.
+    """
+    settings = read_settings() if settings is None else settings
+    precision, file_name, device = settings.precision, settings.model_file, settings.device
+    folder = None
+    if path := settings.model:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            folder = path
+        elif not path.is_file():
+            raise FileNotFoundError(f"AGMM_MODEL={path} does not exist; expected {describe_suffixes()}, or a "
+                                    "folder agmm-export wrote")
+        elif file_name:
+            raise ValueError(f"AGMM_MODEL_FILE={file_name} picks a file within a model folder, but AGMM_MODEL={path} "
+                             "names a file already; unset one of them")
+        elif precision and (found := read_artifact(path, device).precision) != precision:
+            raise ValueError(f"AGMM_MODEL={path} is {found}, not AGMM_PRECISION={precision}; unset AGMM_PRECISION "
+                             "or point AGMM_MODEL at the folder holding the artifacts")
+        else:
+            return ModelChoice(path, "AGMM_MODEL")
+    elif tag := settings.bento_model:
+        import bentoml
+
+        folder = Path(bentoml.models.get(tag).path)
+    else:
+        raise RuntimeError(no_model_message())
+    chosen = choose_artifact(folder, precision, file_name, device)
+    chosen_by = (f"AGMM_MODEL_FILE={file_name}" if file_name else f"AGMM_PRECISION={precision}" if precision
+                 else "the default (fp32)")
+    others = describe_choices(folder_artifacts(folder, device), failed_files(folder), leave_out=chosen.path)
+    return ModelChoice(chosen.path, chosen_by, folder, tuple(others))
+
+
+
+
+def no_model_message() -> str:
+    """The sentence for a server started without a model, its artifact list from the runtime table."""
+    return (f"No model to serve: set AGMM_MODEL=path/to/model (a file: {describe_suffixes()}; or an agmm-export "
+            "folder), or AGMM_BENTO_MODEL=<tag> of a model saved in the BentoML model store.")
 
 
 def save_to_store(folder: Path, name: str) -> str:

@@ -1,18 +1,27 @@
 """The service's batcher: the model inputs of concurrent requests (letterboxed canvases and sliding-window
-tiles) run together, counted in model inputs, with a deadline per request.
+tiles) run together, counted in model inputs, with a deadline per request and fair turns between images.
 
-A request arrives as ``agmm_deploy.inference.Windows`` (its image already decoded, checked and priced at the
-door). ``submit`` queues it, or refuses it at once with ``Overloaded`` when the work queued ahead of it would
-outlast its deadline (``max_latency_s``: how long a request may wait; its own work is bounded by the door's limit
-on inputs per image, so a lone request is always served). One worker thread drains the queue in the manner of
-Triton's dynamic batcher: it takes up to ``max_batch_size`` model inputs in arrival order (a tiled image may span
-several batches, and several images share one), waiting at most ``wait_s`` for more while a batch is not full,
-runs them with ``agmm_deploy.inference.run_slices``, and hands each finished request its ``Windows`` at once, the
-model's outputs gathered at the image's size; the request's own thread takes the label map from them, so that the
-worker starts the next batch instead of post-processing this one (on a CPU, the model would otherwise wait for
-the argmax of every image of the batch, and the handlers for the slowest of them). Work
-that can no longer start by its deadline is dropped from the queue with ``Overloaded``; work whose caller went
-away (client disconnected, request cancelled) is dropped silently. Neither is ever run.
+A request arrives as ``agmm_deploy.inference.Tiles`` (its image already decoded, checked and priced at the
+door). One worker thread drains the queue in the manner of Triton's dynamic batcher, waiting at most ``wait_s``
+for more inputs while a batch is not full, and runs each batch with ``agmm_deploy.inference.run_slices``.
+
+Admission, in model inputs (what /info reports as ``admission``):
+
+- Turns: a batch of ``max_batch_size`` inputs is filled round-robin over the queued images, one input each per
+  turn, so an image of 1 input runs in the next batch beside tiled images of 32 instead of behind them. A tiled
+  image spans several batches; several images share one.
+- Admission: ``submit`` refuses an image at once with ``Overloaded`` (503 + Retry-After) when the inputs that
+  would run before its last one, at most its own count from each image of *other* requests, would take longer
+  than ``max_latency_s``. A request's own images never count against it, so every request within the door's
+  limits is admitted on an idle server (a /segment_batch of 2 images of 32 inputs each included).
+- Deadline: an image that has not started by its deadline (``max_latency_s`` after admission, plus the time
+  of the batch that may be running then) is dropped with ``Overloaded``; work whose caller went away (client disconnected, request cancelled) is dropped silently.
+  Neither is ever run.
+
+Each finished request gets its ``Tiles`` at once, the model's outputs gathered at the image's size; the
+request's own thread takes the label map from them, so that the worker starts the next batch instead of
+post-processing this one (on a CPU, the model would otherwise wait for the argmax of every image of the batch,
+and the handlers for the slowest of them).
 
 Why not BentoML's adaptive batching (``@bentoml.api(batchable=True)``): its dispatcher counts requests, not
 model inputs, so a 352-tile photo and a 1-canvas thumbnail weigh the same in a batch of ``max_batch_size``; it
@@ -35,11 +44,11 @@ from typing import Callable
 
 import torch
 
-from agmm_deploy.inference import Windows
+from agmm_deploy.inference import Tiles
 
 logger = logging.getLogger("bentoml.agmm_deploy")
 
-Slices = list[tuple[Windows, int, int]]
+Slices = list[tuple[Tiles, int, int]]
 
 
 class Overloaded(Exception):
@@ -52,20 +61,33 @@ class Overloaded(Exception):
 
 @dataclass(frozen=True)
 class Result:
-    windows: Windows  # done: every model output added; ``windows.labels()`` is the label map on the device
+    tiles: Tiles  # done: every model output added; ``tiles.labels()`` is the label map on the device
     batch_size: int  # model inputs in the batch that ran this image's last input
+
+
+ADMISSION = {
+    "unit": "model inputs (1 letterboxed canvas, or an image's sliding-window tiles)",
+    "turns": "round-robin over queued images, one input each per turn, max_batch_size inputs per batch",
+    "refused_when": "the inputs that would run before an image's last one (at most its own count from each image "
+                    "of other requests) would take longer than max_latency_ms: 503 with Retry-After",
+    "own_images": "a request's own images never count against it: every request within the limits is admitted on "
+                  "an idle server",
+    "deadline": "an image not started within max_latency_ms of its admission (plus one batch's time, for the batch "
+                "running then) is answered 503",
+}
 
 
 @dataclass(eq=False)
 class _Job:
-    windows: Windows
-    deadline: float  # time.monotonic() by which the result is due
+    tiles: Tiles
+    deadline: float  # time.monotonic() by which its first input must have started
+    request: object  # the request it belongs to (its images never count against each other)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     sent: int = 0  # inputs handed to a batch so far
 
     @property
     def remaining(self) -> int:
-        return self.windows.count - self.sent
+        return self.tiles.count - self.sent
 
 
 class Batcher:
@@ -98,25 +120,31 @@ class Batcher:
 
     # ------------------------------------------------------------------ the request side (event loop thread)
 
-    def submit(self, windows: Windows) -> concurrent.futures.Future:
-        """Queues one image's inputs; raises Overloaded when the work ahead of it would outlast its deadline."""
+    def submit(self, tiles: Tiles, request: object = None) -> concurrent.futures.Future:
+        """Queues one image's inputs; raises Overloaded when the work of other requests that would run before
+        its last input outlasts its deadline (module docstring). ``request``: a key shared by the images of one
+        request (None: the image is a request of its own)."""
+        request = object() if request is None else request
         with self._cond:
-            ahead = self._queued_inputs
+            ahead = sum(min(job.remaining, tiles.count) for job in self._queue if job.request is not request)
             wait = ahead * self.seconds_per_input
             if wait > self.max_latency_s:
                 retry = max(1, math.ceil(wait))
-                raise Overloaded(f"the server is busy: {ahead} model inputs are queued ahead of this image, about "
-                                 f"{wait:.1f} s of work, over the {self.max_latency_s * 1000:.0f} ms a request may "
-                                 f"wait (AGMM_MAX_LATENCY_MS). Retry in {retry} s.", retry)
-            job = _Job(windows, deadline=time.monotonic() + self.max_latency_s)
+                raise Overloaded(f"the server is busy: {ahead} model inputs of other requests would run before "
+                                 f"this image's last one, about {wait:.1f} s of work, over the "
+                                 f"{self.max_latency_s * 1000:.0f} ms a request may wait (AGMM_MAX_LATENCY_MS). "
+                                 f"Retry in {retry} s.", retry)
+            # Its first input may also have to wait for the batch running now, which nothing can shorten.
+            running_s = self.max_batch_size * self.seconds_per_input
+            job = _Job(tiles, deadline=time.monotonic() + self.max_latency_s + running_s, request=request)
             self._queue.append(job)
-            self._queued_inputs += windows.count
+            self._queued_inputs += tiles.count
             self._cond.notify()
         return job.future
 
-    async def segment(self, windows: Windows) -> Result:
+    async def segment(self, tiles: Tiles, request: object = None) -> Result:
         """One image's model outputs, all added; cancelling the awaiting task drops its queued work."""
-        return await asyncio.wrap_future(self.submit(windows))
+        return await asyncio.wrap_future(self.submit(tiles, request))
 
     def queued_inputs(self) -> int:
         with self._cond:
@@ -148,28 +176,33 @@ class Batcher:
                 self._run(slices)
 
     def _take(self) -> Slices:
-        """Up to max_batch_size inputs, in arrival order; drops cancelled and hopeless jobs. Under the lock."""
+        """Up to max_batch_size inputs, round-robin over the queued images (one input each per turn, earlier
+        images first within a turn); drops cancelled jobs and those past their deadline. Under the lock."""
         now = time.monotonic()
-        slices: Slices = []
-        taken = ahead = 0
         for job in list(self._queue):
             if job.future.done():  # cancelled by its caller: the client went away
                 self._drop(job)
-                continue
-            if job.sent == 0 and now + ahead * self.seconds_per_input > job.deadline:
-                self._drop(job)  # it could not even start in time: refuse it now rather than run it late
+            elif job.sent == 0 and now > job.deadline:
+                self._drop(job)  # it could not start in time: refuse it now rather than run it late
                 retry = max(1, math.ceil(self._queued_inputs * self.seconds_per_input))
                 _settle(job.future, error=Overloaded(
                     f"the server is busy: this image could not start within the {self.max_latency_s * 1000:.0f} "
                     f"ms a request may wait (AGMM_MAX_LATENCY_MS). Retry in {retry} s.", retry))
-                continue
-            ahead += job.remaining
-            if taken < self.max_batch_size:
-                take = min(job.remaining, self.max_batch_size - taken)
-                slices.append((job, job.sent, job.sent + take))
-                job.sent += take
-                taken += take
-                self._queued_inputs -= take
+        share = dict.fromkeys(self._queue, 0)  # inputs of each job in this batch
+        taken = 0
+        while taken < self.max_batch_size:
+            turn = [job for job in share if share[job] < job.remaining][:self.max_batch_size - taken]
+            if not turn:
+                break
+            for job in turn:
+                share[job] += 1
+            taken += len(turn)
+        slices: Slices = []
+        for job, count in share.items():
+            if count:
+                slices.append((job, job.sent, job.sent + count))
+                job.sent += count
+                self._queued_inputs -= count
                 if job.remaining == 0:
                     self._queue.remove(job)
         return slices
@@ -183,7 +216,7 @@ class Batcher:
         jobs = list(dict.fromkeys(job for job, _, _ in slices))
         try:
             with torch.inference_mode():
-                count = self.run_batch([(job.windows, a, b) for job, a, b in slices])
+                count = self.run_batch([(job.tiles, a, b) for job, a, b in slices])
         except Exception as err:  # the model failed: every job in the batch gets the error, the worker goes on
             logger.exception("the model failed on a batch of %d inputs", sum(b - a for _, a, b in slices))
             for job in jobs:
@@ -200,9 +233,9 @@ class Batcher:
         if self.on_batch is not None:
             self.on_batch(count)
         for job in jobs:
-            if job.windows.done:
-                windows, job.windows = job.windows, None  # the caller holds the only reference from here on
-                _settle(job.future, result=Result(windows, count))
+            if job.tiles.done:
+                tiles, job.tiles = job.tiles, None  # the caller holds the only reference from here on
+                _settle(job.future, result=Result(tiles, count))
 
 
 def _settle(future: concurrent.futures.Future, result: Result | None = None,

@@ -157,3 +157,32 @@ def test_the_service_serves_an_int8_model(model_dir, tmp_path):
         image = (model_dir / "images" / "0.png").read_bytes()
         response = requests.post(f"{url}/segment", files={"image": ("0.png", image)}, timeout=60)
         assert response.status_code == 200, response.text
+
+
+def test_tensorrt_engines_are_rows_of_the_precision_table_never_a_default():
+    """--runtime tensorrt (short: --trt) picks the engine row of each precision TensorRT builds; no precision's
+    default is an engine, and a precision without an engine row is refused with the runtimes it has."""
+    from agmm_deploy.export.precision import PRECISIONS
+    from agmm_deploy.export.tensorrt import PRECISIONS as ENGINE_PRECISIONS
+
+    rows = [row for row in PRECISIONS if row.runtime == "tensorrt"]
+    assert [row.name for row in rows] == list(ENGINE_PRECISIONS) == ["fp32", "fp16", "int8"]
+    for row in rows:
+        assert get_precision(row.name, "tensorrt", "cuda") is row and get_precision(row.name, "tensorrt") is row
+        assert (row.file_name, row.device, row.calibrated) == ("model.engine", "cuda", row.name == "int8")
+        assert row.skip_when_missing and row.missing is not None
+        for device in (None, "cpu", "cuda"):
+            assert get_precision(row.name, device=device).runtime != "tensorrt"
+    with pytest.raises(ValueError, match=r"precision 'bf16' has no tensorrt artifact; it has aoti, openvino"):
+        get_precision("bf16", "tensorrt")
+
+
+def test_trt_and_runtime_tensorrt_resolve_the_same_row(tmp_path):
+    """Checked before any work: --trt with another --runtime is refused; --trt means --runtime tensorrt."""
+    from agmm_deploy.cli.export import UsageError, get_args_parser, prepare
+
+    parser = get_args_parser()
+    with pytest.raises(UsageError, match="--trt is short for --runtime tensorrt; got --runtime openvino as well"):
+        prepare(parser.parse_args(["x.pt", "--trt", "--runtime", "openvino"]))
+    with pytest.raises(UsageError, match="precision 'bf16' has no tensorrt artifact"):
+        prepare(parser.parse_args(["x.pt", "--trt", "--precision", "bf16"]))

@@ -5,19 +5,19 @@ import pytest
 import torch
 
 from agmm_deploy.constants import IMAGENET_MEAN, IMAGENET_STD
-from agmm_deploy.inference import Windows, chunks, input_count, run_slices, sliding_window_scores
+from agmm_deploy.inference import Tiles, chunks, input_count, run_slices, sliding_window_scores
 from agmm_deploy.transforms import normalize, sliding_window_tiles
 
 
 def _windows(h, w, size=(64, 64), k=3, **kwargs):
     image = torch.from_numpy(np.random.default_rng(h * w).integers(0, 256, (3, h, w), dtype=np.uint8))
-    return Windows(image, size, k, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs)
+    return Tiles(image, size, k, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs)
 
 
 def test_letterbox_input_is_normalised_and_padded_with_exact_zeros():
-    windows = _windows(30, 60)
-    assert windows.letterboxed and windows.count == 1 and windows.resized == (32, 64)
-    x = windows.inputs(0, 1)
+    tiles = _windows(30, 60)
+    assert tiles.letterboxed and tiles.count == 1 and tiles.resized == (32, 64)
+    x = tiles.inputs(0, 1)
     assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32
     assert (x[0, :, 32:, :] == 0).all() and (x[0, :, :32, :] != 0).any()  # the padding is the mean colour, exactly
     # An image of the input size is normalised exactly as transforms.normalize does (same bits).
@@ -29,14 +29,14 @@ def test_letterbox_input_is_normalised_and_padded_with_exact_zeros():
 @pytest.mark.parametrize("original", [(30, 60), (20, 10), (64, 40), (7, 3)])
 def test_letterboxed_logits_map_back_pixel_for_pixel(original):
     h, w = original
-    windows = _windows(h, w)
-    rh, rw = windows.resized
+    tiles = _windows(h, w)
+    rh, rw = tiles.resized
     logits = torch.full((1, 3, 64, 64), 1e6)  # padding: any leak shows up as a huge value
     logits[0, 0, :rh, :rw] = torch.arange(rw, dtype=torch.float32)[None, :]  # x ramp over the resized image
     logits[0, 1, :rh, :rw] = torch.arange(rh, dtype=torch.float32)[:, None]  # y ramp
     logits[0, 2, :rh, :rw] = torch.where(torch.arange(rw) < rw / 2, -1.0, 1.0)[None, :]  # left / right halves
-    windows.add(0, logits)
-    restored = windows._sum.numpy()
+    tiles.add(0, logits)
+    restored = tiles._sum.numpy()
     assert restored.shape == (3, h, w) and np.abs(restored).max() < max(rh, rw)
     # Bilinear with pixel centres aligned (x_src = (x + 0.5) * rw / w - 0.5): a ramp stays an exact ramp.
     expected_x = np.clip((np.arange(w) + 0.5) * rw / w - 0.5, 0, rw - 1)
@@ -45,9 +45,9 @@ def test_letterboxed_logits_map_back_pixel_for_pixel(original):
     np.testing.assert_allclose(restored[1], np.broadcast_to(expected_y[:, None], (h, w)), atol=1e-3)
     seam, columns = w / 2, np.arange(w) + 0.5
     assert (restored[2][:, columns < seam - 1] < 0).all() and (restored[2][:, columns > seam + 1] > 0).all()
-    labels = windows.labels()
+    labels = tiles.labels()
     assert labels.dtype == torch.uint8 and labels.shape == (h, w)
-    assert torch.equal(labels, windows.scores().argmax(0).to(torch.uint8))
+    assert torch.equal(labels, tiles.scores().argmax(0).to(torch.uint8))
 
 
 @pytest.mark.parametrize("size", [(40, 50), (64, 64), (100, 150), (30, 150), (1, 5000), (1000, 1)])
@@ -77,7 +77,7 @@ def test_tiles_average_the_softmax_and_every_slice_order_gives_the_same_scores()
     one_by_one = sliding_window_scores(forward, image, (16, 32), 4, tiles_per_batch=1)
     torch.testing.assert_close(whole, one_by_one)
     torch.testing.assert_close(whole.sum(1), torch.ones(1, 37, 90))
-    # Brute force over the same windows.
+    # Brute force over the same tiles.
     total, covered = torch.zeros(4, 37, 90), torch.zeros(37, 90)
     for y1, y2, x1, x2 in sliding_window_tiles(37, 90, (16, 32)):
         with torch.no_grad():
@@ -111,10 +111,10 @@ def test_cuda_and_cpu_give_the_same_labels():
         image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
         labels = []
         for device in ("cpu", "cuda"):
-            windows = Windows(image.to(device), (64, 64), 5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            tiles = Tiles(image.to(device), (64, 64), 5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
             net = conv.to(device)
             with torch.no_grad():
-                for batch in chunks([windows], 8):
+                for batch in chunks([tiles], 8):
                     run_slices(net, batch)
-            labels.append(windows.labels().cpu())
+            labels.append(tiles.labels().cpu())
         assert (labels[0] == labels[1]).float().mean() > agreement, (h, w)

@@ -98,6 +98,17 @@ def server(served):
     return served[0]
 
 
+@pytest.fixture(scope="module")
+def served_closed(tiny_model, tmp_path_factory):
+    """(base URL, log file) of a server whose API documents are closed (AGMM_API_DOCS=0)."""
+    tmp = tmp_path_factory.mktemp("serve-closed")
+    process, url = _start(tiny_model, tmp, AGMM_API_DOCS="0")
+    try:
+        yield url, tmp / "serve.log"
+    finally:
+        stop_server(process)
+
+
 def _post_image(url: str, data: bytes, route: str = "segment", filename: str = "x.png", **kwargs):
     return requests.post(f"{url}/{route}", files={"image": (filename, data)}, timeout=60, **kwargs)
 
@@ -451,10 +462,12 @@ def test_item6_a_client_leaving_mid_upload_leaves_no_request_behind(tiny_model, 
     assert "/segment refused with 499: the client closed the connection after" in text
 
 
-def test_item7_user_errors_are_one_log_line_without_upload_content_and_the_api_document_is_closed(served):
-    url, log = served
+def test_item7_user_errors_are_one_log_line_without_upload_content_and_the_api_document_is_closed(served_closed):
+    url, log = served_closed
     assert requests.get(f"{url}/docs.json", timeout=10).status_code == 404
     _refused(requests.get(f"{url}/", timeout=10), 404, "/segment")
+    for path in ("/docs", "/schema.json", "/docs/static/swagger-ui.css"):  # closed with it: every document
+        _refused(requests.get(f"{url}{path}", timeout=10), 404, "AGMM_API_DOCS=0", "/segment_batch (JSON)")
     marker = b"careless-user-upload-" + os.urandom(4).hex().encode()
     _refused(_post_image(url, marker * 10, filename="secret-name.png"), 400, "could not be decoded")
     _still_serving(url)
@@ -665,3 +678,340 @@ def test_an_export_folder_goes_into_the_store_with_every_precision_and_serves_th
     log = (tmp_path / "serve.log").read_text(errors="replace")
     assert "(chosen by AGMM_PRECISION=int8)" in log
     assert "other artifacts in" in log and "model.onnx (fp32, onnxruntime, any) -> no setting (the default)" in log
+
+
+# ---------------------------------------------------------------- issue 20: the OpenAPI document and Swagger UI
+
+def _document(url: str) -> dict:
+    response = requests.get(f"{url}/docs.json", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    return response.json()
+
+
+def test_the_openapi_document_validates_and_holds_every_route_the_door_accepts(server):
+    from openapi_spec_validator import validate
+
+    from serving.api import ROUTES
+
+    document = _document(server)
+    validate(document)
+    assert document["info"]["title"] == "agmm_segmenter"
+    for route in ROUTES:
+        assert set(document["paths"][route.path]) == {m.lower() for m in route.methods}, route.path
+        for method in route.methods:
+            responses = document["paths"][route.path][method.lower()]["responses"]
+            assert {"200", *map(str, route.refusals)} == set(responses), route.path
+    overlay = document["paths"]["/overlay"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert overlay["required"] == ["image"] and overlay["properties"]["image"]["format"] == "binary"
+    assert overlay["properties"]["alpha"]["maximum"] == 1
+    assert "BentoML" not in str(document["paths"].get("/segment"))  # ours, not BentoML's generated view
+    error = document["components"]["schemas"]["Error"]
+    assert error["required"] == ["error"]
+    assert document["paths"]["/segment"]["post"]["responses"]["413"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"}
+
+
+def _example(schema: dict, components: dict, image: bytes):
+    """A value that meets ``schema`` (required properties only), for a request built from the document."""
+    if "$ref" in schema:
+        return _example(components[schema["$ref"].rsplit("/", 1)[1]], components, image)
+    if schema.get("type") == "object":
+        return {name: _example(schema["properties"][name], components, image) for name in schema.get("required", [])}
+    if schema.get("type") == "array":
+        return [_example(schema["items"], components, image)]
+    if schema.get("format") == "byte":
+        return base64.b64encode(image).decode()
+    if schema.get("format") == "binary":
+        return image
+    return schema.get("default", 0.5)
+
+
+def test_a_request_built_from_the_document_succeeds_for_every_operation(server):
+    """Each operation of /docs.json: its path, method, content type and required fields, nothing else known."""
+    document = _document(server)
+    components = document["components"]["schemas"]
+    image = _encode(_rgb(30, 40, seed=11), "PNG")
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            kwargs = {}
+            if "requestBody" in operation:
+                ((content_type, media),) = operation["requestBody"]["content"].items()
+                body = _example(media["schema"], components, image)
+                if content_type == "multipart/form-data":
+                    kwargs["files"] = {name: ("x.png", value) if isinstance(value, bytes) else (None, str(value))
+                                       for name, value in body.items()}
+                else:
+                    assert content_type == "application/json"
+                    kwargs["json"] = body
+            response = requests.request(method.upper(), f"{server}{path}", timeout=60, **kwargs)
+            assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.text[:300]}"
+            expected = next(iter(operation["responses"]["200"]["content"]))
+            assert response.headers["content-type"].split(";")[0] == expected, f"{method} {path}"
+
+
+def test_swagger_ui_at_docs_loads_only_local_assets(server):
+    page = requests.get(f"{server}/docs", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    references = re.findall(r'(?:src|href|url)\s*[:=]\s*"([^"]+)"', page.text)
+    assert references and not re.search(r"https?://|//cdn", page.text), page.text
+    for reference in references:
+        assert reference.startswith("/"), reference  # served by this server
+        loaded = requests.get(f"{server}{reference}", timeout=30)
+        assert loaded.status_code == 200 and loaded.content, reference
+    assert requests.get(f"{server}/docs/static/../settings.py", timeout=30).status_code == 404
+    assert requests.get(f"{server}/", timeout=30, allow_redirects=False).headers["location"] == "/docs"
+
+
+# ---------------------------------------------------------------- issue 20: bentofile.yaml follows pyproject.toml
+
+# pyproject dependencies the service never imports: export, training and reporting tools.
+NOT_SERVED = {"onnxscript", "onnxslim", "tqdm", "tensorboard", "matplotlib"}
+
+
+def test_bentofile_packages_agree_with_pyproject():
+    """Every package the Bento installs is a dependency (or extra) of pyproject.toml with the same specifier, or
+    an exact pin inside its range; every dependency the service imports is in the Bento; the artifacts a served
+    folder may hold (model.int8.xml) have their runtime there."""
+    import tomllib
+
+    import yaml
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {}
+    for text in project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]:
+        requirement = Requirement(text)
+        declared.setdefault(requirement.name, requirement)
+    bento = {Requirement(t).name: Requirement(t) for t in yaml.safe_load((ROOT / "bentofile.yaml").read_text())[
+        "python"]["packages"]}
+    for name, requirement in bento.items():
+        assert name in declared, f"bentofile.yaml installs {name}, which pyproject.toml does not declare"
+        pins = [s.version for s in requirement.specifier if s.operator == "=="]
+        if pins:
+            assert declared[name].specifier.contains(pins[0]), f"{requirement} is outside pyproject's {declared[name]}"
+        else:
+            assert requirement.specifier == declared[name].specifier, f"bentofile {requirement}, pyproject " \
+                                                                      f"{declared[name]}"
+    dependencies = {Requirement(t).name for t in project["dependencies"]}
+    assert dependencies - NOT_SERVED - set(bento) == set(), "pyproject dependencies missing from bentofile.yaml"
+    assert "openvino" in bento  # runs model.int8.xml, the default int8 artifact of an export folder
+
+
+# ---------------------------------------------------------------- issue 20: the settings, read once
+
+@pytest.mark.parametrize("variable,value,expected", [
+    ("AGMM_MAX_INPUTS", "many", "a whole number >= 1"),
+    ("AGMM_MAX_PIXELS", "0", "a whole number >= 1"),
+    ("AGMM_READ_TIMEOUT_S", "-3", "a number of seconds > 0"),
+    ("AGMM_DEVICE", "tpu", "auto | cpu | cuda"),
+    ("AGMM_API_DOCS", "maybe", "1 or 0"),
+])
+def test_a_bad_setting_is_refused_naming_the_variable_and_what_it_takes(variable, value, expected):
+    from serving.settings import SettingsError, read_settings
+
+    with pytest.raises(SettingsError) as raised:
+        read_settings({variable: value})
+    assert str(raised.value).startswith(f"{variable}={value!r} cannot be used: it takes {expected}")
+
+
+def test_settings_are_one_frozen_object_with_a_row_per_variable():
+    import dataclasses
+
+    from serving.settings import SETTINGS_TABLE, ServeSettings, read_settings
+
+    settings = read_settings({"AGMM_MAX_INPUTS": "7", "AGMM_API_DOCS": "0", "AGMM_MAX_LATENCY_MS": "250"})
+    assert (settings.max_inputs, settings.api_docs, settings.max_latency_ms, settings.max_batch_size) == (
+        7, False, 250, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.max_inputs = 8
+    variables = [row[0] for row in SETTINGS_TABLE]
+    assert len(variables) == len(set(variables)) == len(dataclasses.fields(ServeSettings))
+    assert set(settings.by_variable()) == set(variables)
+    # Every AGMM_* variable serving/ mentions is a row of the table.
+    mentioned = set(re.findall(r"\bAGMM_[A-Z0-9_]+[A-Z0-9]", "".join(
+        p.read_text() for p in (ROOT / "serving").glob("*.py"))))
+    assert mentioned <= set(variables), mentioned - set(variables)
+
+
+def test_info_reports_every_setting_and_the_log_holds_them(served):
+    url, log = served
+    info = requests.get(f"{url}/info", timeout=30).json()
+    assert info["settings"]["AGMM_MAX_INPUTS"] == MAX_INPUTS and info["settings"]["AGMM_MAX_LATENCY_MS"] == 60000
+    assert info["settings"]["AGMM_API_DOCS"] is True
+    assert f"AGMM_MAX_INPUTS={MAX_INPUTS}" in log.read_text(errors="replace")
+
+
+def test_bentoml_serve_refuses_a_bad_setting_with_its_sentence(tiny_model, tmp_path):
+    result = subprocess.run(serve_command(free_port()), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=_serve_env(tmp_path, AGMM_MODEL=str(tiny_model), AGMM_MAX_UPLOAD_BYTES="20MB"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "AGMM_MAX_UPLOAD_BYTES='20MB' cannot be used: it takes a whole number >= 1"), result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- issue 21: headers, connections, admission
+
+HEADER_TIMEOUT_S = 2
+MAX_CONNECTIONS = 100
+GUARD_LATENCY_MS = 150
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model, tmp_path_factory):
+    """A server with a short header deadline, a small connection cap and a short wait: what a hostile or busy
+    client meets, at sizes a test can reach."""
+    tmp = tmp_path_factory.mktemp("serve-guarded")
+    process, url = _start(tiny_model, tmp, AGMM_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+                          AGMM_MAX_CONNECTIONS=str(MAX_CONNECTIONS), AGMM_MAX_LATENCY_MS=str(GUARD_LATENCY_MS))
+    try:
+        yield url
+    finally:
+        stop_server(process)
+
+
+def _closed(sock, wait_s: float) -> bool:
+    """Whether the server has closed ``sock`` (EOF, after any answer) within ``wait_s``."""
+    import socket
+    import time
+
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        sock.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except socket.timeout:
+            return False
+        except OSError:  # reset
+            return True
+    return False
+
+
+def test_silent_and_trickling_header_connections_are_closed_within_the_deadline_while_good_work_is_served(guarded):
+    """200 connections (the cap is 100): half send nothing, half a header byte every 0.5 s. Each is closed within
+    the header deadline (408 for those that sent part of a request); a good request is served meanwhile."""
+    import socket
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(guarded).hostname, urlsplit(guarded).port
+    start = time.monotonic()
+    silent = [socket.create_connection((host, port), timeout=10) for _ in range(100)]
+    trickling = [socket.create_connection((host, port), timeout=10) for _ in range(100)]
+    header = b"POST /segment HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    stop = threading.Event()
+
+    def trickle():
+        for byte in header:
+            for sock in trickling:
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    pass
+            if stop.wait(0.5):
+                return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        _still_serving(guarded)  # a good request beside them
+        assert all(_closed(sock, HEADER_TIMEOUT_S + 3 - (time.monotonic() - start)) for sock in silent + trickling)
+        assert time.monotonic() - start < HEADER_TIMEOUT_S + 3
+    finally:
+        stop.set()
+        thread.join()
+        for sock in silent + trickling:
+            sock.close()
+    guard = requests.get(f"{guarded}/info", timeout=30).json()["connections"]
+    assert guard["header_timeout_s"] == HEADER_TIMEOUT_S and guard["max_connections"] == MAX_CONNECTIONS
+    assert guard["closed_header_deadline"] + guard["closed_over_cap"] >= 200, guard
+    _still_serving(guarded)
+
+
+def test_a_trickled_request_gets_a_408_sentence_when_its_header_deadline_passes(guarded):
+    import socket
+    from urllib.parse import urlsplit
+
+    with socket.create_connection((urlsplit(guarded).hostname, urlsplit(guarded).port), timeout=10) as sock:
+        sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\n")  # never the blank line that ends the headers
+        sock.settimeout(HEADER_TIMEOUT_S + 3)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert f"headers did not arrive within {HEADER_TIMEOUT_S} s (AGMM_HEADER_TIMEOUT_S)".encode() in answer
+
+
+def test_after_a_413_for_its_content_length_the_server_stops_reading(server):
+    """Content-Length 1e15: answered 413 at once and the connection closed, not read on to its end."""
+    import socket
+    from urllib.parse import urlsplit
+
+    with socket.create_connection((urlsplit(server).hostname, urlsplit(server).port), timeout=10) as sock:
+        sock.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                     b"Content-Length: 1000000000000000\r\n\r\n" + b"x" * 65536)
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        sent = 0
+        with pytest.raises(OSError):  # the server closed its end: sending fails long before 1e15 bytes
+            while sent < 1 << 30:
+                sent += sock.send(b"x" * (1 << 20))
+    assert sent < 256 << 20, f"the server read {sent} bytes after its 413"
+    _still_serving(server)
+
+
+def test_json_nested_2000_deep_is_a_400_at_once(server):
+    import time
+
+    start = time.perf_counter()
+    response = requests.post(f"{server}/segment_batch", data=b'{"images": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+                             headers={"Content-Type": "application/json"}, timeout=60)
+    _refused(response, 400, "the JSON body nests deeper than", '{"images": [')
+    assert time.perf_counter() - start < 5
+    _still_serving(server)
+
+
+def test_a_batch_of_two_32_input_images_is_served_on_an_idle_server(guarded):
+    """Each image alone is within every limit; the request's own images never count against each other."""
+    from agmm_deploy.inference import input_count
+
+    assert input_count(65, 373, (SIZE, SIZE)) == 32
+    images = [base64.b64encode(_encode(_rgb(65, 373, seed=i), "PNG")).decode() for i in range(2)]
+    for _ in range(3):
+        response = requests.post(f"{guarded}/segment_batch", json={"images": images}, timeout=120)
+        assert response.status_code == 200, response.text[:300]
+        assert [(r["height"], r["width"], r["error"]) for r in response.json()] == [(65, 373, None)] * 2
+
+
+def test_cheap_requests_keep_flowing_beside_a_client_sending_32_input_images_back_to_back(guarded):
+    """Two clients send 32-input images back to back; a 64x64 client beside them gets >= 90 % served."""
+    import threading
+    import time
+
+    costly, cheap = _encode(_rgb(65, 373, seed=1), "PNG"), _encode(_rgb(SIZE, SIZE, seed=2), "PNG")
+    stop = threading.Event()
+    costly_statuses: list[int] = []
+
+    def hog():
+        while not stop.is_set():
+            costly_statuses.append(_post_image(guarded, costly).status_code)
+
+    hogs = [threading.Thread(target=hog, daemon=True) for _ in range(2)]
+    for thread in hogs:
+        thread.start()
+    try:
+        time.sleep(1)
+        statuses = []
+        for _ in range(20):
+            statuses.append(_post_image(guarded, cheap).status_code)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in hogs:
+            thread.join()
+    assert statuses.count(200) >= 18, statuses
+    assert 200 in costly_statuses and set(costly_statuses) <= {200, 503}
+    admission = requests.get(f"{guarded}/info", timeout=30).json()["admission"]
+    assert "round-robin" in admission["turns"] and "never count against it" in admission["own_images"]

@@ -91,3 +91,32 @@ def test_cli_trt_writes_engine_sidecar_and_parity_row(setup, tmp_path, capsys):
     assert main([str(ckpt), "--trt", "--precision", "int8", "--calib-images", str(calib), "--out", str(tmp_path / "q"),
                  "--parity-images", str(calib)]) == 0  # unlabelled: the int8 mIoU gate is "not checked"
     assert (tmp_path / "q" / "calibration.cache").is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_each_tensorrt_row_of_the_precision_table_writes_its_engine(setup, tmp_path, precision):
+    """One test per row: convert_precision(runtime="tensorrt") builds model.engine + sidecar at the row's
+    precision, as `agmm-export --runtime tensorrt --precision P` (and its short form --trt) does."""
+    from agmm_deploy.export.precision import convert_precision, get_precision
+
+    _, _, onnx_path, images = setup
+    row = get_precision(precision, "tensorrt", "cuda")
+    written = convert_precision(onnx_path, tmp_path / row.file_name, precision, images if row.calibrated else None,
+                                runtime="tensorrt", device="cuda")
+    assert (written.path.name, written.precision, written.runtime, written.device) == (
+        "model.engine", precision, "tensorrt", "cuda")
+    _, fields = read_engine_sidecar(written.path)
+    assert fields["precision"] == precision
+    assert load_runner(written.path)(images[:1]).shape == (1, 19, 64, 128)
+    if row.calibrated:
+        assert (tmp_path / "calibration.cache").is_file()
+
+
+def test_cli_runtime_tensorrt_is_what_trt_is_short_for(setup, tmp_path):
+    from agmm_deploy.cli.export import main
+
+    _, ckpt, _, _ = setup
+    assert main([str(ckpt), "--runtime", "tensorrt", "--precision", "fp16", "--out", str(tmp_path / "a")]) == 0
+    assert main([str(ckpt), "--trt", "--precision", "fp16", "--out", str(tmp_path / "b")]) == 0
+    for out in ("a", "b"):
+        assert read_engine_sidecar(tmp_path / out / "model.engine")[1]["precision"] == "fp16"

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from agmm_deploy.inference import Windows, chunks, run_slices, sliding_window_scores
+from agmm_deploy.inference import Tiles, chunks, run_slices, sliding_window_scores
 from agmm_deploy.metrics import ConfusionMatrix
 from agmm_deploy.transforms import SLIDING_OVERLAP, palette_png, sliding_window_tiles
 from training.distributed import all_reduce_mean, any_rank
@@ -218,17 +218,17 @@ def predict_sliding(net: nn.Module, image: torch.Tensor, num_classes: int, tile:
 
 def predict_served(net: nn.Module, image: torch.Tensor, num_classes: int, input_size: int,
                    amp_dtype: torch.dtype | None = None, tiles_per_batch: int = 4) -> torch.Tensor:
-    """What agmm-predict and the service compute (agmm_deploy.inference.Windows): an image that fits the input is
+    """What agmm-predict and the service compute (agmm_deploy.inference.Tiles): an image that fits the input is
     letterboxed (resized keeping its aspect, zero-padded after normalising, logits resized back), a larger one is
     tiled. image (1, 3, H, W) normalised -> probabilities (1, K, H, W).
 
     The service resizes the uint8 image before normalising on a CPU; here the normalised image is resized, so the
     two may differ by rounding at a few pixels, never by protocol.
     """
-    windows = Windows(image[0], (input_size, input_size), num_classes, letterbox=True)
-    for batch in chunks([windows], tiles_per_batch):
+    tiles = Tiles(image[0], (input_size, input_size), num_classes, letterbox=True)
+    for batch in chunks([tiles], tiles_per_batch):
         run_slices(lambda x: _forward_logits(net, x, amp_dtype), batch)
-    return windows.scores()[None]
+    return tiles.scores()[None]
 
 
 @torch.no_grad()

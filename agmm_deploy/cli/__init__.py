@@ -1,4 +1,11 @@
-"""Console entry points: agmm-export, agmm-predict, agmm-bench (each: get_args_parser() and main(argv))."""
+"""Console entry points, the four commands of pyproject.toml's [project.scripts], one module each with
+get_args_parser() and main(argv):
+
+    agmm-export   checkpoint -> artifacts of the precision table, with parity checks  (export.py)
+    agmm-predict  label maps and overlays for images or folders                       (predict.py)
+    agmm-bench    latency and throughput of artifacts                                 (bench.py)
+    agmm-labels   annotation files -> a sparse-label data set, and predictions back  (labels.py)
+"""
 
 import argparse
 

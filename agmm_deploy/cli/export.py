@@ -1,16 +1,18 @@
-"""agmm-export CKPT: checkpoint -> model.onnx (+ model.<precision>.onnx, + model.engine) -> parity against
+"""agmm-export CKPT: checkpoint -> model.onnx (+ the artifact of one row of the precision table) -> parity against
 PyTorch -> parity.json.
 
 ``--precision tf32|fp16|bf16|int8`` adds a model of that precision from the precision table
 (agmm_deploy.export.precision: on a GPU fp16/bf16 AOTInductor packages, tf32 ONNX for onnxruntime-cuda; for the
 CPU a bf16 or NNCF-int8 OpenVINO IR, or with ``--runtime onnxruntime`` an ONNX Runtime int8 model; ``--precision
-fp32 --runtime aoti`` an fp32 AOTInductor package for the --device) and, with ``--trt``, builds the engine at it.
-The device the export targets (``--device``, auto = CUDA when available) picks between rows of one precision.
+fp32 --runtime aoti`` an fp32 AOTInductor package for the --device); ``--runtime tensorrt`` (short: ``--trt``)
+the TensorRT engine of the precision, model.engine. The device the export targets (``--device``, auto = CUDA
+when available) picks between rows of one precision.
 
 Exit codes: 0 exported and every parity gate held; 1 a parity gate failed (the artifacts are renamed to
 ``<name>.failed`` so that nothing deploys them); 2 unusable checkpoint, arguments, image folders or output
-folder, or an I/O error while writing (e.g. a full disk); 3 ``--trt`` asked for but TensorRT or a CUDA GPU is
-missing (the ONNX model is still written and checked); 4 TensorRT failed to build the engine.
+folder, or an I/O error while writing (e.g. a full disk); 3 a TensorRT engine asked for but TensorRT or a CUDA
+GPU is missing (the ONNX model is still written and checked); 4 writing the precision's artifact failed (e.g.
+TensorRT failed to build the engine).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from agmm_deploy.checkpoint import raw_recipes
 from agmm_deploy.cli import class_names, positive_int
 from agmm_deploy.export.precision import PRECISIONS, get_precision, precision_names
 
+TRT_RUNTIME = "tensorrt"  # the runtime --trt is short for
+
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_NO_TRT, EXIT_BUILD = 0, 1, 2, 3, 4
 
 
@@ -38,13 +42,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", type=Path, help="our .pt checkpoint, or a raw official AGMM state dict")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <checkpoint folder>/<checkpoint stem>_export)")
-    parser.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
+    parser.add_argument("--trt", action="store_true", help="short for --runtime tensorrt: also build the TensorRT "
+                        "engine of --precision, model.engine (needs TensorRT + GPU)")
     parser.add_argument("--precision", default="fp32", choices=precision_names(),
                         help="fp16/bf16 on a GPU: also model.fp16/bf16.pt2 (AOTInductor; --runtime onnxruntime: "
                         "model.fp16.onnx); tf32: also model.tf32.onnx for onnxruntime-cuda; bf16 for the CPU: also "
                         "model.bf16.xml (OpenVINO, CPUs with native bf16); int8: also model.int8.xml (OpenVINO + "
                         "NNCF) or model.int8.onnx (--runtime onnxruntime), both need --calib-images; fp32 with "
-                        "--runtime aoti: also model.fp32.pt2; with --trt, the engine's precision")
+                        "--runtime aoti: also model.fp32.pt2; with --runtime tensorrt (--trt), the engine's precision")
     parser.add_argument("--runtime", default=None, choices=sorted({p.runtime for p in PRECISIONS}),
                         help="which runtime's artifact to write for --precision (default: the precision's first "
                         "row for --device in agmm_deploy.export.precision, the faster one measured)")
@@ -108,6 +113,7 @@ class Job:
     images: Any = None  # normalised float32 (N, 3, H, W) for parity
     labels: Any = None  # uint8 (N, H, W) or None
     source: str = ""
+    skipped: str | None = None  # why the precision's row cannot be written here (a skip_when_missing row)
 
 
 def check_output_folder(out: Path, need_bytes: int) -> None:
@@ -138,22 +144,23 @@ def prepare(args: argparse.Namespace) -> Job:
     from agmm_deploy.checkpoint import CheckpointError, load_model, sha256_file
     from agmm_deploy.export.onnx import check_meta_matches_model
     from agmm_deploy.export.parity import generated_images, load_parity_images
-    from agmm_deploy.export.tensorrt import PRECISIONS as TRT_PRECISIONS
     from agmm_deploy.runtime import resolve_device
     from agmm_deploy.transforms import normalize
 
+    if args.trt and args.runtime not in (None, TRT_RUNTIME):
+        raise UsageError(f"--trt is short for --runtime {TRT_RUNTIME}; got --runtime {args.runtime} as well. Drop "
+                         "one of them")
+    runtime = TRT_RUNTIME if args.trt else args.runtime
     try:
         device = resolve_device(args.device)
-        precision = get_precision(args.precision, args.runtime, device)
+        precision = get_precision(args.precision, runtime, device)
     except (ValueError, RuntimeError) as err:
         raise UsageError(str(err)) from None
-    if precision.missing is not None and (reason := precision.missing(device)):
+    skipped = precision.missing(device) if precision.missing is not None else None
+    if skipped and not precision.skip_when_missing:
         others = [p.runtime for p in PRECISIONS if p.name == precision.name and p is not precision]
-        raise UsageError(f"--precision {precision.name} ({precision.runtime}) cannot be written here: {reason}"
+        raise UsageError(f"--precision {precision.name} ({precision.runtime}) cannot be written here: {skipped}"
                          + "".join(f"; --runtime {other} writes the {other} one" for other in others))
-    if args.trt and precision.name not in TRT_PRECISIONS:
-        raise UsageError(f"--trt builds {'/'.join(TRT_PRECISIONS)} engines; got --precision {precision.name}. Drop "
-                         "--trt, or choose one of those")
     if precision.calibrated and args.calib_images is None:
         raise UsageError(f"--precision {precision.name} needs --calib-images DIR (a few dozen representative "
                          "images)")
@@ -168,7 +175,7 @@ def prepare(args: argparse.Namespace) -> Job:
         raise UsageError(f"{args.checkpoint}: {err}") from None
     size = (args.height or loaded.meta.input_size[0], args.width or loaded.meta.input_size[1])
     out = args.out or args.checkpoint.parent / f"{args.checkpoint.stem}_export"
-    job = Job(loaded, "", precision, device, size, out)
+    job = Job(loaded, "", precision, device, size, out, skipped=skipped)
     # Image folders are read first, so that a wrong path fails in a second rather than after the export.
     try:
         if precision.calibrated:
@@ -185,7 +192,7 @@ def prepare(args: argparse.Namespace) -> Job:
         job.source = "generated (seed 0)"
     # fp32 weights dominate every artifact: the ONNX file, and as much again for an engine.
     weights = sum(t.numel() * 4 for t in [*loaded.model.parameters(), *loaded.model.buffers()])
-    check_output_folder(job.out, (1 + args.trt + (precision.convert is not None)) * weights + (1 << 20))
+    check_output_folder(job.out, (1 + (precision.convert is not None)) * weights + (1 << 20))
     job.sha256 = sha256_file(args.checkpoint)
     return job
 
@@ -220,15 +227,14 @@ def _export(args: argparse.Namespace, job: Job) -> int:
     from agmm_deploy.export.parity import check_artifacts, set_aside
     from agmm_deploy.export.precision import convert_precision
     from agmm_deploy.runtime.pytorch import TorchRunner
-    from agmm_deploy.runtime.trt import tensorrt_missing
 
     meta, config = job.loaded.meta, job.loaded.config
     (height, width), out = job.size, job.out
     print(f"agmm-export: {args.checkpoint} (sha256 {job.sha256[:12]}): DeepLabV3+ {config.backbone} ({config.stem} "
           f"stem, OS {config.output_stride}), {meta.num_classes} classes, input {height}x{width}")
-    trt_missing = tensorrt_missing() if args.trt else None
     precision = job.precision
-    steps = 2 + (precision.convert is not None) + (args.trt and not trt_missing) + (not args.no_parity)
+    convert = precision.convert is not None and not job.skipped
+    steps = 2 + convert + (not args.no_parity)
     step = 1
     print(f"[{step}/{steps}] exporting ONNX (opset {args.opset}, dynamic batch "
           f"{'no' if args.no_dynamic_batch else 'yes'}, dynamic H/W {'yes' if args.dynamic_hw else 'no'})", flush=True)
@@ -242,33 +248,22 @@ def _export(args: argparse.Namespace, job: Job) -> int:
           f"{exported.seconds:.1f} s")
     artifacts = [exported.path]
 
-    if precision.convert is not None:
+    if convert:
         step += 1
         target = job.device if precision.device == "any" else precision.device
         print(f"[{step}/{steps}] {'compiling' if precision.runtime == 'aoti' else 'converting to'} {precision.name} "
               f"for {precision.runtime} on {target}"
               f"{f' ({len(job.calib)} calibration images)' if precision.calibrated else ''}", flush=True)
-        converted = convert_precision(exported.path, out / precision.file_name, precision.name, job.calib,
-                                      runtime=precision.runtime, model=job.loaded.model, device=job.device)
+        try:
+            converted = convert_precision(exported.path, out / precision.file_name, precision.name, job.calib,
+                                          runtime=precision.runtime, model=job.loaded.model, device=job.device,
+                                          workspace_gb=args.workspace_gb)
+        except (RuntimeError, ValueError) as err:  # e.g. TensorRT could not build the engine
+            return _fail(f"writing {precision.file_name} ({precision.name}, {precision.runtime}) failed: {err}",
+                         EXIT_BUILD)
         print(f"      wrote {converted.path} ({converted.size_bytes / 1e6:.1f} MB, {converted.precision}, for "
               f"{converted.device}) in {converted.seconds:.1f} s")
         artifacts.append(converted.path)
-
-    if args.trt and not trt_missing:
-        from agmm_deploy.export.tensorrt import build_engine
-
-        step += 1
-        print(f"[{step}/{steps}] building TensorRT engine ({precision.name}, max batch {args.max_batch})", flush=True)
-        try:
-            engine = build_engine(exported.path, out / "model.engine", precision=precision.name,
-                                  max_batch=args.max_batch, dynamic_hw=args.dynamic_hw, calib_images=job.calib,
-                                  calib_cache=(out / "calibration.cache") if job.calib is not None else None,
-                                  workspace_gb=args.workspace_gb)
-        except (RuntimeError, ValueError) as err:
-            return _fail(f"TensorRT engine build failed: {err}", EXIT_BUILD)
-        print(f"      wrote {engine.path} ({engine.size_bytes / 1e6:.1f} MB) and {engine.sidecar.name} in "
-              f"{engine.seconds:.1f} s")
-        artifacts.append(engine.path)
 
     code = EXIT_OK
     if not args.no_parity:
@@ -297,9 +292,9 @@ def _export(args: argparse.Namespace, job: Job) -> int:
         print(f"agmm-export: parity FAILED: an exported model does not match PyTorch within the gates above, so it "
               f"was renamed to {', '.join(p.name for p in moved)} where nothing deploys it", file=sys.stderr)
         return code
-    if trt_missing:
-        print(f"agmm-export: {trt_missing}, so no engine was built (the ONNX model was written and checked).",
-              file=sys.stderr)
+    if job.skipped:
+        print(f"agmm-export: {job.skipped}, so {precision.file_name} was not written (the ONNX model was written and "
+              "checked).", file=sys.stderr)
         return EXIT_NO_TRT
     return code
 

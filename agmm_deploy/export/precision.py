@@ -1,4 +1,4 @@
-"""Reduced-precision artifacts without TensorRT, one row per (precision, runtime): ask the table, never branch.
+"""Every artifact agmm-export writes besides model.onnx, one row per (precision, runtime): ask the table, never branch.
 
 Every row turns the fp32 ``model.onnx`` written by export_onnx (or, for AOTInductor, the torch model it was
 exported from, at its input size and batch dimension) into the artifact of its precision, with the metadata
@@ -27,8 +27,15 @@ int8       openvino     cpu     model.int8.xml   NNCF post-training quantisation
                                                  (per-channel int8 weights), the rest in f32
 int8       onnxruntime  cpu     model.int8.onnx  ONNX Runtime static quantisation (QDQ, per-channel int8
                                                  weights, uint8 activations) for onnxruntime-cpu
+fp32       tensorrt     cuda    model.engine     TensorRT engine built from model.onnx (TF32 off), with
+                                                 its model.engine.json sidecar (agmm_deploy.export.tensorrt)
+fp16       tensorrt     cuda    model.engine     TensorRT engine, fp16 kernels where TensorRT picks them
+int8       tensorrt     cuda    model.engine     TensorRT engine, entropy calibration on --calib-images
+                                                 (calibration.cache beside it), fp16 fallback
 =========  ===========  ======  ===============  =========================================================
 
+``agmm-export --precision P --runtime tensorrt`` (short: ``--trt``) writes the TensorRT row of P; its rows come
+last, so they are never a precision's default.
 ``agmm-export --precision P`` writes the first row of P made for the device the export targets (``--device``;
 auto = CUDA when available) that can be produced there (get_precision); ``--runtime`` picks another. So bf16
 on a GPU machine is the CUDA AOTInductor package and on a CPU the OpenVINO IR, never one quietly for the other.
@@ -206,6 +213,7 @@ class ConvertJob:
         calib_images: normalised float32 (N, 3, H, W) at the export size; calibrated rows only.
         model: the torch model (rows that compile the model itself rather than convert the ONNX graph).
         device: cpu | cuda: the device the artifact is made for.
+        workspace_gb: the TensorRT builder's workspace limit (engine rows).
     Input size, dynamic batch and max batch are those of the ONNX model: ``meta.input_size`` and ``fields``.
     """
 
@@ -216,6 +224,7 @@ class ConvertJob:
     calib_images: np.ndarray | None = None
     model: Any = None  # torch.nn.Module
     device: str = "cpu"
+    workspace_gb: float = 4.0
 
 
 def write_onnx(source: Path, out_path: Path, meta: ModelMeta, fields: dict[str, Any]) -> None:
@@ -267,6 +276,27 @@ def export_aoti_package(job: ConvertJob) -> None:
                 checkpoint_sha256=job.fields.get("checkpoint_sha256"))
 
 
+def export_engine(job: ConvertJob) -> None:
+    """Builds the TensorRT engine of the row's precision from the ONNX model, with its sidecar JSON; int8
+    calibrates on the job's images and keeps calibration.cache beside the engine for rebuilds."""
+    from agmm_deploy.export.tensorrt import build_engine
+
+    calibrated = job.calib_images is not None
+    build_engine(job.onnx_path, job.out_path, precision=job.fields["precision"],
+                 max_batch=int(job.fields.get("max_batch") or 1), dynamic_hw=bool(job.fields.get("dynamic_hw")),
+                 calib_images=job.calib_images,
+                 calib_cache=job.out_path.parent / "calibration.cache" if calibrated else None,
+                 workspace_gb=job.workspace_gb)
+
+
+def tensorrt_row_missing(device: str) -> str | None:
+    """None when TensorRT and a CUDA GPU are here, else the clause saying what is missing (whatever ``device``:
+    an engine is built for the GPU of the machine that builds it)."""
+    from agmm_deploy.runtime.trt import tensorrt_missing
+
+    return tensorrt_missing("--trt")
+
+
 def cuda_missing(device: str) -> str | None:
     """None when torch sees a CUDA GPU, else why tf32 cannot be produced or checked here."""
     import torch
@@ -307,7 +337,8 @@ class Precision:
 
     Attributes:
         name: fp32 | tf32 | fp16 | bf16 | int8, as recorded in the artifact's metadata; picks the parity gates.
-        runtime: the backend row of agmm_deploy.runtime that runs the artifact (onnxruntime | openvino | aoti).
+        runtime: the backend row of agmm_deploy.runtime that runs the artifact (onnxruntime | openvino | aoti |
+            tensorrt).
         device: the device the artifact is made for: cpu | cuda, or any: an ONNX model runs anywhere, an fp32
             AOTInductor package is compiled for the device the export targets.
         file_name: what agmm-export calls it in its output folder.
@@ -317,6 +348,9 @@ class Precision:
             bf16); empty where the artifact's own types decide.
         missing: (target device, cpu | cuda) -> None, or one clause saying why this row cannot be produced
             for that device here; None = always can.
+        skip_when_missing: agmm-export still writes and checks model.onnx when this row cannot be produced here,
+            then exits 3 (TensorRT: the engine is often built later, on the GPU machine); otherwise it refuses
+            before any work (exit 2).
     """
 
     name: str
@@ -327,6 +361,7 @@ class Precision:
     convert: Callable[[ConvertJob], None] | None
     inference_precision: str = ""
     missing: Callable[[str], str | None] | None = None
+    skip_when_missing: bool = False
 
 
 PRECISIONS: tuple[Precision, ...] = (
@@ -339,6 +374,13 @@ PRECISIONS: tuple[Precision, ...] = (
     Precision("bf16", "openvino", "cpu", "model.bf16.xml", False, export_openvino, "bf16", openvino_bf16_missing),
     Precision("int8", "openvino", "cpu", "model.int8.xml", True, export_openvino, "f32", openvino_missing),
     Precision("int8", "onnxruntime", "cpu", "model.int8.onnx", True, export_int8_onnx),
+    # Last: never a precision's default (get_precision), only asked for with --runtime tensorrt / --trt.
+    Precision("fp32", "tensorrt", "cuda", "model.engine", False, export_engine, missing=tensorrt_row_missing,
+              skip_when_missing=True),
+    Precision("fp16", "tensorrt", "cuda", "model.engine", False, export_engine, missing=tensorrt_row_missing,
+              skip_when_missing=True),
+    Precision("int8", "tensorrt", "cuda", "model.engine", True, export_engine, missing=tensorrt_row_missing,
+              skip_when_missing=True),
 )
 
 
@@ -358,8 +400,7 @@ def get_precision(name: str, runtime: str | None = None, device: str | None = No
     """
     rows = [p for p in PRECISIONS if p.name == name]
     if not rows:
-        raise ValueError(f"precision {name!r} is unknown; expected one of {', '.join(precision_names())} "
-                         "(fp16/int8 TensorRT engines come from --trt)")
+        raise ValueError(f"precision {name!r} is unknown; expected one of {', '.join(precision_names())}")
     matching = [row for row in rows if runtime in (None, row.runtime)]
     if not matching:
         raise ValueError(f"precision {name!r} has no {runtime} artifact; it has "
@@ -388,7 +429,7 @@ class PrecisionExport:
 
 def convert_precision(onnx_path: str | Path, out_path: str | Path, precision: str,
                       calib_images: np.ndarray | None = None, runtime: str | None = None, *,
-                      model: Any = None, device: str = "auto") -> PrecisionExport:
+                      model: Any = None, device: str = "auto", workspace_gb: float = 4.0) -> PrecisionExport:
     """Writes the ``precision`` artifact of an fp32 ONNX model written by export_onnx, metadata included.
 
     Args:
@@ -396,9 +437,11 @@ def convert_precision(onnx_path: str | Path, out_path: str | Path, precision: st
         out_path: the file to write (atomically; an OpenVINO .xml gets its .bin beside it).
         precision: fp32 | tf32 | fp16 | bf16 | int8 (a row of PRECISIONS other than model.onnx itself).
         calib_images: normalised float32 (N, 3, H, W) at the export size; int8 only.
-        runtime: onnxruntime | openvino | aoti; None = the row get_precision picks for ``device``.
+        runtime: a runtime of the table (onnxruntime | openvino | aoti | tensorrt); None = the row get_precision
+            picks for ``device``.
         model: the torch model onnx_path was exported from; AOTInductor rows compile it.
         device: auto | cpu | cuda: the device the artifact targets (auto = CUDA when available).
+        workspace_gb: the TensorRT builder's workspace limit (engine rows).
     Returns:
         PrecisionExport.
     Raises:
@@ -427,6 +470,6 @@ def convert_precision(onnx_path: str | Path, out_path: str | Path, precision: st
     if row.inference_precision:
         fields["inference_precision"] = row.inference_precision
     row.convert(ConvertJob(onnx_path, out_path, meta, fields, calib_images, model,
-                           target if target != "any" else device))
+                           target if target != "any" else device, workspace_gb))
     size = out_path.stat().st_size + sum(p.stat().st_size for p in companion_files(out_path))
     return PrecisionExport(out_path, row.name, row.runtime, target, size, time.perf_counter() - start)

@@ -23,6 +23,8 @@ from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.contract import library_versions, read_onnx_metadata, write_engine_sidecar
 from agmm_deploy.runtime.trt import TensorRTUnavailable, import_tensorrt, tensorrt_missing
 
+# What build_engine can build; agmm-export finds them as the tensorrt rows of the precision table
+# (agmm_deploy.export.precision), and tests/test_export_precision.py checks that the two agree.
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

@@ -40,6 +40,9 @@ class Backend:
         precisions: the precisions its artifacts may carry.
         module: the module defining ``load`` and ``missing``.
         install: how to get it, for messages.
+        load_options: the keyword options its ``load`` takes besides path and device (callers pass only these).
+        torch_threads: whether the model runs on torch's intra-op thread pool (PyTorch eager, AOTInductor), so
+            that a caller must leave torch's threads to it; the others run on their runtime's own pool.
     """
 
     name: str
@@ -49,6 +52,8 @@ class Backend:
     precisions: tuple[str, ...]
     module: str
     install: str
+    load_options: tuple[str, ...] = ()
+    torch_threads: bool = False
 
     def loader(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -69,15 +74,17 @@ class Backend:
 
 BACKENDS: tuple[Backend, ...] = (
     Backend("pytorch", "checkpoint", (".pt", ".pth", ".ckpt"), ("cpu", "cuda"), ("fp32",),
-            "agmm_deploy.runtime.pytorch", "included"),
+            "agmm_deploy.runtime.pytorch", "included",
+            load_options=("backbone", "num_classes", "dataset", "classes", "max_batch"), torch_threads=True),
     Backend("onnxruntime", "ONNX model", (".onnx",), ("cpu", "cuda"), ("fp32", "tf32", "fp16", "int8"),
-            "agmm_deploy.runtime.ort", "pip install onnxruntime-gpu (included)"),
+            "agmm_deploy.runtime.ort", "pip install onnxruntime-gpu (included)",
+            load_options=("threads", "mem_pattern")),
     Backend("tensorrt", "TensorRT engine", (".engine", ".plan", ".trt"), ("cuda",), ("fp32", "fp16", "int8"),
             "agmm_deploy.runtime.trt", "pip install 'agmm-deploy[trt]' on a machine with an NVIDIA GPU"),
     Backend("openvino", "OpenVINO IR", (".xml",), ("cpu",), ("fp32", "bf16", "int8"),
-            "agmm_deploy.runtime.openvino", "pip install 'agmm-deploy[openvino]'"),
+            "agmm_deploy.runtime.openvino", "pip install 'agmm-deploy[openvino]'", load_options=("threads",)),
     Backend("aoti", "AOTInductor package", (".pt2",), ("cpu", "cuda"), ("fp32", "fp16", "bf16"),
-            "agmm_deploy.runtime.aoti", "included (torch)"),
+            "agmm_deploy.runtime.aoti", "included (torch)", torch_threads=True),
 )
 
 
