@@ -17,7 +17,7 @@ import numpy as np
 
 from agmm_deploy.bulk import Job, default_batch_size
 from agmm_deploy.bulk.inputs import Input
-from agmm_deploy.bulk.stages import FAILED, ModelInfo, decode_input, segment_group, write_outputs
+from agmm_deploy.bulk.stages import FAILED, ModelInfo, decode_input, segment_each, write_outputs
 from agmm_deploy.inference import input_count
 from agmm_deploy.runtime import Runner
 
@@ -57,7 +57,7 @@ def run(job: Job, runner: Runner, todo: list[Input], progress: bool = True) -> I
                     continue
                 group.append((entry, image))
                 inputs += input_count(image.shape[0], image.shape[1], runner.input_size, job.overlap)
-            for (entry, image), result in zip(group, _segment(runner, [im for _, im in group], batch_size, job)):
+            for (entry, image), result in zip(group, segment_each(runner, [im for _, im in group], batch_size, job.overlap)):
                 if isinstance(result, str):
                     writes.append((entry, image.shape[:2], 0, _done(dict(status=FAILED, error=result))))
                     continue
@@ -71,23 +71,6 @@ def run(job: Job, runner: Runner, todo: list[Input], progress: bool = True) -> I
         while writes:
             bar.update()
             yield written(*writes.popleft())
-
-
-def _segment(runner: Runner, images: list[np.ndarray], batch_size: int, job: Job) -> list:
-    """segment_group's results; when the model raises on the group, image by image, a failure as its sentence."""
-    if not images:
-        return []
-    try:
-        return segment_group(runner, images, batch_size, job.overlap)
-    except (RuntimeError, ValueError, MemoryError):
-        results: list = []
-        for image in images:
-            try:
-                results += segment_group(runner, [image], batch_size, job.overlap)
-            except (RuntimeError, ValueError, MemoryError) as err:
-                h, w = image.shape[:2]
-                results.append(f"the model failed on this {w}x{h} image ({type(err).__name__}: {err})")
-        return results
 
 
 def _done(value: dict) -> Future:

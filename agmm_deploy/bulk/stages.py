@@ -74,6 +74,24 @@ def segment_group(runner: Runner, images: list[np.ndarray], batch_size: int,
     return [(w.labels().cpu().numpy(), w.count) for w in windows]
 
 
+def segment_each(runner: Runner, images: list[np.ndarray], batch_size: int,
+                 overlap: float = SLIDING_OVERLAP) -> list[tuple[np.ndarray, int] | str]:
+    """segment_group's results; where the model raises on the group, image by image, a failure as its sentence."""
+    if not images:
+        return []
+    try:
+        return segment_group(runner, images, batch_size, overlap)
+    except (RuntimeError, ValueError, MemoryError):
+        results: list[tuple[np.ndarray, int] | str] = []
+        for image in images:
+            try:
+                results += segment_group(runner, [image], batch_size, overlap)
+            except (RuntimeError, ValueError, MemoryError) as err:
+                h, w = image.shape[:2]
+                results.append(f"the model failed on this {w}x{h} image ({type(err).__name__}: {err})")
+        return results
+
+
 def write_outputs(out: Path, key: str, labels: np.ndarray, info: ModelInfo, *, image: np.ndarray | None = None,
                   alpha: float = 0.5) -> dict:
     """Writes ``OUT/<key>.png`` (and ``<key>_overlay.png`` when ``image`` is given); returns the row's fields.
