@@ -96,7 +96,8 @@ class Job:
 
 @dataclass
 class BulkResult:
-    """What a run did. ``failures`` are "path: sentence" for failed and skipped inputs."""
+    """What a run did. ``failures`` are "path: sentence" for failed and skipped inputs (and the manifest, when it
+    could not be written)."""
 
     total: int
     written: int
@@ -128,6 +129,8 @@ def default_batch_size(device: str) -> int:
 
 def check_writable(out: Path) -> None:
     """Creates ``out`` and a file in it, or raises BulkError saying why not (read-only, no permission, a file)."""
+    if out.exists() and not out.is_dir():
+        raise BulkError(f"--out {out} is a file; expected a folder (it is created when missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".agmm-write-check.", dir=out)
@@ -198,7 +201,12 @@ def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path,
     finally:
         writer.flush()
     wall_s = time.perf_counter() - start
-    manifest = writer.close(entries)
+    try:
+        manifest = writer.close(entries)
+    except OSError as err:
+        manifest = job.out / "manifest.parquet"
+        failures.append(f"{manifest}: could not be written ({err.strerror or err}); free space and rerun the same "
+                        "command, which finds the written images complete")
     return BulkResult(total=len(entries), written=counts[OK], resumed=len(done), failed=counts[FAILED],
                       skipped=counts[SKIPPED], wall_s=wall_s, manifest=manifest, failures=failures)
 

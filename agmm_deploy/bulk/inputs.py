@@ -62,10 +62,12 @@ def collect_inputs(items: list[str | Path]) -> list[Input]:
             whose outputs would be the same file.
     """
     inputs: list[Input] = []
-    for item in map(Path, items):
-        if str(item).split("://")[0] in ("s3", "gs", "gcs", "abfs", "hdfs", "http", "https"):
-            raise InputError(f"{item} is a URI; this version reads local paths only (a shared file system on a "
-                             "cluster). Copy the images to a mounted folder, or list local paths in a manifest.")
+    for text in map(str, items):
+        if "://" in text:
+            raise InputError(f"{text} is a URI; this version reads local paths only (on a cluster, a file system "
+                             "every node mounts). Copy the images to a mounted folder, or list local paths in a "
+                             "manifest.")
+        item = Path(text)
         if item.is_dir():
             inputs += [Input(str(path), _key(path.relative_to(item))) for path in sorted(item.rglob("*"))
                        if path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(path.relative_to(item))]

@@ -4,7 +4,7 @@ Columns: path, output (the mask, relative to OUT), status (ok | failed | skipped
 when ok), height, width, inputs (model inputs used), one ``fraction_<class>`` per class (pixel fractions of the
 mask), model (file name), precision.
 
-While a run goes, its rows are flushed every few seconds into ``OUT/.manifest-parts/`` (each part written
+While a run goes, its rows are flushed every 2 s into ``OUT/.manifest-parts/`` (each part written
 atomically); the end of the run merges them into ``manifest.parquet``. A driver killed mid-run so loses at
 most the rows since the last flush, and a rerun finds the rest: an input whose row is ``ok`` for the same model
 and whose files exist is complete and skipped.
@@ -89,7 +89,7 @@ def completed_rows(out: Path, inputs: list[Input], info: ModelInfo, with_overlay
 class ManifestWriter:
     """Collects a run's rows, flushes them as parts every ``flush_s`` seconds, merges them at ``close``."""
 
-    def __init__(self, out: Path, info: ModelInfo, kept: list[dict], flush_s: float = 5.0) -> None:
+    def __init__(self, out: Path, info: ModelInfo, kept: list[dict], flush_s: float = 2.0) -> None:
         self.out, self.info, self.flush_s = out, info, flush_s
         self.kept = kept  # rows of complete inputs carried over from earlier runs
         self.rows: list[dict] = []
@@ -105,15 +105,23 @@ class ManifestWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Writes the rows since the last flush as a part; on a full disk they wait for the next flush."""
         if self._pending:
-            _write_table(self.out / PARTS_NAME / f"part-{self._tag}-{self._parts:06d}.parquet", self._pending,
-                         self.info)
+            try:
+                _write_table(self.out / PARTS_NAME / f"part-{self._tag}-{self._parts:06d}.parquet",
+                             self._pending, self.info)
+            except OSError:
+                return  # close() writes every row again, and says so if it cannot
             self._parts += 1
             self._pending = []
         self._flushed = time.monotonic()
 
     def close(self, order: list[Input]) -> Path:
-        """Writes ``manifest.parquet`` with one row per input of ``order``, in that order; removes the parts."""
+        """Writes ``manifest.parquet`` with one row per input of ``order``, in that order; removes the parts.
+
+        Raises:
+            OSError: the manifest could not be written (the parts stay for a rerun).
+        """
         by_path = {row["path"]: row for row in self.kept}
         by_path.update({row["path"]: row for row in self.rows})
         rows = [by_path[entry.path] for entry in order if entry.path in by_path]

@@ -141,7 +141,9 @@ def _run(job: Job, runner: Runner, todo: list[Input], progress: bool) -> Iterato
     info = ModelInfo.of(runner)
     items = [dict(index=i, path=entry.path, key=entry.key) for i, entry in enumerate(todo)]
     blocks = min(len(items), max(4 * cpus, len(items) // 64))
-    resource_args = dict(num_gpus=1) if on_gpu else dict(num_cpus=1)
+    # A CPU actor runs its model on threads_per_actor cores and reserves one fewer, so that the decode and write
+    # tasks of a node always find a core beside the actors (else they would wait for ever on a small node).
+    resource_args = dict(num_gpus=1) if on_gpu else dict(num_cpus=max(CPU_STAGE_CPUS, threads_per_actor - 1))
     dataset = (
         ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(decode_batch, fn_kwargs=dict(max_pixels=job.max_pixels), batch_size=CPU_STAGE_BATCH,

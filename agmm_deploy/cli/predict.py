@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      ".engine or any model the runtime table reads; writes label PNGs that mirror "
                                      "the input tree, and OUT/manifest.parquet.")
     parser.add_argument("model", type=Path, help="checkpoint (.pt/.pth), model.onnx, model.engine, ...")
-    parser.add_argument("images", type=Path, nargs="+",
+    parser.add_argument("images", nargs="+",
                         help="image files, folders (searched recursively) and manifests (.txt: a path per line; "
                         ".csv/.parquet: a 'path' column)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
