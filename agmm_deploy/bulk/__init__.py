@@ -35,7 +35,8 @@ from agmm_deploy.transforms import DEFAULT_MAX_PIXELS, SLIDING_OVERLAP
 
 @dataclass(frozen=True)
 class Engine:
-    """One row of the engine table: a module defining ``run(job, runner, todo) -> Iterator[row]``."""
+    """One row of the engine table: a module defining ``run(job, runner, info, todo, progress)``, which yields
+    (input, row fields) for every input of ``todo`` as it is written or fails."""
 
     name: str
     module: str
@@ -141,6 +142,36 @@ def check_writable(out: Path) -> None:
                         "with room for a PNG per image") from None
 
 
+def _load_model(job: Job, engine: str) -> tuple[Any, ModelInfo, str]:
+    """(runner or None, ModelInfo, a line describing it), or BulkError for a model that cannot be used.
+
+    The driver loads the model too: a broken model is refused here, before any work, and its metadata names the
+    manifest's columns. For the Ray engine, whose actors load their own, it loads on the CPU; an artifact that
+    runs on CUDA only (a TensorRT engine) is read for its metadata, as the driver may have no GPU.
+    """
+    from agmm_deploy.checkpoint import CheckpointError
+    from agmm_deploy.runtime import backend_for, load_runner
+
+    try:
+        if engine != "ray":
+            runner = load_runner(job.model, job.device, **job.load_kwargs)
+            return runner, ModelInfo.of(runner), repr(runner)
+        backend = backend_for(job.model)
+        if "cpu" in backend.devices:
+            runner = load_runner(job.model, "cpu", **job.load_kwargs)
+            info = ModelInfo.of(runner)
+            del runner  # the actors hold the model; the driver only needed its metadata
+        else:
+            if not job.model.is_file():
+                raise FileNotFoundError(f"model {job.model} does not exist")
+            meta, fields = backend.read_metadata(job.model)
+            info = ModelInfo(job.model.name, str(fields.get("precision", "fp32")), tuple(meta.classes),
+                             tuple(tuple(c) for c in meta.palette))
+        return None, info, f"{job.model.name} ({backend.name}, {info.precision}, {len(info.classes)} classes)"
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        raise BulkError(str(err)) from None
+
+
 def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path, *, engine: str = "local",
                    progress: bool = True, on_start: Callable[[str], None] | None = None, **settings: Any) -> BulkResult:
     """Label maps (and a manifest) for every image of ``inputs`` under ``out``, with the engine named.
@@ -159,8 +190,6 @@ def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path,
         BulkError: unusable model, inputs or output folder, before any image is read.
     """
     from agmm_deploy.bulk.manifest import ManifestWriter, completed_rows, manifest_row
-    from agmm_deploy.checkpoint import CheckpointError
-    from agmm_deploy.runtime import load_runner
 
     job = Job(model=Path(model), out=Path(out), **settings)
     chosen = get_engine(engine)
@@ -173,24 +202,18 @@ def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path,
     except InputError as err:
         raise BulkError(str(err)) from None
     check_writable(job.out)
-    # The driver loads the model too (on the CPU for the Ray engine, whose actors load their own): a broken
-    # model is refused here, before any work, and its metadata names the rows.
-    device = "cpu" if engine == "ray" and job.device == "auto" else job.device
-    try:
-        runner = load_runner(job.model, device, **job.load_kwargs)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError) as err:
-        raise BulkError(str(err)) from None
-    info = ModelInfo.of(runner)
+    runner, info, described = _load_model(job, engine)
     done = completed_rows(job.out, entries, info, job.overlay)
     todo = [entry for entry in entries if entry.path not in done]
     if on_start is not None:
-        on_start(f"{runner!r}; {len(entries)} image(s) -> {job.out} with the {engine} engine; "
+        on_start(f"{described}; {len(entries)} image(s) -> {job.out} with the {engine} engine; "
                  f"{len(done)} already complete from an earlier run, skipped")
     writer = ManifestWriter(job.out, info, kept=list(done.values()))
     counts = {OK: 0, FAILED: 0, SKIPPED: 0}
     failures: list[str] = []
     start = time.perf_counter()
-    rows: Iterator[tuple[Input, dict]] = importlib.import_module(chosen.module).run(job, runner, todo, progress)
+    rows: Iterator[tuple[Input, dict]] = importlib.import_module(chosen.module).run(
+        job, runner, info, todo, progress)
     try:
         for entry, fields in rows:
             row = manifest_row(entry, info, fields)

@@ -22,12 +22,12 @@ from agmm_deploy.inference import input_count
 from agmm_deploy.runtime import Runner
 
 
-def run(job: Job, runner: Runner, todo: list[Input], progress: bool = True) -> Iterator[tuple[Input, dict]]:
+def run(job: Job, runner: Runner, info: ModelInfo, todo: list[Input],
+        progress: bool = True) -> Iterator[tuple[Input, dict]]:
     """(input, row fields) for every input of ``todo``, as each is written or fails."""
     from tqdm import tqdm
 
     batch_size = job.batch_size or default_batch_size(runner.device.type)
-    info = ModelInfo.of(runner)
     workers = job.workers or os.cpu_count() or 1
     lookahead = max(2 * batch_size, 2 * workers)  # decoded images waiting for the model, at most
     pending = iter(todo)

@@ -105,7 +105,8 @@ def write_batch(batch: dict[str, np.ndarray], out: str, info: ModelInfo, overlay
     return rows
 
 
-def run(job: Job, runner: Runner, todo: list[Input], progress: bool = True) -> Iterator[tuple[Input, dict]]:
+def run(job: Job, runner: Runner | None, info: ModelInfo, todo: list[Input],
+        progress: bool = True) -> Iterator[tuple[Input, dict]]:
     """(input, row fields) for every input of ``todo``, as Ray hands the written batches back."""
     import ray
 
@@ -114,15 +115,20 @@ def run(job: Job, runner: Runner, todo: list[Input], progress: bool = True) -> I
     started = not ray.is_initialized()
     if started:
         # address None: RAY_ADDRESS when set, else a new cluster on this machine that ends with this process.
-        ray.init(address=job.ray_address, logging_level="WARNING", log_to_driver=False)
+        try:
+            ray.init(address=job.ray_address, logging_level="WARNING", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise BulkError(f"cannot join the Ray cluster at {job.ray_address} ({err}); start one there with "
+                            "`ray start --head`, or leave --ray-address and RAY_ADDRESS unset for a cluster on "
+                            "this machine") from None
     try:
-        yield from _run(job, runner, todo, progress)
+        yield from _run(job, info, todo, progress)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(job: Job, runner: Runner, todo: list[Input], progress: bool) -> Iterator[tuple[Input, dict]]:
+def _run(job: Job, info: ModelInfo, todo: list[Input], progress: bool) -> Iterator[tuple[Input, dict]]:
     import ray
     import ray.data
     import torch
@@ -138,7 +144,6 @@ def _run(job: Job, runner: Runner, todo: list[Input], progress: bool) -> Iterato
     actors = job.actors or (gpus if on_gpu else max(1, cpus // threads))
     threads_per_actor = 1 if on_gpu else max(1, cpus // actors)
     batch_size = job.batch_size or default_batch_size("cuda" if on_gpu else "cpu")
-    info = ModelInfo.of(runner)
     items = [dict(index=i, path=entry.path, key=entry.key) for i, entry in enumerate(todo)]
     blocks = min(len(items), max(4 * cpus, len(items) // 64))
     # A CPU actor runs its model on threads_per_actor cores and reserves one fewer, so that the decode and write
