@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[dev,openvino,docs]"
+	$(PY) -m pip install --quiet -e ".[dev,openvino,docs,ray,cvat]"
 	touch $@
 
 # The docs build first: --strict fails on a broken link, a missing anchor or a page left out of the nav

@@ -31,10 +31,8 @@ def setup(tmp_path_factory):
 def test_writes_palette_labels_and_overlays_at_the_image_size(setup, tmp_path, capsys, which):
     ckpt, onnx_path, images = setup
     model = ckpt if which == "checkpoint" else onnx_path
-    assert main([str(model), str(images), "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "small.jpg: 50x40 (letterbox)" in out and "large.png: 130x90 (sliding window)" in out
-    assert "gray_wide.png: 200x30 (sliding window)" in out
+    assert main([str(model), str(images), "--out", str(tmp_path), "--overlay", "--no-progress"]) == 0
+    assert "3 image(s): 3 written, 0 already complete" in capsys.readouterr().out
     for stem, size in [("small", (50, 40)), ("large", (130, 90)), ("gray_wide", (200, 30))]:
         label = Image.open(tmp_path / f"{stem}.png")
         assert label.mode == "P" and label.size == size
@@ -42,6 +40,12 @@ def test_writes_palette_labels_and_overlays_at_the_image_size(setup, tmp_path, c
         assert np.asarray(label).max() < 21
         overlay = Image.open(tmp_path / f"{stem}_overlay.png")
         assert overlay.mode == "RGB" and overlay.size == size
+
+
+def test_overlays_only_when_asked(setup, tmp_path):
+    _, onnx_path, images = setup
+    assert main([str(onnx_path), str(images / "small.jpg"), "--out", str(tmp_path), "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.parquet", "small.png"]
 
 
 def test_checkpoint_and_onnx_predict_the_same_labels(setup, tmp_path):
@@ -59,15 +63,15 @@ def test_bad_inputs(setup, tmp_path, capsys):
     broken.write_bytes(b"not an image")
     assert main([str(onnx_path), str(images / "small.jpg"), str(broken), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert "skipped" in err and "broken.jpg could not be decoded" in err
-    assert (tmp_path / "o" / "small.png").is_file()
+    assert "not written" in err and "broken.jpg could not be decoded" in err
+    assert (tmp_path / "o" / "small.png").is_file() and not (tmp_path / "o" / "broken.png").exists()
     assert main([str(tmp_path / "nope.onnx"), str(images), "--out", str(tmp_path)]) == 2
     assert "nope.onnx does not exist" in capsys.readouterr().err
     twin = tmp_path / "twin"
     twin.mkdir()
     (twin / "small.png").write_bytes((images / "large.png").read_bytes())
     assert main([str(onnx_path), str(images / "small.jpg"), str(twin / "small.png"), "--out", str(tmp_path / "t")]) == 2
-    assert "would write the same" in capsys.readouterr().err
+    assert "would write the same output file" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()  # refused before writing anything
 
 
