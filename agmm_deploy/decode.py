@@ -39,8 +39,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # progressive script writes 10 scans (6 for grey), and no encoder we know writes more than a few dozen.
 MAX_JPEG_SCANS = 100
 # And scans x pixels is the decoding work: at most this many passes over an image of max_pixels pixels (a
-# progressive JPEG at the pixel limit may have 16 scans, one of a quarter of it 64). On 2 busy shared cores a
-# 2896x2896 (8 Mpx) scan cost 1-20 ms: the slowest accepted 8 Mpx JPEG, 16 scans, decoded in 0.5 s.
+# progressive JPEG at the pixel limit may have 16 scans, one of a quarter of it 64). The time of the slowest
+# accepted 8 Mpx JPEG (16 scans), with its machine: docs/benchmarks.md, "Decoder bombs".
 MAX_SCAN_PASSES = 16
 # Only the first frame (page) is decoded, but a file of thousands is no photo and its walk costs time.
 DEFAULT_MAX_FRAMES = 1000

@@ -3,8 +3,8 @@
 ``torch.export`` captures the model, ``torch._inductor.aoti_compile_and_package`` compiles it to a shared library
 (C++/OpenMP kernels on the CPU, Triton kernels on CUDA) and packs it, weights included, into one zip file that
 ``torch._inductor.aoti_load_package`` runs without Python model code and without compiling at load time. This is
-what ``torch.compile`` does just in time, done once at export: on an H100 (R50, 1024x2048, batch 1, issue 10)
-torch.compile fp16 channels_last took 9.4 ms against 13.3 ms eager and 28 ms for a naive ONNX Runtime fp16 model.
+what ``torch.compile`` does just in time, done once at export (why fp16/bf16 on CUDA default to it: docs/export.md,
+with the published figures on docs/benchmarks.md).
 
 The package takes float32 normalised images (N, 3, H, W) and returns float32 logits (N, K, H, W), the contract of
 every runner; the cast to fp16/bf16 (and to channels_last) happens inside, so callers never see the precision.
@@ -35,9 +35,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # - classifier, so that the final bilinear upsample (x4, in forward_train after it) interpolates float32
 #   logits: neighbours whose difference fp16 rounds away would otherwise flip near-tied argmaxes.
 # Both are cheap (a 1x1 map, and a 1x1 conv to K channels at stride 4). The same ops stay float32 in the fp16
-# ONNX model (agmm_deploy.export.precision.FP16_KEEP_FP32_OPS). Measured (benchmarks/aoti_keep_fp32.py, R18
-# trained briefly, 128x256, argmax agreement with fp32): bf16 99.55 % with the classifier kept, 99.12 % without
-# either; fp16 99.93 % either way; the pooling made no difference at that size (README, precision section).
+# ONNX model (agmm_deploy.export.precision.FP16_KEEP_FP32_OPS). benchmarks/aoti_keep_fp32.py measures the
+# argmax agreement with and without each (docs/benchmarks.md, "AOTInductor: what stays float32"): the float32
+# classifier is what bf16 needs; the pooling is kept for full-size inputs.
 KEEP_FP32_MODULES = ("head.b4", "classifier")
 
 
@@ -127,9 +127,8 @@ def export_aoti(model: nn.Module, meta: ModelMeta, out_path: str | Path, *, heig
         max_batch: the largest batch of the symbolic batch dimension (runners split bigger batches).
         dynamic_batch: a batch of 1..max_batch; otherwise exactly one image.
         checkpoint_sha256: sha256 of the source checkpoint, recorded for traceability.
-        channels_last: NHWC activations (default): tensor-core convolutions want NHWC on CUDA (the issue's
-            9.4 ms was channels_last), and on the CPU it measured 1.06x the contiguous package (R50 256x512,
-            batch 1, one agmm-bench run of 5 calls on 2 AVX2 cores: 1232 vs 1310 ms).
+        channels_last: NHWC activations (default): tensor-core convolutions want NHWC on CUDA, and on the CPU
+            it was the faster layout too (docs/benchmarks.md, "AOTInductor on the CPU").
         keep_fp32: modules that stay float32 at fp16/bf16 (KEEP_FP32_MODULES; empty to measure without).
     Returns:
         AotiExport describing the file.

@@ -39,18 +39,12 @@ last, so they are never a precision's default.
 ``agmm-export --precision P`` writes the first row of P made for the device the export targets (``--device``;
 auto = CUDA when available) that can be produced there (get_precision); ``--runtime`` picks another. So bf16
 on a GPU machine is the CUDA AOTInductor package and on a CPU the OpenVINO IR, never one quietly for the other.
-fp16 on CUDA defaults to AOTInductor on the issue's H100 figures (R50, 1024x2048, batch 1): torch.compile fp16
-channels_last 9.4 ms, eager fp16 channels_last 13.3 ms, a naive ONNX Runtime fp16 model 28 ms; AOTInductor
-compiles ahead of time what torch.compile compiles just in time. Our package is unmeasured on a GPU so far.
+fp16 on CUDA defaults to AOTInductor: on published H100 figures torch.compile fp16 channels_last beat eager and a
+naive ONNX Runtime fp16 model, and AOTInductor compiles ahead of time what torch.compile compiles just in time.
 fp16/bf16 AOTInductor packages are refused for the CPU (a bf16 CPU package is not offered: OpenVINO has that
-row); the fp32 package runs on the CPU too (README, precision section, for its speed there).
-int8 defaults to OpenVINO, measured (README, precision section): DeepLabV3+ R50 trained briefly, 512x1024, batch 1,
-2 AVX2 cores without VNNI, one agmm-bench run: ONNX Runtime fp32 6629 ms, ONNX Runtime int8 2867 ms (2.31x),
-OpenVINO int8 3608 ms (1.84x). ONNX Runtime's int8 with full 8-bit weights missed the int8 gate on that briefly
-trained model (mIoU delta 1.04 with 2 calibration images, 1.28 with 8), while NNCF's passed (8 images, +0.12).
-With 7-bit weights on that CPU without VNNI (export_int8_onnx) it passed (+0.85, 8 images), and a later run gave
-ONNX Runtime int8 1.85x and OpenVINO int8 1.66x ONNX Runtime fp32: close, so the default stays OpenVINO (its
-mIoU delta is a seventh of ONNX Runtime's). On an AVX-512 VNNI CPU OpenVINO's int8 measured 4.03x ONNX Runtime fp32 (issue 10).
+row); the fp32 package runs on the CPU too. int8 defaults to OpenVINO: on the development CPU (AVX2, no VNNI) it
+was the int8 row that passed its gate within memory, and on a VNNI CPU the faster one. The figures behind these
+defaults, with their devices and commands: docs/benchmarks.md; the table with its gates: docs/export.md.
 OpenVINO and NNCF are the optional extra ``agmm-deploy[openvino]``; a row whose library or hardware is missing
 is refused with a sentence saying what to install or which row to use instead.
 

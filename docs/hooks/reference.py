@@ -13,6 +13,7 @@ marker                             replaced with
 ``<!-- agmm:runtime-table -->``    the runtime table (``agmm_deploy.runtime.backends()``)
 ``<!-- agmm:precision-table -->``  the precision table (``agmm_deploy.export.precision.PRECISIONS``) with
                                    each row's parity gates
+``<!-- agmm:settings-table -->``   the service's settings (``serving.settings.SETTINGS_TABLE``)
 =================================  ====================================================================
 
 The commands are found, not listed: every module of the packages pyproject.toml installs that defines a
@@ -210,9 +211,18 @@ def precision_table() -> str:
     return "\n".join(lines)
 
 
+def settings_table() -> str:
+    settings = import_repo_module("serving.settings")
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for variable, default, meaning in settings.SETTINGS_TABLE:
+        lines.append(f"| `{variable}` | `{default}` | {escape(meaning)} |")
+    return "\n".join(lines)
+
+
 GENERATORS = {"<!-- agmm:cli-reference -->": cli_reference, "<!-- agmm:module-layout -->": module_layout,
               "<!-- agmm:first-hour -->": first_hour, "<!-- agmm:runtime-table -->": runtime_table,
-              "<!-- agmm:precision-table -->": precision_table}
+              "<!-- agmm:precision-table -->": precision_table,
+              "<!-- agmm:settings-table -->": settings_table}
 
 
 def on_page_markdown(markdown: str, **kwargs) -> str:
