@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agmm_deploy.checkpoint import save_checkpoint  # noqa: E402
 from agmm_deploy.contract import ModelMeta  # noqa: E402
 from agmm_deploy.model import BACKBONE_DEPTHS, ModelConfig, build_model  # noqa: E402
-from benchmarks.train_speed import CPU_SCALE, PAPER_SCALE, Setup, make_batch, time_steps  # noqa: E402
+from benchmarks.train_speed import Setup, make_batch, step_shape, time_steps  # noqa: E402
 from training.config import SAVE_EVERY_SECONDS, TrainConfig, resolve_for_device  # noqa: E402
 from training.losses import agmm_losses  # noqa: E402
 from training.run import unsound_weights  # noqa: E402
@@ -85,9 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> str:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
-    scale = PAPER_SCALE if device.type == "cuda" else CPU_SCALE
-    size, batch_size = args.size or scale["size"], args.batch or scale["batch"]
-    backbone = args.backbone or scale["backbone"]
+    size, batch_size, backbone = step_shape(args, device)
     steps = args.steps or (20 if device.type == "cuda" else 3)
     config = ModelConfig.cityscapes(backbone=backbone)
     defaults = resolve_for_device(TrainConfig(dataset="cityscapes", data_root="", out="", backbone=backbone,

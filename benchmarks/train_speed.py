@@ -203,12 +203,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def step_shape(args: argparse.Namespace, device: torch.device) -> tuple[int, int, str]:
+    """(crop size, batch size, backbone) of a timed step: the paper's scale on CUDA, a small one on the CPU,
+    each overridden by --size / --batch / --backbone."""
+    scale = PAPER_SCALE if device.type == "cuda" else CPU_SCALE
+    return args.size or scale["size"], args.batch or scale["batch"], args.backbone or scale["backbone"]
+
+
 def main(argv: list[str] | None = None) -> str:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
-    scale = PAPER_SCALE if device.type == "cuda" else CPU_SCALE
-    size, batch_size = args.size or scale["size"], args.batch or scale["batch"]
-    backbone = args.backbone or scale["backbone"]
+    size, batch_size, backbone = step_shape(args, device)
     steps = args.steps or (20 if device.type == "cuda" else 2)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     if device.type == "cuda":
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> str:
 
     loader, workers = None, args.workers if args.workers is not None else default_workers()
     if not args.skip_loader:
-        height, width = args.image_size or scale["image"]
+        height, width = args.image_size or (PAPER_SCALE if device.type == "cuda" else CPU_SCALE)["image"]
         count = args.loader_images or (48 if device.type == "cuda" else 4)
         with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
             root = Path(args.data_root) if args.data_root else synthetic.generate(
