@@ -8,11 +8,11 @@ start; the answers per kind of request; PASS/FAIL against issue 21's targets.
 
     python benchmarks/soak.py                                   # 8 clients, 600 s, 60 s idle, 128x128 model
     python benchmarks/soak.py --duration 120 --warmup 30 --idle 30 --plot soak.png
-    python benchmarks/soak.py --arm as-is: --arm tuned:MALLOC_MMAP_THRESHOLD_=262144 --arm release:RELEASE=10
+    python benchmarks/soak.py --arm as-is: --arm release:RELEASE=10 --arm trim:TRIM=10
 
-An arm is LABEL:NAME=VALUE,...: settings added to the served process's environment. RELEASE=S, RELEASE_GC=1
-and ORT_ARENA=0 are no settings of the service: they change its worker from outside (WORKER_SETTINGS), to measure a fix before the
-service has it.
+An arm is LABEL:NAME=VALUE,...: settings added to the served process's environment. RELEASE=S, TRIM=S and
+ORT_ARENA=0 are no settings of the service: they change its worker from outside (WORKER_SETTINGS), to measure
+a fix before the service has it.
 
 Traffic, in turn: photos smaller than the model input and photos of several tiles on /segment, /segment_batch
 of both; corrupt bytes, an image over the tile limit, a decompression-bomb header, a /segment_batch of 16
@@ -55,10 +55,10 @@ IDLE_TARGET = 0.10  # |RSS after the idle time over RSS at the start, minus 1|
 WORKER_MODULE = "_bentoml_impl.worker.service"  # what a `bentoml serve` worker runs (python -m ...)
 # Arm settings that are no environment variable of the service: each changes the worker through a
 # sitecustomize module on its PYTHONPATH, to measure a fix without editing the service.
-#   RELEASE=S     serving.memory.start_release_thread(S): release_memory() every S seconds
-#   RELEASE_GC=1  and gc.collect() before each release (reference cycles holding image buffers)
+#   RELEASE=S     serving.memory.start_release_thread(S): release_memory() (gc.collect + malloc_trim) every S s
+#   TRIM=S        malloc_trim alone every S s (release_memory(collect=False)), to tell the two causes apart
 #   ORT_ARENA=0   ONNX Runtime sessions without the CPU memory arena (enable_cpu_mem_arena=False)
-WORKER_SETTINGS = ("RELEASE", "RELEASE_GC", "ORT_ARENA")
+WORKER_SETTINGS = ("RELEASE", "TRIM", "ORT_ARENA")
 SITECUSTOMIZE = """\
 import os, sys
 if "_bentoml_impl.worker.service" in sys.orig_argv:
@@ -71,16 +71,16 @@ if "_bentoml_impl.worker.service" in sys.orig_argv:
             return options
         ort.cpu_session_options = cpu_session_options
     if os.environ.get("AGMM_SOAK_RELEASE"):
-        import gc, threading, time
+        from serving.memory import start_release_thread
+        start_release_thread(float(os.environ["AGMM_SOAK_RELEASE"]))
+    elif os.environ.get("AGMM_SOAK_TRIM"):
+        import threading, time
         from serving.memory import release_memory
-        every, collect = float(os.environ["AGMM_SOAK_RELEASE"]), os.environ.get("AGMM_SOAK_RELEASE_GC") == "1"
-        def release_forever():
+        def trim_forever():
             while True:
-                time.sleep(every)
-                if collect:
-                    gc.collect()
-                release_memory()
-        threading.Thread(target=release_forever, daemon=True).start()
+                time.sleep(float(os.environ["AGMM_SOAK_TRIM"]))
+                release_memory(collect=False)
+        threading.Thread(target=trim_forever, daemon=True).start()
 """
 
 

@@ -1,40 +1,32 @@
-"""Giving a worker's freed memory back to the system (glibc malloc keeps what the request threads free).
+"""Giving a worker's freed memory back: what refused requests leave in reference cycles, and what glibc keeps.
 
-    release_memory()                  # malloc_trim(0): every arena's free pages back to the kernel, now
-    start_release_thread(every_s=10)  # the same from a daemon thread, every 10 s (a few ms each on a 1 GiB heap)
-    MALLOC_ENV                        # glibc settings for the workers' environment (read at process start)
+    release_memory()                  # gc.collect(), then malloc_trim(0): every arena's free pages to the kernel
+    start_release_thread(every_s=10)  # the same from a daemon thread, every 10 s
 
 Where the service calls it: ``AgmmSegmenter.__init__`` (serving/service.py), right after
-``self.batcher = self._start_batcher()``, keeps ``self.memory_release = start_release_thread()``; and the
-``envs`` of its ``@bentoml.service`` hold ``MALLOC_ENV`` (``[{"name": k, "value": v} for k, v in
-MALLOC_ENV.items()]``, in place of the MALLOC_ARENA_MAX entry alone). Both are needed: the settings keep most
-large buffers out of the heaps, the thread hands back what still ends up freed inside them.
+``self.batcher = self._start_batcher()``: ``self.memory_release = start_release_thread()``. The service's
+``MALLOC_ARENA_MAX=2`` (its ``envs``, which `bentoml serve` gives the workers) stays as it is.
 
-Why the memory stays: glibc gives each thread an arena (MALLOC_ARENA_MAX caps them) and returns freed memory to
-the kernel only from the top of a heap. Decoded images, their float tiles and PNG encodes are freed in another
-order than they were made, so the freed space lies inside the heaps. And glibc's mmap threshold is dynamic:
-freeing one mmap'd buffer raises it to that buffer's size (up to 32 MiB), after which buffers of up to that
-size come from the heaps instead of their own mappings, where a free would have unmapped them. Setting
-MALLOC_MMAP_THRESHOLD_ fixes the threshold; malloc_trim(0) releases the free pages inside every heap.
+Why a worker's memory stays up after a burst (benchmarks/soak.py measures it):
+- A Refusal raised in the decode thread (``anyio.to_thread.run_sync``) travels through an asyncio Future; the
+  Future holds the exception, whose traceback holds the frames, whose locals hold the decoded image and the
+  upload: a reference cycle. Only Python's cyclic collector frees it, and a worker allocates few container
+  objects, so a full collection comes rarely and never while idle: 16 refused 4096x2048 images (one
+  /segment_batch of 16-bit PNGs) keep 384 MiB until then. ``gc.collect()`` frees them.
+- What is freed goes back to glibc's heaps, which return memory to the kernel only from their top; decoded
+  images, tiles and PNG encodes are freed in another order than they were made, so the free space lies inside
+  the heaps. ``malloc_trim(0)`` gives the free pages inside every heap back.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-# glibc tunables for the workers, read once when a process starts (so they go in its environment, never
-# os.environ at run time). 256 KiB: an image row block or a small tile stays in the heaps, any decoded image
-# or float tile (a 128x128 tile of 21 float32 planes is 1.3 MiB) gets its own mapping, unmapped on free.
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "2",
-    "MALLOC_MMAP_THRESHOLD_": str(256 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024),
-}
 
 
 @dataclass(frozen=True)
@@ -76,19 +68,28 @@ def rss_bytes() -> int:
     return 0
 
 
-def release_memory() -> MemoryRelease:
-    """Hands the free pages of every malloc arena back to the kernel (glibc ``malloc_trim(0)``).
+def release_memory(collect: bool = True) -> MemoryRelease:
+    """Frees what only reference cycles still hold (``gc.collect()``), then hands the free pages of every malloc
+    arena back to the kernel (glibc ``malloc_trim(0)``).
 
-    Safe from any thread at any time: glibc locks each arena while it walks it, so a request thread allocating
-    meanwhile waits for that arena only (a few ms for a 1 GiB heap). Live buffers are untouched.
+    Safe from any thread at any time: the collection holds the GIL (tens of ms in a worker with torch loaded);
+    glibc locks each arena while it walks it, so a thread allocating meanwhile waits for that arena only (a few
+    ms for a 1 GiB heap). Live buffers are untouched.
+
+    Args:
+        collect: run a full garbage collection first. Without it, the image buffers that cycles hold (the
+            frames of a refused request's traceback) stay: an idle server allocates nothing, so Python's
+            generational collector never gets to the oldest generation on its own.
     """
     before, start = rss_bytes(), time.perf_counter()
+    if collect:
+        gc.collect()
     trimmed = bool(_LIBC.malloc_trim(0)) if _LIBC is not None else None
     return MemoryRelease(before, rss_bytes(), trimmed, time.perf_counter() - start)
 
 
 def start_release_thread(every_s: float = 10.0) -> threading.Thread | None:
-    """Calls release_memory() every ``every_s`` seconds from a daemon thread; None (and no thread) without glibc.
+    """Calls release_memory() (collection and trim) every ``every_s`` seconds from a daemon thread; None (and no thread) without glibc.
 
     Periodic rather than after each request: a trim between two requests of a burst would only give back pages
     the next request takes again; every 10 s bounds the memory held after a burst to 10 s of it.
