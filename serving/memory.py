@@ -89,7 +89,8 @@ def release_memory(collect: bool = True) -> MemoryRelease:
 
 
 def start_release_thread(every_s: float = 10.0) -> threading.Thread | None:
-    """Calls release_memory() (collection and trim) every ``every_s`` seconds from a daemon thread; None (and no thread) without glibc.
+    """Calls release_memory() (collection and trim) every ``every_s`` seconds from a daemon thread; None (and no
+    thread) without glibc.
 
     Periodic rather than after each request: a trim between two requests of a burst would only give back pages
     the next request takes again; every 10 s bounds the memory held after a burst to 10 s of it.
