@@ -16,6 +16,8 @@ Why a worker's memory stays up after a burst (benchmarks/soak.py measures it):
 - What is freed goes back to glibc's heaps, which return memory to the kernel only from their top; decoded
   images, tiles and PNG encodes are freed in another order than they were made, so the free space lies inside
   the heaps. ``malloc_trim(0)`` gives the free pages inside every heap back.
+An idle anyio worker thread also keeps its last job (the Future, so the exception) in a local until its next
+job, which no collection frees; ``_decode`` should drop the decoded image before it raises a Refusal.
 """
 
 from __future__ import annotations
