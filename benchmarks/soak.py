@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from benchmarks.decode_bombs import scan_bomb, sixteen_bit_png  # noqa: E402
 from benchmarks.serve_load import Sample, drive, export_default_model, format_counts, parse_size, probe_cycle, \
     server_env  # noqa: E402
-from benchmarks.serve_traffic import (BAD, GOOD, Probe, Status, dropped_upload_probe, interleave,  # noqa: E402
+from benchmarks.serve_traffic import (BAD, CONN_ERROR, GOOD, TIMEOUT, Probe, Status, dropped_upload_probe, interleave,  # noqa: E402
                                       png_claiming, synthetic_photo, tile_count, upload_probe)
 from serving.launch import free_port, start_server, stop_server  # noqa: E402
 
@@ -132,9 +132,9 @@ def batch_probe(kind: str, expect: str, images: list[bytes]) -> Probe:
             response = session.post(f"{url}/segment_batch", data=body, timeout=timeout,
                                     headers={"Content-Type": "application/json"})
         except requests.Timeout:
-            return "timeout", 0
+            return TIMEOUT, 0
         except requests.RequestException:
-            return "conn error", 0
+            return CONN_ERROR, 0
         if response.status_code != 200:
             return response.status_code, 0
         refused = sum(item.get("error") is not None for item in response.json())
