@@ -47,8 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from benchmarks.decode_bombs import scan_bomb, sixteen_bit_png  # noqa: E402
 from benchmarks.serve_load import Sample, drive, export_default_model, format_counts, parse_size, probe_cycle, \
     server_env  # noqa: E402
-from benchmarks.serve_traffic import (BAD, CONN_ERROR, GOOD, TIMEOUT, Probe, Status, dropped_upload_probe, interleave,  # noqa: E402
-                                      png_claiming, synthetic_photo, tile_count, upload_probe)
+from benchmarks.serve_traffic import (BAD, CONN_ERROR, GOOD, TIMEOUT, Probe, Status,  # noqa: E402
+                                      dropped_upload_probe, interleave, png_claiming, synthetic_photo, tile_count,
+                                      upload_probe)
 from serving.launch import free_port, start_server, stop_server  # noqa: E402
 
 GROWTH_TARGET = 0.10  # RSS at the end of the traffic over RSS after the warm-up, minus 1
