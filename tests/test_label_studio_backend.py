@@ -438,12 +438,24 @@ def wait_for_job(url: str, timeout_s: float, while_running=lambda: None) -> dict
     raise AssertionError(f"the job still runs after {timeout_s} s")
 
 
+def start_either(kind: str, model: Path, tmp: Path, **env: str) -> tuple[str, str | None, object]:
+    """The backend standalone (under uvicorn) or mounted in the real service; (backend URL, service URL or None,
+    a function that stops it)."""
+    if kind == "standalone":
+        process, url = start_backend(model, tmp, **env)
+        return url, None, lambda: stop(process)
+    process, url = start_service(model, tmp, **env)
+    return f"{url}/label-studio", url, lambda: stop_server(process)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["standalone", "service"])
 def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_requests_keep_succeeding(
-        tiny_model, label_studio, tmp_path):
-    process, url = start_backend(tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
-                                 LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_ARGS=FAST_TRAINING)
+        tiny_model, label_studio, tmp_path, kind):
+    url, service, stop_it = start_either(kind, tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
+                                         LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_ARGS=FAST_TRAINING)
     try:
+        old = requests.get(f"{url}/health", timeout=1).json()["model_version"]
         started = requests.post(f"{url}/webhook", json=captured("webhook_start_training.json"), timeout=3)
         assert started.status_code == 201 and started.json()["job"]["project"] == PROJECT
         second = requests.post(f"{url}/train", json={"project": f"{PROJECT}.1796171985"}, timeout=3)
@@ -460,7 +472,7 @@ def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_req
 
         status = wait_for_job(url, 600, still_serving)
         assert status["state"] == "finished", (status, Path(status["log"]).read_text()[-3000:])
-        assert versions and versions[0] == "tiny-0"
+        assert versions and versions[0] == old
         new = requests.get(f"{url}/health", timeout=1).json()["model_version"]
         assert new == status["model_version"] and new.startswith(f"project{PROJECT}-")
         predicted = requests.post(f"{url}/predict", json=captured("predict.json"), timeout=100).json()
@@ -468,26 +480,37 @@ def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_req
         log = Path(status["log"]).read_text()
         assert "step" in log and "parity PASSED" in log
         assert any(p.startswith(f"/api/projects/{PROJECT}/export") for p, _ in label_studio.requests)
+        if service is not None:  # /info and the log name the new model; /segment serves it too
+            info = requests.post(f"{service}/info", json={}, timeout=5).json()
+            assert info["model_version"] == new and info["training"]["state"] == "finished"
+            assert f"now serving model_version {new}" in (tmp_path / "serve.log").read_text(errors="replace")
     finally:
-        stop(process)
+        stop_it()
 
 
+@pytest.mark.parametrize("kind", ["standalone", "service"])
 def test_every_second_annotation_starts_a_job_and_a_failing_job_leaves_the_old_model_serving(
-        tiny_model, label_studio, tmp_path):
-    process, url = start_backend(tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
-                                 LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_EVERY="2",
-                                 AGMM_LS_TRAIN_ARGS="--backbone no-such-net")
+        tiny_model, label_studio, tmp_path, kind):
+    url, service, stop_it = start_either(kind, tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
+                                         LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_EVERY="2",
+                                         AGMM_LS_TRAIN_ARGS="--backbone no-such-net")
     try:
+        old = requests.get(f"{url}/health", timeout=1).json()["model_version"]
         annotated = captured("webhook_annotation_created.json")
         assert requests.post(f"{url}/webhook", json=annotated, timeout=3).json()["status"] == "acknowledged"
         assert requests.post(f"{url}/webhook", json=annotated, timeout=3).status_code == 201
         status = wait_for_job(url, 300)
         assert status["state"] == "failed" and "exited with code" in status["reason"]
         assert "--backbone" in Path(status["log"]).read_text()
-        assert requests.get(f"{url}/health", timeout=1).json()["model_version"] == "tiny-0"
+        assert requests.get(f"{url}/health", timeout=1).json()["model_version"] == old
         assert requests.post(f"{url}/predict", json=captured("predict.json"), timeout=100).status_code == 200
+        if service is not None:  # the reason in /info and in the service's log
+            info = requests.post(f"{service}/info", json={}, timeout=5).json()
+            assert info["model_version"] == old and info["training"]["state"] == "failed"
+            assert "exited with code" in info["training"]["reason"]
+            assert "failed: the job exited with code" in (tmp_path / "serve.log").read_text(errors="replace")
         # after a failure the next request starts a new job (here the /train of older Label Studio versions)
         assert requests.post(f"{url}/train", json={"project": PROJECT}, timeout=3).status_code == 201
         assert wait_for_job(url, 300)["state"] == "failed"
     finally:
-        stop(process)
+        stop_it()
