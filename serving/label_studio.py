@@ -369,7 +369,7 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
             logger.error("label-studio: training of project %s failed: %s", job.project, job.reason)
 
     def start_job(project: int | None) -> tuple[int, dict]:
-        finish_job()
+        # The caller collected an ended job first, in a thread (collecting may load the new model).
         if job.state == "running":
             return 409, {"status": "ERROR", "error": f"a training job for project {job.project} is running since "
                          f"{time.strftime('%H:%M:%S', time.localtime(job.started))} (log {job.log}); one job runs "
@@ -415,11 +415,13 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
             return refused(err.status, err.message)
         action, project = data.get("action"), _project_id(data.get("project"))
         if action == "START_TRAINING":
+            await asyncio.to_thread(finish_job)
             status, body = start_job(project)
             return JSONResponse(body, status_code=status)
         if action in TRAIN_EVENTS and settings.train_every > 0 and project is not None:
             annotations_seen[project] = annotations_seen.get(project, 0) + 1
             if annotations_seen[project] % settings.train_every == 0:
+                await asyncio.to_thread(finish_job)
                 status, body = start_job(project)
                 return JSONResponse(body, status_code=status)
         return JSONResponse({"status": "acknowledged", "action": action})
@@ -429,11 +431,14 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
             data = await read_json(request)
         except Refused as err:
             return refused(err.status, err.message)
+        await asyncio.to_thread(finish_job)
         status, body = start_job(_project_id(data.get("project")))
         return JSONResponse(body, status_code=status)
 
     async def train_status(request: Request) -> JSONResponse:
-        finish_job()
+        # In a thread: collecting an ended job hands its model to the service, which loads it (the lock may
+        # also be held by the job's watcher doing so); the event loop stays free for /health.
+        await asyncio.to_thread(finish_job)
         return JSONResponse(job.status())
 
     app = Starlette(routes=[

@@ -333,7 +333,7 @@ class AgmmSegmenter:
             return await anyio.to_thread.run_sync(_labels, result.tiles)
 
         try:
-            self._check_budget([(name, transforms.ImageHeader("RGB", image.shape[1], image.shape[0], "RGB", 8, 3))
+            self._check_budget([(name, transforms.ImageHeader("decoded", image.shape[1], image.shape[0], "RGB", 8, 3))
                                 for name, image in zip(names, images)], "this Label Studio request")
             tasks = [asyncio.ensure_future(one(name, image)) for name, image in zip(names, images)]
             try:
