@@ -29,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import logging
 import json
+import logging
 import math
 import threading
 import time
@@ -251,7 +251,7 @@ class AgmmSegmenter:
             raise Refusal(413, f"{err} (AGMM_MAX_REQUEST_PIXELS, AGMM_MAX_DECODED_BYTES, reported by /info)") from None
 
     def _price_request(self, images: list[tuple[str, bytes]]) -> None:
-        """Prices a request of one image (or a Label Studio batch) as a whole: each header, then the budget."""
+        """Prices a request's images (/segment and friends: one) as a whole: each header, then the budget."""
         self._check_budget([(name, self._price(data, name)) for name, data in images], "the request")
 
     def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, "Tiles"]:  # noqa: F821
