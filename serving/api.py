@@ -14,9 +14,15 @@ route              method    body                                        answer
 /info              GET/POST  none                                        JSON: model, batching, settings
 /livez, /readyz    GET       none                                        BentoML's health checks
 /metrics           GET       none                                        Prometheus text
+/label-studio/*    GET/POST  Label Studio's ML backend JSON              the ML backend protocol (health, setup,
+                                                                         predict, webhook, train)
 =================  ========  ==========================================  ====================================
 
-Every refusal is JSON {"error": "<sentence>"} with its status (400, 408, 413, 415, 500, 503 + Retry-After).
+The /label-studio routes are serving/label_studio.py's, mounted by the service; the door passes them through
+(the backend reads its bodies up to its own limit) and they are listed here for the document.
+
+Every refusal is JSON {"error": "<sentence>"} with its status (400, 408, 413, 415, 500, 503 + Retry-After;
+the Label Studio routes also 409, 422 and 504).
 """
 
 from __future__ import annotations
@@ -72,12 +78,14 @@ class Route:
     Attributes:
         path, methods: where it answers (GET of a POST route reaches it as the same POST: /info).
         summary: one line for the document.
-        body: what the door reads: multipart | json | none (no body is read; one sent anyway is not read).
+        body: what the door reads: multipart | json | none (no body is read; one sent anyway is not read) |
+            label-studio (Label Studio's JSON, read by the backend itself, not the door).
         fields: the multipart fields (``image`` the file, others text).
         answer: the 200 content type; ``answer_schema`` its JSON schema name (see ``openapi_document``).
         refusals: the statuses answered with {"error": ...} besides 200.
         owner: door (a body the door reads, then the endpoint) | service (an endpoint without a body) |
-            bentoml (BentoML's own route, passed through).
+            bentoml (BentoML's own route, passed through) | label-studio (the mounted ML backend, passed
+            through).
     """
 
     path: str
@@ -99,6 +107,8 @@ ALPHA = FormField("alpha", "text", False, "the weight of the class colours in th
                   "colours)", (("type", "number"), ("minimum", 0), ("maximum", 1), ("default", 0.5)))
 IMAGE_REFUSALS = (400, 408, 413, 415, 500, 503)
 
+LABEL_STUDIO = "/label-studio"  # where the service mounts serving/label_studio.py
+
 ROUTES: tuple[Route, ...] = (
     Route("/segment", ("POST",), "The label map as a palette PNG at the image's size (pixel value = class id)",
           body="multipart", fields=(IMAGE,), answer="image/png", refusals=IMAGE_REFUSALS),
@@ -116,17 +126,39 @@ ROUTES: tuple[Route, ...] = (
           answer="text/plain", refusals=(503,), owner="bentoml"),
     Route("/metrics", ("GET",), "Prometheus metrics (agmm_batch_inputs: model inputs per batch; BentoML's request "
           "metrics)", answer="text/plain", owner="bentoml"),
+    Route(f"{LABEL_STUDIO}/health", ("GET",), "Label Studio ML backend: {status: UP, model_class, model_version}, "
+          "never waiting on a batch", answer_schema="LabelStudio", owner="label-studio"),
+    Route(f"{LABEL_STUDIO}/setup", ("POST",), "Label Studio ML backend: the project's label config -> "
+          "{model_version}; labels the model lacks are a 422 sentence", body="label-studio",
+          answer_schema="LabelStudio", refusals=(400, 413, 422), owner="label-studio"),
+    Route(f"{LABEL_STUDIO}/predict", ("POST",), "Label Studio ML backend: tasks -> one brush (or polygon) "
+          "prediction per task, masks as /segment's, images only from LABEL_STUDIO_URL or the local-files root",
+          body="label-studio", answer_schema="LabelStudio", refusals=(400, 413, 422, 500, 503, 504),
+          owner="label-studio"),
+    Route(f"{LABEL_STUDIO}/webhook", ("POST",), "Label Studio webhook: START_TRAINING (and every "
+          "AGMM_LS_TRAIN_EVERY annotations) starts a training job; other events are acknowledged",
+          body="label-studio", answer_schema="LabelStudio", refusals=(400, 409, 413, 422), owner="label-studio"),
+    Route(f"{LABEL_STUDIO}/train", ("GET", "POST"), "The training job: GET its status, POST (older Label Studio "
+          "versions) starts one", body="label-studio", answer_schema="LabelStudio", refusals=(400, 409, 413, 422),
+          owner="label-studio"),
 )
 ROUTES_BY_PATH = {route.path: route for route in ROUTES}
+PASSED_THROUGH = ("bentoml", "label-studio")  # owners whose requests the door hands on unread
 
 REFUSAL_MEANINGS = {
     400: "the body or the image is malformed, or a field is missing or unknown; the sentence says which",
     408: "the request body did not arrive within AGMM_READ_TIMEOUT_S (or its headers within AGMM_HEADER_TIMEOUT_S)",
-    413: "over a limit: body bytes, images per batch, or model inputs per image (reported by /info)",
+    413: "over a limit, priced from the images' headers before any is decoded: body bytes, images per batch, "
+         "model inputs per image, or the request's pixels and decoded bytes together (AGMM_MAX_REQUEST_PIXELS, "
+         "AGMM_MAX_DECODED_BYTES; all reported by /info)",
     415: "the wrong Content-Type: multipart/form-data for the image routes, application/json for /segment_batch",
+    409: "a training job is running; one runs at a time",
+    422: "Label Studio's request cannot be served: labels the model lacks, an image URL outside LABEL_STUDIO_URL, "
+         "an image over a limit; the sentence says which",
     500: "the model failed on the batch that held this image",
     503: "the server is busy: the work ahead would outlast AGMM_MAX_LATENCY_MS (or every connection of the worker "
          "is answering a request, AGMM_MAX_CONNECTIONS); retry after Retry-After seconds",
+    504: "a task's image did not arrive from Label Studio in time",
 }
 
 
@@ -143,7 +175,8 @@ def describe_routes() -> str:
     for route in ROUTES:
         if route.owner == "bentoml":
             continue
-        body = {"multipart": " (multipart field 'image')", "json": " (JSON)", "none": ""}[route.body]
+        body = {"multipart": " (multipart field 'image')", "json": " (JSON)", "none": "",
+                "label-studio": " (Label Studio's JSON)"}[route.body]
         parts.append(f"{' or '.join(route.methods)} {route.path}{body}")
     return ", ".join(parts)
 
@@ -166,6 +199,7 @@ def _info_schema() -> dict[str, Any]:
         "max_batch_size": {"type": "integer"}, "max_latency_ms": {"type": "integer"},
         "max_upload_bytes": {"type": "integer"}, "max_pixels": {"type": "integer"},
         "max_inputs": {"type": "integer"}, "max_batch_images": {"type": "integer"},
+        "max_request_pixels": {"type": "integer"}, "max_decoded_bytes": {"type": "integer"},
         "admission": {"type": "object", "description": "how requests are admitted to the batcher"},
         "connections": {"type": "object", "description": "the header deadline, the connection cap and what they "
                         "closed in this worker"},
@@ -191,6 +225,9 @@ def _request_body(route: Route, settings: ServeSettings) -> dict[str, Any] | Non
                                  "description": "base64 of an image file (JPEG, PNG, WebP, TIFF, ...)"}}}}
         return {"required": True, "description": f"at most {limit} bytes",
                 "content": {"application/json": {"schema": schema}}}
+    if route.body == "label-studio":
+        return {"required": True, "description": "Label Studio's ML backend request, as Label Studio sends it",
+                "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}}}
     return None
 
 
@@ -236,6 +273,8 @@ def openapi_document(settings: ServeSettings, version: str = "0.1.0") -> dict[st
         "ImageResult": ImageResult.model_json_schema(),
         "ImageResults": {"type": "array", "items": {"$ref": "#/components/schemas/ImageResult"}},
         "Info": _info_schema(),
+        "LabelStudio": {"type": "object", "additionalProperties": True,
+                        "description": "Label Studio's ML backend protocol answer"},
     }
     return {
         "openapi": "3.0.3",
@@ -243,6 +282,7 @@ def openapi_document(settings: ServeSettings, version: str = "0.1.0") -> dict[st
             "DeepLabV3+ trained with the AGMM loss on sparse labels. Limits: "
             f"{settings.max_upload_bytes} bytes and {settings.max_pixels} pixels per image, "
             f"{settings.max_inputs} model inputs per image, {settings.max_batch_images} images per /segment_batch, "
+            f"{settings.max_request_pixels} pixels and {settings.max_decoded_bytes} decoded bytes per request, "
             f"bodies within {settings.read_timeout_s:g} s. Every refusal is JSON {{\"error\": \"a sentence\"}}: what was received and what is expected.")},
         "paths": paths,
         "components": {"schemas": _openapi_30(schemas)},

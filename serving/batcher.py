@@ -146,6 +146,13 @@ class Batcher:
         """One image's model outputs, all added; cancelling the awaiting task drops its queued work."""
         return await asyncio.wrap_future(self.submit(tiles, request))
 
+    def replace_run_batch(self, run_batch: Callable[[Slices], int]) -> None:
+        """Runs every batch from the next one on with ``run_batch`` (a new model); the batch running now, if
+        any, finishes with the old one. Queued work is kept: its inputs must fit the new model (the caller
+        checks the input size and normalisation)."""
+        with self._cond:
+            self.run_batch = run_batch
+
     def queued_inputs(self) -> int:
         with self._cond:
             return self._queued_inputs
@@ -172,8 +179,9 @@ class Batcher:
                         break
                     self._cond.wait(left)
                 slices = self._take()
+                run_batch = self.run_batch  # taken with the batch: a new model starts at a batch boundary
             if slices:
-                self._run(slices)
+                self._run(slices, run_batch)
 
     def _take(self) -> Slices:
         """Up to max_batch_size inputs, round-robin over the queued images (one input each per turn, earlier
@@ -211,12 +219,12 @@ class Batcher:
         self._queue.remove(job)
         self._queued_inputs -= job.remaining
 
-    def _run(self, slices: list[tuple[_Job, int, int]]) -> None:
+    def _run(self, slices: list[tuple[_Job, int, int]], run_batch: Callable[[Slices], int]) -> None:
         start = time.perf_counter()
         jobs = list(dict.fromkeys(job for job, _, _ in slices))
         try:
             with torch.inference_mode():
-                count = self.run_batch([(job.tiles, a, b) for job, a, b in slices])
+                count = run_batch([(job.tiles, a, b) for job, a, b in slices])
         except Exception as err:  # the model failed: every job in the batch gets the error, the worker goes on
             logger.exception("the model failed on a batch of %d inputs", sum(b - a for _, a, b in slices))
             for job in jobs:

@@ -8,6 +8,7 @@ It follows the API table (serving/api.py): for each route, which body it takes, 
 - 400 when the multipart body is malformed, lacks exactly one file upload named ``image``, or carries other
   fields; or the JSON of /segment_batch is not {"images": [...]}.
 - 499 (the nginx convention, for the log; nobody receives it) when the client leaves before its body came.
+- The mounted Label Studio backend's routes (/label-studio/...) and BentoML's own are passed through unread.
 - The API's documents: /docs.json (the OpenAPI document of the table), /docs (Swagger UI, from the assets
   BentoML ships in its package: no CDN), / (to /docs) and BentoML's /schema.json; AGMM_API_DOCS=0 closes all of
   them (404). BentoML's own OpenAPI document never goes out: it describes BentoML's body parsing, replaced here.
@@ -32,7 +33,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from serving.api import ROUTES_BY_PATH, Route, body_limit, describe_routes, openapi_document
+from serving.api import PASSED_THROUGH, ROUTES_BY_PATH, Route, body_limit, describe_routes, openapi_document
 from serving.settings import ServeSettings
 
 # BentoML configures the "bentoml" logger tree in its workers and disables loggers it does not know.
@@ -120,7 +121,7 @@ class RequestDoor:
                 await answer(scope, receive, send)
                 return
         route = ROUTES_BY_PATH.get(path)
-        if route is None or route.owner == "bentoml" or scope["method"] not in route.methods:
+        if route is None or route.owner in PASSED_THROUGH or scope["method"] not in route.methods:
             await self.app(scope, receive, send)
             return
         if route.body == "none":

@@ -63,7 +63,8 @@ from agmm_deploy.labels.loop import READY_FILE
 from agmm_deploy.labels.rasterize import label_regions
 from agmm_deploy.transforms import ImageDecodeError, decode_image
 
-logger = logging.getLogger("agmm.label_studio")
+# Under "bentoml": BentoML configures that logger tree in its workers and disables loggers it does not know.
+logger = logging.getLogger("bentoml.agmm_deploy.label_studio")
 
 Segment = Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]]
 MODEL_CLASS = "AgmmSegmenter"
@@ -159,10 +160,14 @@ class TrainingJob:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "process"}
 
 
-class _Refused(Exception):
+class Refused(Exception):
+    """A request answered with ``status`` and {"status": "ERROR", "error": message}; ``segment`` and ``price``
+    raise it for an image over the service's limits."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
 
 
 def _project_id(value: Any) -> int | None:
@@ -218,7 +223,8 @@ def deferred_app(build: Callable[[], Any]):
 
 def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: str | Callable[[], str],
                      settings: LabelStudioSettings,
-                     on_new_model: Callable[[Path, str], None] | None = None):
+                     on_new_model: Callable[[Path, str], None] | None = None,
+                     price: Callable[[bytes, str], Any] | None = None):
     """The ML backend as a Starlette app (see the module docstring for its routes and how to mount it).
 
     Args:
@@ -229,6 +235,9 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
         settings: LabelStudioSettings.
         on_new_model: called with (model path, model_version) when a training job wrote a model whose parity
             passed; the service swaps to it.
+        price: called with (image bytes, name) before each image is decoded, in the fetching thread: the
+            service's per-image checks from the header (pixels, decoded bytes, scans, model inputs); raises
+            Refused to refuse the task.
     Returns:
         The ASGI app; ``app.state.job`` is the TrainingJob (its ``status()`` for /info).
     """
@@ -253,15 +262,15 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
         async for chunk in request.stream():  # read up to the limit, never the whole of a larger body
             size += len(chunk)
             if size > limit:
-                raise _Refused(413, f"the request body is over {limit} bytes, the limit; send fewer tasks at once")
+                raise Refused(413, f"the request body is over {limit} bytes, the limit; send fewer tasks at once")
             chunks.append(chunk)
         body = b"".join(chunks)
         try:
             data = json.loads(body or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise _Refused(400, f"the request body is not JSON ({err}); expected Label Studio's ML backend request")
+            raise Refused(400, f"the request body is not JSON ({err}); expected Label Studio's ML backend request")
         if not isinstance(data, dict):
-            raise _Refused(400, f"the request body is a JSON {type(data).__name__}; expected an object")
+            raise Refused(400, f"the request body is a JSON {type(data).__name__}; expected an object")
         return data
 
     def control_for(label_config: Any) -> tuple[LabelControl, dict[str, int]]:
@@ -269,7 +278,7 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
             control = read_label_control(label_config)
             return control, match_labels(control, classes)
         except LabelsError as err:
-            raise _Refused(422, str(err)) from None
+            raise Refused(422, str(err)) from None
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "UP", "model_class": MODEL_CLASS, "model_version": version()})
@@ -278,12 +287,14 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
         try:
             data = await read_json(request)
             control_for(data.get("schema"))
-        except _Refused as err:
+        except Refused as err:
             return refused(err.status, err.message)
         return JSONResponse({"model_version": version()})
 
     def read_image(source: ImageSource, name: str) -> np.ndarray:
         data = read_source(source, settings.api_key, settings.max_image_bytes, settings.fetch_timeout_s)
+        if price is not None:
+            price(data, name)
         return decode_image(data, settings.max_pixels, name)
 
     async def fetch(task: dict, source: ImageSource) -> np.ndarray:
@@ -293,18 +304,18 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
                 # Reading and decoding run in a thread: the event loop stays free for /health and /setup.
                 return await asyncio.wait_for(asyncio.to_thread(read_image, source, name), settings.fetch_timeout_s * 2)
             except asyncio.TimeoutError:
-                raise _Refused(504, f"{name} did not arrive within {settings.fetch_timeout_s * 2:g} s") from None
+                raise Refused(504, f"{name} did not arrive within {settings.fetch_timeout_s * 2:g} s") from None
             except (LabelsError, ImageDecodeError) as err:
-                raise _Refused(422, f"{name}: {err}") from None
+                raise Refused(422, f"{name}: {err}") from None
 
     async def predict(request: Request) -> JSONResponse:
         try:
             data = await read_json(request)
             tasks = data.get("tasks")
             if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-                raise _Refused(400, "the request has no list of tasks; expected Label Studio's {\"tasks\": [...]}")
+                raise Refused(400, "the request has no list of tasks; expected Label Studio's {\"tasks\": [...]}")
             if len(tasks) > settings.max_tasks:
-                raise _Refused(413, f"the request holds {len(tasks)} tasks; this backend answers at most "
+                raise Refused(413, f"the request holds {len(tasks)} tasks; this backend answers at most "
                                     f"{settings.max_tasks} per request (AGMM_LS_MAX_TASKS) within Label Studio's "
                                     "100 s; set the ML backend's batch size in Label Studio to that or fewer")
             control, ids = control_for(data.get("label_config"))
@@ -314,7 +325,7 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
                 try:
                     resolved.append(image_source((task.get("data") or {}).get(control.value_key), sources))
                 except LabelsError as err:
-                    raise _Refused(422, f"task {task.get('id')}: {err}") from None
+                    raise Refused(422, f"task {task.get('id')}: {err}") from None
             results, current = [], version()
             for start in range(0, len(tasks), settings.batch_tasks):
                 part = slice(start, start + settings.batch_tasks)
@@ -323,7 +334,7 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
                 regions = await asyncio.to_thread(lambda: [brush_results(m, control, ids, settings.min_area)
                                                            for m in label_maps])
                 results += [{"result": r, "model_version": current} for r in regions]
-        except _Refused as err:
+        except Refused as err:
             return refused(err.status, err.message)
         return JSONResponse({"results": results, "model_version": current})
 
@@ -358,7 +369,7 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
             logger.error("label-studio: training of project %s failed: %s", job.project, job.reason)
 
     def start_job(project: int | None) -> tuple[int, dict]:
-        finish_job()
+        # The caller collected an ended job first, in a thread (collecting may load the new model).
         if job.state == "running":
             return 409, {"status": "ERROR", "error": f"a training job for project {job.project} is running since "
                          f"{time.strftime('%H:%M:%S', time.localtime(job.started))} (log {job.log}); one job runs "
@@ -400,15 +411,17 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
     async def webhook(request: Request) -> JSONResponse:
         try:
             data = await read_json(request)
-        except _Refused as err:
+        except Refused as err:
             return refused(err.status, err.message)
         action, project = data.get("action"), _project_id(data.get("project"))
         if action == "START_TRAINING":
+            await asyncio.to_thread(finish_job)
             status, body = start_job(project)
             return JSONResponse(body, status_code=status)
         if action in TRAIN_EVENTS and settings.train_every > 0 and project is not None:
             annotations_seen[project] = annotations_seen.get(project, 0) + 1
             if annotations_seen[project] % settings.train_every == 0:
+                await asyncio.to_thread(finish_job)
                 status, body = start_job(project)
                 return JSONResponse(body, status_code=status)
         return JSONResponse({"status": "acknowledged", "action": action})
@@ -416,13 +429,16 @@ def label_studio_app(segment: Segment, classes: tuple[str, ...], model_version: 
     async def train(request: Request) -> JSONResponse:
         try:
             data = await read_json(request)
-        except _Refused as err:
+        except Refused as err:
             return refused(err.status, err.message)
+        await asyncio.to_thread(finish_job)
         status, body = start_job(_project_id(data.get("project")))
         return JSONResponse(body, status_code=status)
 
     async def train_status(request: Request) -> JSONResponse:
-        finish_job()
+        # In a thread: collecting an ended job hands its model to the service, which loads it (the lock may
+        # also be held by the job's watcher doing so); the event loop stays free for /health.
+        await asyncio.to_thread(finish_job)
         return JSONResponse(job.status())
 
     app = Starlette(routes=[

@@ -10,9 +10,11 @@ The endpoints, their bodies and refusals are the API table (serving/api.py), ser
 The request path, in order:
 1. ``RequestDoor`` (serving/door.py, ASGI middleware before BentoML) reads and bounds the body and parses its
    fields (400/408/413/415); BentoML never parses a body here.
-2. The endpoint decodes the image in a thread pool (requests in parallel), prices it in model inputs (1
-   letterboxed canvas, or its sliding-window tiles) and refuses what is over the limits (400/413), so a bad
-   image never waits behind good work.
+2. The endpoint reads each image's header in a thread pool (requests in parallel), checks it against the
+   per-image limits (pixels, decoded bytes, frames, JPEG scans: agmm_deploy.decode), prices it in model inputs
+   (1 letterboxed canvas, or its sliding-window tiles, on its upright size) and the request as a whole
+   (AGMM_MAX_REQUEST_PIXELS, AGMM_MAX_DECODED_BYTES), refusing what is over (400/413) before any pixel is
+   decoded; then it decodes. A bad image never waits behind good work.
 3. The decoded uint8 image goes, as ``Tiles`` on the runner's device, to ``Batcher`` (serving/batcher.py), which
    runs the inputs of concurrent requests together, counting model inputs, and answers 503 with Retry-After
    when the queue would keep a request past ``max_latency_ms``. Pre-processing, the model and the gathering of
@@ -27,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -44,6 +48,8 @@ from serving.api import ClassFractions, ImageResult
 from serving import connections
 from serving.artifacts import ModelChoice, choose_model  # noqa: F401 (ModelChoice: for callers of choose_model)
 from serving.door import Refusal, RequestDoor
+from serving.label_studio import LabelStudioSettings, Refused, deferred_app, label_studio_app
+from serving.memory import start_release_thread
 from serving.settings import SettingsError, read_settings
 
 # BentoML configures the "bentoml" logger tree in its workers and disables loggers it does not know.
@@ -72,6 +78,13 @@ def _labels(tiles: "Tiles") -> np.ndarray:  # noqa: F821
         return tiles.labels().cpu().numpy()
 
 
+def _model_version(runner: "Runner") -> str:  # noqa: F821
+    """The served model's name for Label Studio and /info: the file's stem and the first 12 hex digits of the
+    checkpoint's sha256 from its metadata, when it says."""
+    sha = str(getattr(runner, "fields", None) and runner.fields.get("checkpoint_sha256") or "")
+    return f"{runner.path.stem}-{sha[:12]}" if sha else runner.path.stem
+
+
 def _fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """The share of the image's pixels per class (K,), summing to 1."""
     return np.bincount(labels.ravel(), minlength=num_classes) / labels.size
@@ -79,6 +92,10 @@ def _fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- the service
 
+# Label Studio's ML backend protocol under /label-studio (serving/label_studio.py): BentoML mounts ASGI apps on the
+# class, and the backend needs this instance's batcher, so it is built from the running instance on its first
+# request.
+@bentoml.asgi_app(deferred_app(lambda: bentoml.get_current_service().label_studio), path="/label-studio")
 @bentoml.service(
     name="agmm_segmenter",
     # One worker on CPU: ONNX Runtime already uses every core inside one batch; more workers would each
@@ -91,7 +108,16 @@ def _fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
     envs=[{"name": "MALLOC_ARENA_MAX", "value": "2"}],
 )
 class AgmmSegmenter:
-    """DeepLabV3+ trained with the AGMM loss; concurrent requests batched by model inputs (serving/batcher.py)."""
+    """DeepLabV3+ trained with the AGMM loss; concurrent requests batched by model inputs (serving/batcher.py).
+
+    A training job started from Label Studio (serving/label_studio.py) hands its model to ``swap_model`` once
+    its parity passed; the service answers with the old model until then and swaps between two batches. With
+    AGMM_WORKERS > 1 only the worker that ran the job is handed the model: every worker also polls the jobs'
+    folder (AGMM_LS_TRAIN_OUT) for a newer ``ready.json`` (written last, only when parity passed) every
+    JOB_POLL_S and swaps to it itself (``_follow_jobs``).
+    """
+
+    JOB_POLL_S = 5.0
 
     def __init__(self) -> None:
         import torch
@@ -122,6 +148,20 @@ class AgmmSegmenter:
             logger.info("other artifacts in %s, and the setting that serves each: %s", self.choice.folder,
                         "; ".join(self.choice.others) or "none")
         self.batcher = self._start_batcher()
+        # Freed request buffers back to the kernel every 10 s (reference cycles of refusals, glibc's heaps):
+        # without it a worker's memory stays at its peak after bursts (serving/memory.py says why; benchmarks/soak.py).
+        self.memory_release = start_release_thread()
+        self.model_version = _model_version(self.runner)
+        self.swap_error: str | None = None  # why the last new model was not taken, for /info
+        self._swapping = threading.Lock()
+        ls_settings = LabelStudioSettings.from_env()
+        self.label_studio = label_studio_app(self._segment_images, self.meta.classes, lambda: self.model_version,
+                                             ls_settings, on_new_model=self.swap_model,
+                                             price=self._price_task_image)
+        logger.info("serving model_version %s; Label Studio ML backend at /label-studio", self.model_version)
+        if SETTINGS.workers > 1:
+            threading.Thread(target=self._follow_jobs, args=(ls_settings.train_out,), name="agmm-follow-jobs",
+                             daemon=True).start()
 
     def _start_batcher(self) -> "Batcher":  # noqa: F821
         """Times a full batch before the first request, derives what was not set, and starts the batcher.
@@ -181,57 +221,203 @@ class AgmmSegmenter:
 
     # ---------------------------------------------------------------- the request path of one image
 
-    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, "Tiles"]:  # noqa: F821
-        """Bytes -> (uint8 RGB (H, W, 3), its Tiles on the runner's device); Refusal when over a limit.
+    def _price(self, data: bytes, name: str) -> transforms.ImageHeader:
+        """The image's header, checked against the per-image limits and priced in model inputs, before any pixel
+        is decoded; Refusal when over a limit (400 for the image itself, 413 for its cost).
 
-        Runs in a worker thread of the event loop, so requests decode in parallel and a bad image is refused
-        here, never queued.
+        The inputs are counted on ``header.upright_size``, the size decode_image returns (after EXIF rotation).
         """
-        from agmm_deploy.inference import image_tiles, input_count
+        from agmm_deploy.inference import input_count
 
         limit = SETTINGS.max_upload_bytes
         if len(data) > limit:
             raise Refusal(413, f"{name} is {len(data)} bytes; the limit is {limit} (AGMM_MAX_UPLOAD_BYTES)")
         try:
-            image = transforms.decode_image(data, max_pixels=SETTINGS.max_pixels, name=name)
+            header = transforms.read_image_header(data, name)
+            transforms.check_image_header(header, name, max_pixels=SETTINGS.max_pixels)
         except transforms.ImageDecodeError as err:
             raise Refusal(400, str(err)) from None
-        h, w = image.shape[:2]
+        w, h = header.upright_size
         th, tw = self.runner.input_size
         cost = input_count(h, w, (th, tw))
         if cost > SETTINGS.max_inputs:
             raise Refusal(413, f"{name} is {w}x{h} pixels, which the {tw}x{th} model covers with {cost} "
                                f"sliding-window tiles; the limit is {SETTINGS.max_inputs} model inputs per image "
                                "(AGMM_MAX_INPUTS, reported by /info). Downscale it or send it in parts.")
+        return header
+
+    @staticmethod
+    def _check_budget(headers: list[tuple[str, "transforms.ImageHeader"]], what: str) -> None:
+        """Refuses (413) a request whose images together are over the request's pixels or decoded bytes."""
+        try:
+            transforms.check_budget(headers, SETTINGS.max_request_pixels, SETTINGS.max_decoded_bytes, what)
+        except transforms.ImageDecodeError as err:
+            raise Refusal(413, f"{err} (AGMM_MAX_REQUEST_PIXELS, AGMM_MAX_DECODED_BYTES, reported by /info)") from None
+
+    def _price_request(self, images: list[tuple[str, bytes]]) -> None:
+        """Prices a request's images (/segment and friends: one) as a whole: each header, then the budget."""
+        self._check_budget([(name, self._price(data, name)) for name, data in images], "the request")
+
+    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, "Tiles"]:  # noqa: F821
+        """Priced bytes -> (uint8 RGB (H, W, 3), its Tiles on the runner's device); Refusal when not decodable.
+
+        Runs in a worker thread of the event loop, so requests decode in parallel.
+        """
+        from agmm_deploy.inference import image_tiles
+
+        try:
+            image = transforms.decode_image(data, max_pixels=SETTINGS.max_pixels, name=name)
+        except transforms.ImageDecodeError as err:
+            raise Refusal(400, str(err)) from None
         return image, image_tiles(self.runner, image, name=name)
 
     async def _segment(self, data: bytes, answer: Callable[[np.ndarray, np.ndarray], Any],
-                       name: str = "the image", request: object = None) -> tuple[Any, int]:
-        """Decode and check at the door, the model through the batcher, then the label map and ``answer`` in one
+                       name: str = "the image", request: object = None, priced: bool = False) -> tuple[Any, int]:
+        """Price and decode at the door, the model through the batcher, then the label map and ``answer`` in one
         worker thread.
 
         Args:
             answer: (image (H, W, 3) uint8, label map (H, W) uint8) -> what the endpoint sends (PNG bytes, ...).
             request: a key shared by the images of one request (the batcher never counts them against each
                 other); None: the image is the request.
+            priced: the request was already priced as a whole (/segment_batch); else the image is priced here,
+                as a request of its own, before it is decoded.
         Returns:
             ``answer``'s result and the model inputs of the batch that ran the image's last input; Refusal on any
             failure.
         """
-        from serving.batcher import Overloaded
+        def decode() -> tuple[np.ndarray, "Tiles"]:  # noqa: F821
+            if not priced:
+                self._price_request([(name, data)])
+            return self._decode(data, name)
 
-        image, tiles = await anyio.to_thread.run_sync(self._decode, data, name)
-        try:
-            result = await self.batcher.segment(tiles, request)
-        except Overloaded as err:
-            raise Refusal(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
-        except RuntimeError as err:  # the model failed; logged with its traceback by the batcher
-            raise Refusal(500, str(err)) from None
+        # One hop: pricing (a few ms at most, the header walks are bounded) and decoding in the same thread.
+        image, tiles = await anyio.to_thread.run_sync(decode)
+        result = await self._run(tiles, request)
         # Here, not in the batcher: the argmax of each image runs in its own request's thread (on the runner's
         # device), while the batcher's thread already runs the next batch; the answer is made in that same
         # thread, one hop instead of one for the argmax and another for the encoding.
         answered = await anyio.to_thread.run_sync(lambda: answer(image, _labels(result.tiles)))
         return answered, result.batch_size
+
+    async def _run(self, tiles: "Tiles", request: object) -> "Result":  # noqa: F821
+        """The image's inputs through the batcher; Refusal 503 (overloaded) or 500 (the model failed)."""
+        from serving.batcher import Overloaded
+
+        try:
+            return await self.batcher.segment(tiles, request)
+        except Overloaded as err:
+            raise Refusal(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
+        except RuntimeError as err:  # the model failed; logged with its traceback by the batcher
+            raise Refusal(500, str(err)) from None
+
+    def _price_task_image(self, data: bytes, name: str) -> None:
+        """Label Studio's ``price``: a task's image checked and priced from its header as /segment's, before the
+        backend decodes it."""
+        try:
+            self._price(data, name)
+        except Refusal as refusal:
+            raise Refused(refusal.status, refusal.message) from None
+
+    async def _segment_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Label Studio's ``segment``: uint8 RGB images (H, W, 3) -> label maps (H, W) uint8, as /segment makes them.
+
+        Each image was priced from its header by ``_price`` before the backend decoded it (the ``price`` hook);
+        here the images of the call are budgeted together as one request, then each goes through the batcher,
+        its label map taken in its own thread as in ``_segment``. Refused(status, sentence) when over a limit.
+        """
+        from agmm_deploy.inference import image_tiles
+
+        names = [f"task image {i}" for i in range(len(images))]
+        request = object()  # one request: its images never count against each other in the batcher
+
+        async def one(name: str, image: np.ndarray) -> np.ndarray:
+            tiles = await anyio.to_thread.run_sync(lambda: image_tiles(self.runner, image, name=name))
+            result = await self._run(tiles, request)
+            return await anyio.to_thread.run_sync(_labels, result.tiles)
+
+        try:
+            self._check_budget([(name, transforms.ImageHeader("decoded", image.shape[1], image.shape[0], "RGB", 8, 3))
+                                for name, image in zip(names, images)], "this Label Studio request")
+            tasks = [asyncio.ensure_future(one(name, image)) for name, image in zip(names, images)]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
+        except Refusal as refusal:
+            logger.info("/label-studio/predict refused with %d: %s", refusal.status, refusal.message)
+            raise Refused(refusal.status, refusal.message) from None
+
+    # ---------------------------------------------------------------- a new model from a training job
+
+    def swap_model(self, path: Path, version: str) -> None:
+        """Serves ``path`` as ``version`` from the next batch on (Label Studio's ``on_new_model``, in a thread).
+
+        The new runner is loaded fully and checked here (same classes, input size, normalisation and device as
+        the served one, so the queued images' tiles fit it; one input through it gives finite scores) while the
+        old one keeps serving; then the batcher takes it between two batches. Raises with the reason when the
+        model cannot be served: the old one stays, the job reports failed, /info says why.
+        """
+        from agmm_deploy.inference import run_slices
+
+        with self._swapping:
+            if version == self.model_version:
+                return  # already swapped (this worker's job, also seen by _follow_jobs)
+            try:
+                runner = self._load_checked(Path(path))
+            except Exception as err:
+                self.swap_error = f"{path} ({version}) was not served: {err}"
+                logger.error("new model refused, still serving %s: %s", self.model_version, self.swap_error)
+                raise
+            self.batcher.replace_run_batch(lambda slices: run_slices(runner.run, slices))
+            old, self.runner, self.model_version, self.swap_error = self.runner.path, runner, version, None
+            logger.info("now serving model_version %s (%s), after %s", version, runner.path, old)
+
+    def _load_checked(self, path: Path) -> "Runner":  # noqa: F821
+        import torch
+
+        from agmm_deploy.inference import Tiles, run_slices
+        from agmm_deploy.runtime import backend_for, load_runner
+
+        row = backend_for(path)
+        options = {"mem_pattern": False, "threads": SETTINGS.ort_threads or None}
+        kwargs = {name: value for name, value in options.items() if name in row.load_options and value is not None}
+        runner = load_runner(path, device=str(self.runner.device.type), **kwargs)
+        served = (self.meta.classes, tuple(self.runner.input_size), tuple(self.meta.mean), tuple(self.meta.std),
+                  self.runner.device)
+        new = (runner.meta.classes, tuple(runner.input_size), tuple(runner.meta.mean), tuple(runner.meta.std),
+               runner.device)
+        if new != served:
+            raise ValueError(f"it serves classes, input size, mean, std, device {new}; the served model has "
+                             f"{served}, which queued requests were priced for")
+        h, w = runner.input_size
+        tiles = Tiles(torch.full((3, h, w), 128, dtype=torch.uint8, device=runner.device), (h, w),
+                      runner.meta.num_classes, mean=runner.meta.mean, std=runner.meta.std)
+        with torch.inference_mode():
+            run_slices(runner.run, [(tiles, 0, tiles.count)])
+            if not torch.isfinite(tiles.scores()).all():
+                raise ValueError("its scores on a grey image are not finite")
+        return runner
+
+    def _follow_jobs(self, folder: Path) -> None:
+        """With several workers: swaps to the newest ``ready.json`` under ``folder`` written after this worker
+        started (a job's last file, only when its parity passed), whichever worker ran the job."""
+        from agmm_deploy.labels.loop import READY_FILE
+
+        started, tried = time.time(), set()
+        while True:
+            time.sleep(self.JOB_POLL_S)
+            try:
+                ready = max(folder.glob(f"*/{READY_FILE}"), key=lambda p: p.stat().st_mtime, default=None)
+                if ready is None or ready in tried or ready.stat().st_mtime < started:
+                    continue
+                tried.add(ready)
+                info = json.loads(ready.read_text())
+                self.swap_model(Path(info["model"]), info["model_version"])
+            except Exception:  # noqa: BLE001 (logged by swap_model, or an unreadable file: keep serving)
+                logger.exception("following the training jobs in %s", folder)
 
     def _png(self, image: np.ndarray, labels: np.ndarray) -> bytes:
         """The label map as a palette PNG (an ``answer`` of _segment)."""
@@ -274,18 +460,35 @@ class AgmmSegmenter:
     async def segment_batch(self, ctx: bentoml.Context) -> list[ImageResult]:
         """Segments base64-encoded images (JPEG/PNG/WebP/TIFF bytes) of any sizes; a bad image gets its error."""
 
-        async def one(index: int, text: str) -> ImageResult:
-            try:
-                data = base64.b64decode(text, validate=True)
-            except binascii.Error as err:
-                return ImageResult(error=f"image {index} is not valid base64 ({err})")
-            def answer(image: np.ndarray, labels: np.ndarray) -> ImageResult:
-                return ImageResult(height=labels.shape[0], width=labels.shape[1],
-                                   fractions=_fractions(labels, self.meta.num_classes).tolist(),
-                                   mask_png=base64.b64encode(self._png(image, labels)).decode("ascii"))
+        def answer(image: np.ndarray, labels: np.ndarray) -> ImageResult:
+            return ImageResult(height=labels.shape[0], width=labels.shape[1],
+                               fractions=_fractions(labels, self.meta.num_classes).tolist(),
+                               mask_png=base64.b64encode(self._png(image, labels)).decode("ascii"))
 
+        def price(texts: list[str]) -> tuple[dict[int, str], dict[int, bytes]]:
+            """Every image's header before any is decoded: (errors by index, bytes of the priced ones by index);
+            the priced ones together within the request's budget, else the request is refused (413)."""
+            errors, priced, headers = {}, {}, []
+            for index, text in enumerate(texts):
+                name = f"image {index}"
+                try:
+                    data = base64.b64decode(text, validate=True)
+                except binascii.Error as err:
+                    errors[index] = f"{name} is not valid base64 ({err})"
+                    continue
+                try:
+                    headers.append((name, self._price(data, name)))
+                except Refusal as refusal:
+                    errors[index] = refusal.message
+                    continue
+                priced[index] = data
+            self._check_budget(headers, "this segment_batch request")
+            return errors, priced
+
+        async def one(index: int, data: bytes) -> ImageResult:
             try:
-                result, batch_size = await self._segment(data, answer, name=f"image {index}", request=ctx)
+                result, batch_size = await self._segment(data, answer, name=f"image {index}", request=ctx,
+                                                         priced=True)
             except Refusal as refusal:
                 if refusal.status >= 500:
                     raise
@@ -293,13 +496,19 @@ class AgmmSegmenter:
             result.batch_size = batch_size
             return result
 
-        tasks = [asyncio.ensure_future(one(i, text)) for i, text in enumerate(ctx.request.state.agmm_upload.base64_images)]
+        texts = ctx.request.state.agmm_upload.base64_images
         try:
-            return list(await asyncio.gather(*tasks))
+            errors, priced = await anyio.to_thread.run_sync(price, texts)
+        except Refusal as refusal:  # over the request's budget: nothing of it was decoded
+            return refusal.response("/segment_batch", ctx)
+        tasks = {index: asyncio.ensure_future(one(index, data)) for index, data in priced.items()}
+        try:
+            done = dict(zip(tasks, await asyncio.gather(*tasks.values())))
         except Refusal as refusal:  # overloaded or the model failed: the whole request, with the sentence
-            for task in tasks:
+            for task in tasks.values():
                 task.cancel()  # their queued work is dropped, never run
             return refusal.response("/segment_batch", ctx)
+        return [done[index] if index in done else ImageResult(error=errors[index]) for index in range(len(texts))]
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
@@ -320,6 +529,7 @@ class AgmmSegmenter:
             "precision_used": self.runner.precision_used(),  # what the runtime computes in, e.g. fp32,tf32=on
             "device": str(self.runner.device),
             "model": self.runner.path.name,
+            "model_version": self.model_version,
             "model_folder": None if self.choice.folder is None else str(self.choice.folder),
             "chosen_by": self.choice.chosen_by,
             "other_artifacts": list(self.choice.others),
@@ -330,10 +540,14 @@ class AgmmSegmenter:
             "max_pixels": SETTINGS.max_pixels,
             "max_inputs": SETTINGS.max_inputs,
             "max_batch_images": SETTINGS.max_batch_images,
+            "max_request_pixels": SETTINGS.max_request_pixels,
+            "max_decoded_bytes": SETTINGS.max_decoded_bytes,
             "read_timeout_s": SETTINGS.read_timeout_s,
             "admission": ADMISSION,
             "connections": connections.connection_counts(),
             "settings": SETTINGS.by_variable(),
+            # The Label Studio backend's training job (state, reason of a failure) and why a new model was refused.
+            "training": {**self.label_studio.state.job.status(), "swap_error": self.swap_error},
         }
 
 

@@ -68,7 +68,8 @@ def _setting(env: str, default: Any, kind: Kind, meaning: str) -> Any:
 class ServeSettings:
     """Every setting of the service; each field names its variable, its parser and its meaning (SETTINGS_TABLE).
 
-    None for a batching setting means: derived from the device and the warm-up at start (serving/service.py).
+    None for a batching setting means: derived from the device and the warm-up at start (serving/service.py);
+    for the request budget (max_request_pixels, max_decoded_bytes): derived from max_pixels when made.
     """
 
     # Which model: a file or an agmm-export folder, or a BentoML store entry; within a folder, which artifact.
@@ -95,6 +96,13 @@ class ServeSettings:
     max_inputs: int = _setting("AGMM_MAX_INPUTS", 32, COUNT, "model inputs one image may cost (1 letterboxed "
                                "canvas, or its sliding-window tiles)")
     max_batch_images: int = _setting("AGMM_MAX_BATCH_IMAGES", 16, COUNT, "images per /segment_batch request")
+    # A request's images priced together from their headers, before any is decoded: 16 copies of a 19 KB 16-bit
+    # 4096x2048 PNG are each within the per-image limits, and 134 Mpx (268 MB of samples) together.
+    max_request_pixels: int | None = _setting("AGMM_MAX_REQUEST_PIXELS", None, COUNT, "pixels of all the images "
+                                              "of one request together (derived: 4 x AGMM_MAX_PIXELS)")
+    max_decoded_bytes: int | None = _setting("AGMM_MAX_DECODED_BYTES", None, COUNT, "bytes of decoded samples of "
+                                             "all the images of one request together, at their files' depth "
+                                             "(derived: 4 bytes per pixel of AGMM_MAX_REQUEST_PIXELS)")
     read_timeout_s: float = _setting("AGMM_READ_TIMEOUT_S", 30.0, SECONDS, "seconds for a whole request body to "
                                      "arrive (408 after)")
     # Connections, per worker (serving/connections.py).
@@ -116,6 +124,14 @@ class ServeSettings:
                               "(/docs) and BentoML's /schema.json; 0 closes all three (404)")
     extra_backends: str = _setting(EXTRA_BACKENDS_ENV, "", TEXT, "plug-in rows of the runtime table, "
                                    "module:ATTRIBUTE, comma-separated (read by agmm_deploy.runtime)")
+
+    def __post_init__(self) -> None:
+        # The request budget follows the per-image limit unless set: derived once here, so /info, the log and
+        # the refusals all show the number in force (the docs' table says "derived").
+        if self.max_request_pixels is None:
+            object.__setattr__(self, "max_request_pixels", 4 * self.max_pixels)
+        if self.max_decoded_bytes is None:
+            object.__setattr__(self, "max_decoded_bytes", 4 * self.max_request_pixels)
 
     def by_variable(self) -> dict[str, Any]:
         """{variable: value} of every setting, what /info reports and the start-up log line shows."""

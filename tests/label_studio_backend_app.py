@@ -1,5 +1,6 @@
 """The Label Studio sub-app standalone, with a real runner behind ``segment``: what the tests and the capturing
-script run under uvicorn, until the service mounts it.
+script run under uvicorn (the service mounts the same backend at /label-studio, tested against a real
+`bentoml serve` in test_label_studio_backend.py; this app also records requests for capturing fixtures).
 
     AGMM_MODEL=tiny.onnx LABEL_STUDIO_URL=http://127.0.0.1:8080 LABEL_STUDIO_API_KEY=... \\
         uvicorn --factory label_studio_backend_app:create_app --host 127.0.0.1 --port 9090   # tests/ on the path

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -21,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from agmm_deploy.contract import ModelMeta
 from agmm_deploy.export.onnx import export_onnx
@@ -270,29 +274,97 @@ def test_a_wrong_api_key_is_named(tiny_model, label_studio, tmp_path):
         stop(process)
 
 
-def test_the_mounting_instructions_work_under_bentoml_serve(tiny_model, label_studio, served_masks, tmp_path):
-    """tests/label_studio_bento_service.py mounts the backend as the module docstring tells serving/service.py to."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGMM_", "LABEL_STUDIO_"))}
-    env.update(AGMM_MODEL=str(tiny_model), LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=API_KEY,
-               BENTOML_HOME=str(tmp_path / "bentoml"), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+def start_service(model: Path, tmp: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """A real `bentoml serve` of serving/service.py (which mounts the backend at /label-studio); (process, base URL
+    of the service)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGMM_", "LABEL_STUDIO_"))}
+    environ.update(AGMM_MODEL=str(model), AGMM_LS_TRAIN_OUT=str(tmp / "rounds"), BENTOML_HOME=str(tmp / "bentoml"),
+                   PYTHONPATH=str(ROOT), **env)
     port = free_port()
-    process = start_server(port, tmp_path / "serve.log", env, bento="label_studio_bento_service:MountedSegmenter")
-    try:
-        url = f"http://127.0.0.1:{port}/label-studio"
-        assert requests.get(f"{url}/health", timeout=1).json()["model_version"] == "mounted-0"
-        assert requests.post(f"{url}/setup", json=captured("setup.json"), timeout=3).json() == {
-            "model_version": "mounted-0"}
-        body = captured("predict.json")
-        results = requests.post(f"{url}/predict", json=body, timeout=100).json()["results"]
-        for task, prediction in zip(body["tasks"], results):
-            mask = served_masks[task["id"]]
-            for result in prediction["result"]:
-                decoded = decode_rle(result["value"]["rle"], mask.shape[1], mask.shape[0])
-                assert (decoded == (mask == CLASSES.index(result["value"]["brushlabels"][0]))).all()
-        info = requests.post(f"http://127.0.0.1:{port}/info", json={}, timeout=5).json()
-        assert info["training"]["state"] == "idle"
-    finally:
-        stop_server(process)
+    return start_server(port, tmp / "serve.log", environ), f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, label_studio, tmp_path_factory):
+    """The base URL of the real service, Label Studio's backend mounted at /label-studio."""
+    tmp = tmp_path_factory.mktemp("service")
+    (tmp / "local").mkdir()
+    process, url = start_service(tiny_model, tmp, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=API_KEY,
+                                 AGMM_LS_LOCAL_FILES_ROOT=str(tmp / "local"))
+    _LOCAL_ROOTS[url] = tmp / "local"
+    yield url
+    stop_server(process)
+
+
+_LOCAL_ROOTS: dict[str, Path] = {}
+
+
+def service_files(url: str) -> Path:
+    """The local-files root of the service at ``url`` (task images at /data/local-files/?d=NAME)."""
+    return _LOCAL_ROOTS[url]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims width x height (a decompression bomb)."""
+    png = bytearray(_png(np.zeros((8, 8, 3), np.uint8)))
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def test_the_service_answers_health_and_setup_under_label_studio(service):
+    version = requests.post(f"{service}/info", json={}, timeout=5).json()["model_version"]
+    assert version.startswith("tiny")
+    started = time.perf_counter()
+    assert requests.get(f"{service}/label-studio/health", timeout=1).json() == {
+        "status": "UP", "model_class": "AgmmSegmenter", "model_version": version}
+    assert time.perf_counter() - started < 1
+    assert requests.post(f"{service}/label-studio/setup", json=captured("setup.json"), timeout=3).json() == {
+        "model_version": version}
+    body = captured("setup.json")
+    body["schema"] = body["schema"].replace('"disk"', '"cat"')
+    refused(requests.post(f"{service}/label-studio/setup", json=body, timeout=3), 422, "'cat'")
+
+
+def test_the_service_predicts_the_captured_tasks_as_its_own_segment_masks(service, label_studio, served_masks):
+    """Predicted RLE (decoded here) equals /segment's mask of the same image file, and the runner's own."""
+    body = captured("predict.json")
+    response = requests.post(f"{service}/label-studio/predict", json=body, timeout=100)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(body["tasks"])
+    info = requests.post(f"{service}/info", json={}, timeout=5).json()
+    assert info["training"]["state"] == "idle"
+    for task, prediction in zip(body["tasks"], results):
+        data = (DATA / "images" / image_name(task["data"]["image"])).read_bytes()
+        segmented = requests.post(f"{service}/segment", files={"image": ("x.png", data)}, timeout=60)
+        assert segmented.status_code == 200, segmented.text
+        mask = np.asarray(Image.open(io.BytesIO(segmented.content)))
+        assert (mask == served_masks[task["id"]]).all()
+        assert prediction["model_version"] == info["model_version"]
+        assert {r["value"]["brushlabels"][0] for r in prediction["result"]} == {CLASSES[c] for c in np.unique(mask)}
+        for result in prediction["result"]:
+            decoded = decode_rle(result["value"]["rle"], mask.shape[1], mask.shape[0])
+            assert (decoded == (mask == CLASSES.index(result["value"]["brushlabels"][0]))).all()
+
+
+@pytest.mark.parametrize("name, image, status, sentence", [
+    ("thin.png", lambda: _png(np.zeros((1, 100_000, 3), np.uint8)), 413, "the limit is 32 model inputs per image"),
+    ("bomb.png", lambda: _png_claiming(30_000, 30_000), 400, "decompression bomb"),
+])
+def test_the_service_prices_a_task_image_from_its_header_as_segment_does(service, name, image, status, sentence):
+    """A task image over the service's limits is refused with /segment's sentence, priced before decoding."""
+    (service_files(service) / name).write_bytes(image())
+    body = copy.deepcopy(captured("predict.json"))
+    body["tasks"] = body["tasks"][:1]
+    body["tasks"][0]["data"]["image"] = f"/data/local-files/?d={name}"
+    refused(requests.post(f"{service}/label-studio/predict", json=body, timeout=10), status, sentence)
 
 
 def test_other_webhook_events_are_acknowledged_without_a_job(backend):
@@ -366,12 +438,24 @@ def wait_for_job(url: str, timeout_s: float, while_running=lambda: None) -> dict
     raise AssertionError(f"the job still runs after {timeout_s} s")
 
 
+def start_either(kind: str, model: Path, tmp: Path, **env: str) -> tuple[str, str | None, object]:
+    """The backend standalone (under uvicorn) or mounted in the real service; (backend URL, service URL or None,
+    a function that stops it)."""
+    if kind == "standalone":
+        process, url = start_backend(model, tmp, **env)
+        return url, None, lambda: stop(process)
+    process, url = start_service(model, tmp, **env)
+    return f"{url}/label-studio", url, lambda: stop_server(process)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["standalone", "service"])
 def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_requests_keep_succeeding(
-        tiny_model, label_studio, tmp_path):
-    process, url = start_backend(tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
-                                 LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_ARGS=FAST_TRAINING)
+        tiny_model, label_studio, tmp_path, kind):
+    url, service, stop_it = start_either(kind, tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
+                                         LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_ARGS=FAST_TRAINING)
     try:
+        old = requests.get(f"{url}/health", timeout=1).json()["model_version"]
         started = requests.post(f"{url}/webhook", json=captured("webhook_start_training.json"), timeout=3)
         assert started.status_code == 201 and started.json()["job"]["project"] == PROJECT
         second = requests.post(f"{url}/train", json={"project": f"{PROJECT}.1796171985"}, timeout=3)
@@ -388,7 +472,7 @@ def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_req
 
         status = wait_for_job(url, 600, still_serving)
         assert status["state"] == "finished", (status, Path(status["log"]).read_text()[-3000:])
-        assert versions and versions[0] == "tiny-0"
+        assert versions and versions[0] == old
         new = requests.get(f"{url}/health", timeout=1).json()["model_version"]
         assert new == status["model_version"] and new.startswith(f"project{PROJECT}-")
         predicted = requests.post(f"{url}/predict", json=captured("predict.json"), timeout=100).json()
@@ -396,26 +480,37 @@ def test_start_training_runs_one_job_and_the_new_model_serves_after_it_while_req
         log = Path(status["log"]).read_text()
         assert "step" in log and "parity PASSED" in log
         assert any(p.startswith(f"/api/projects/{PROJECT}/export") for p, _ in label_studio.requests)
+        if service is not None:  # /info and the log name the new model; /segment serves it too
+            info = requests.post(f"{service}/info", json={}, timeout=5).json()
+            assert info["model_version"] == new and info["training"]["state"] == "finished"
+            assert f"now serving model_version {new}" in (tmp_path / "serve.log").read_text(errors="replace")
     finally:
-        stop(process)
+        stop_it()
 
 
+@pytest.mark.parametrize("kind", ["standalone", "service"])
 def test_every_second_annotation_starts_a_job_and_a_failing_job_leaves_the_old_model_serving(
-        tiny_model, label_studio, tmp_path):
-    process, url = start_backend(tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
-                                 LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_EVERY="2",
-                                 AGMM_LS_TRAIN_ARGS="--backbone no-such-net")
+        tiny_model, label_studio, tmp_path, kind):
+    url, service, stop_it = start_either(kind, tiny_model, tmp_path, LABEL_STUDIO_URL=label_studio.url,
+                                         LABEL_STUDIO_API_KEY=API_KEY, AGMM_LS_TRAIN_EVERY="2",
+                                         AGMM_LS_TRAIN_ARGS="--backbone no-such-net")
     try:
+        old = requests.get(f"{url}/health", timeout=1).json()["model_version"]
         annotated = captured("webhook_annotation_created.json")
         assert requests.post(f"{url}/webhook", json=annotated, timeout=3).json()["status"] == "acknowledged"
         assert requests.post(f"{url}/webhook", json=annotated, timeout=3).status_code == 201
         status = wait_for_job(url, 300)
         assert status["state"] == "failed" and "exited with code" in status["reason"]
         assert "--backbone" in Path(status["log"]).read_text()
-        assert requests.get(f"{url}/health", timeout=1).json()["model_version"] == "tiny-0"
+        assert requests.get(f"{url}/health", timeout=1).json()["model_version"] == old
         assert requests.post(f"{url}/predict", json=captured("predict.json"), timeout=100).status_code == 200
+        if service is not None:  # the reason in /info and in the service's log
+            info = requests.post(f"{service}/info", json={}, timeout=5).json()
+            assert info["model_version"] == old and info["training"]["state"] == "failed"
+            assert "exited with code" in info["training"]["reason"]
+            assert "failed: the job exited with code" in (tmp_path / "serve.log").read_text(errors="replace")
         # after a failure the next request starts a new job (here the /train of older Label Studio versions)
         assert requests.post(f"{url}/train", json={"project": PROJECT}, timeout=3).status_code == 201
         assert wait_for_job(url, 300)["state"] == "failed"
     finally:
-        stop(process)
+        stop_it()

@@ -732,6 +732,8 @@ def test_a_request_built_from_the_document_succeeds_for_every_operation(server):
     components = document["components"]["schemas"]
     image = _encode(_rgb(30, 40, seed=11), "PNG")
     for path, operations in document["paths"].items():
+        if path.startswith("/label-studio/"):
+            continue  # Label Studio's bodies, served against a stand-in Label Studio in test_label_studio_backend
         for method, operation in operations.items():
             kwargs = {}
             if "requestBody" in operation:
@@ -827,10 +829,14 @@ def test_settings_are_one_frozen_object_with_a_row_per_variable():
     variables = [row[0] for row in SETTINGS_TABLE]
     assert len(variables) == len(set(variables)) == len(dataclasses.fields(ServeSettings))
     assert set(settings.by_variable()) == set(variables)
-    # Every AGMM_* variable serving/ mentions is a row of the table.
-    mentioned = set(re.findall(r"\bAGMM_[A-Z0-9_]+[A-Z0-9]", "".join(
-        p.read_text() for p in (ROOT / "serving").glob("*.py"))))
-    assert mentioned <= set(variables), mentioned - set(variables)
+    # Every AGMM_* variable serving/ mentions is a row of the table, but the Label Studio backend's AGMM_LS_*,
+    # which LabelStudioSettings.from_env reads (and /info reports under "training").
+    text = "".join(p.read_text() for p in (ROOT / "serving").glob("*.py"))
+    mentioned = set(re.findall(r"\bAGMM_[A-Z0-9_]+[A-Z0-9]", text))
+    backend = {name for name in mentioned if name.startswith("AGMM_LS_")}
+    assert mentioned - backend <= set(variables), mentioned - backend - set(variables)
+    from_env = (ROOT / "serving" / "label_studio.py").read_text().split("def from_env", 1)[1].split("def describe")[0]
+    assert all(name in from_env for name in backend), backend
 
 
 def test_info_reports_every_setting_and_the_log_holds_them(served):
@@ -1015,3 +1021,106 @@ def test_cheap_requests_keep_flowing_beside_a_client_sending_32_input_images_bac
     assert 200 in costly_statuses and set(costly_statuses) <= {200, 503}
     admission = requests.get(f"{guarded}/info", timeout=30).json()["admission"]
     assert "round-robin" in admission["turns"] and "never count against it" in admission["own_images"]
+
+
+# ---------------------------------------------------------------- issue 21 item 1: priced before decoding
+
+def _scan_bomb(scans: int, size: int = 2896) -> bytes:
+    """A size x size progressive JPEG whose smallest refinement scan is repeated until it has ``scans`` scans."""
+    image = Image.new("RGB", (size, size), (120, 130, 140))
+    data = _encode(np.asarray(image), "JPEG", progressive=True, quality=80)
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+    bounds = list(zip(starts, starts[1:] + [len(data) - 2]))
+    first, end = min(bounds[1:], key=lambda b: b[1] - b[0])  # the smallest scan after the first
+    return data[:end] + data[first:end] * (scans - len(starts)) + data[end:]
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _ico_hiding_png(side: int = 9000) -> bytes:
+    """An ICO whose directory says 256x256 but whose entry is the header of a side x side PNG."""
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+           + _png_chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + _png_chunk(b"IEND", b""))
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22)  # 0 = 256 in an ICO directory
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def _worker_rss_mib(process: subprocess.Popen) -> float:
+    """The resident memory of the server's worker (the process that decodes), from /proc/<pid>/status."""
+    import psutil
+
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    assert len(workers) == 1, [p.cmdline() for p in workers]
+    status = Path(f"/proc/{workers[0].pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, flags=re.MULTILINE).group(1)) / 1024
+
+
+@pytest.fixture(scope="module")
+def priced(tiny_model, tmp_path_factory):
+    """(process, URL) of a server with the default pixel limits (8 Mpx an image, the derived request budget) and
+    room for many tiles, so that big images reach the pricing of their decoding rather than the input limit."""
+    tmp = tmp_path_factory.mktemp("serve-priced")
+    env = _serve_env(tmp, AGMM_MODEL=str(tiny_model), AGMM_MAX_INPUTS="100000")
+    port = free_port()
+    process = start_server(port, tmp / "serve.log", env, timeout_s=180)
+    try:
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)
+
+
+def test_a_batch_of_16_bit_pngs_over_the_request_budget_is_refused_before_decoding(priced):
+    """16 copies of a 19 KB 16-bit 4096x2048 PNG: each within the per-image limits, 134 Mpx and 268 MB of samples
+    together; 413 with the budget's sentence at once, the worker's RSS where it was (it decoded none)."""
+    import time
+
+    process, url = priced
+    info = requests.get(f"{url}/info", timeout=30).json()
+    png = _encode(np.zeros((2048, 4096), np.uint16), "PNG")
+    body = {"images": [base64.b64encode(png).decode()] * 16}
+    _mask(_post_image(url, _encode(_rgb(16, 24), "PNG")))  # warm
+    before = _worker_rss_mib(process)
+    started = time.perf_counter()
+    response = requests.post(f"{url}/segment_batch", json=body, timeout=60)
+    elapsed = time.perf_counter() - started
+    _refused(response, 413, "this segment_batch request holds 16 image(s) of 134217728 pixels and 268435456 decoded "
+             f"bytes together; the budget is {info['max_request_pixels']} pixels", "16-bit",
+             "AGMM_MAX_REQUEST_PIXELS")
+    after = _worker_rss_mib(process)
+    print(f"16 x 16-bit 4096x2048 refused in {elapsed:.2f} s; worker RSS {before:.0f} -> {after:.0f} MiB")
+    assert elapsed < 5 and after - before < 200
+    assert (info["max_request_pixels"], info["max_decoded_bytes"]) == (4 * 8 * 1024 * 1024, 16 * 8 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("name, data, sentence", [
+    ("progressive jpeg of 10,000 scans", lambda: _scan_bomb(10_000), "scans"),
+    ("ico hiding a 9000x9000 png", lambda: _ico_hiding_png(), "says 256x256 but holds a 9000x9000"),
+])
+def test_decoding_bombs_are_refused_from_their_headers(priced, name, data, sentence):
+    import time
+
+    process, url = priced
+    data = data()
+    before = _worker_rss_mib(process)
+    started = time.perf_counter()
+    for route in ("segment", "segment_json", "overlay"):
+        _refused(_post_image(url, data, route=route), 400, sentence)
+    batch = requests.post(f"{url}/segment_batch", json={"images": [base64.b64encode(data).decode()]}, timeout=60)
+    assert batch.status_code == 200 and sentence in batch.json()[0]["error"], batch.text[:300]
+    elapsed = time.perf_counter() - started
+    print(f"{name} refused 4 times in {elapsed:.2f} s")
+    assert elapsed < 8 and _worker_rss_mib(process) - before < 200
+    _still_serving(url)
+
+
+def test_good_images_are_served_as_before_beside_the_budget(priced):
+    """Within the budget: a 16-image batch of mixed sizes and an EXIF-rotated JPEG priced on its upright size."""
+    _, url = priced
+    images = [_encode(_rgb(30 + i, 40 + 2 * i, seed=i), "PNG") for i in range(16)]
+    results = requests.post(f"{url}/segment_batch", json={"images": [base64.b64encode(i).decode() for i in images]},
+                            timeout=120).json()
+    assert [(r["height"], r["width"], r["error"]) for r in results] == [(30 + i, 40 + 2 * i, None) for i in range(16)]
+    assert _mask(_post_image(url, _exif_rotated_jpeg())).size == (20, 40)
