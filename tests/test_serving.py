@@ -766,8 +766,8 @@ def test_swagger_ui_at_docs_loads_only_local_assets(server):
 
 # ---------------------------------------------------------------- issue 20: bentofile.yaml follows pyproject.toml
 
-# pyproject dependencies the service never imports: export, training and reporting tools.
-NOT_SERVED = {"onnxscript", "onnxslim", "tqdm", "tensorboard", "matplotlib"}
+# pyproject dependencies the service never imports: export, training, bulk prediction and reporting tools.
+NOT_SERVED = {"onnxscript", "onnxslim", "tqdm", "tensorboard", "matplotlib", "pyarrow"}
 
 
 def test_bentofile_packages_agree_with_pyproject():
