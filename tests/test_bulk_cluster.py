@@ -1,6 +1,8 @@
 """The Ray engine on a two-node Ray cluster on this machine (ray.cluster_utils.Cluster), two actors placed by
 Ray Data (SPREAD by default): every output written once, the same bytes as the local engine."""
 
+import threading
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -40,3 +42,14 @@ def test_two_nodes_write_every_output_once(two_nodes, tmp_path):
     local = predict_images(model, [images], tmp_path / "local", device="cpu", progress=False)
     assert local.written == 16 and pngs(tmp_path / "local") == pngs(tmp_path / "out")
     assert np.isclose(sum(rows[0][k] for k in rows[0] if k.startswith("fraction_")), 1.0, atol=1e-5)
+
+
+def test_joining_a_cluster_leaves_no_usage_poller_in_the_driver(two_nodes, tmp_path):
+    # On a joined cluster Ray Data would start a thread that polls Prometheus for ever and formats a traceback
+    # each time, which on Python 3.11 races with ast.parse elsewhere in the process (ONNX export then raises
+    # SystemError); the engine turns that collection off unless the user set RAY_DATA_USAGE_DISABLED.
+    model = tiny_model(tmp_path)
+    images = image_tree(tmp_path / "images", [(f"img{i}.png", (48, 64)) for i in range(4)])
+    predict_images(model, [images], tmp_path / "out", engine="ray", device="cpu", progress=False)
+    pollers = [thread.name for thread in threading.enumerate() if "usage" in thread.name]
+    assert not pollers, pollers

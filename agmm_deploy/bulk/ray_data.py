@@ -12,6 +12,7 @@ mounts, and agmm-deploy is installed on every node.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +30,13 @@ CPU_STAGE_CPUS = 0.5
 CPU_STAGE_BATCH = 8
 _PASSED = ("index", "path", "key", "status", "error", "height", "width")
 _EMPTY_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)  # the image column of an input that failed to decode
+# Ray Data's usage collection starts a thread in the driver that polls Prometheus every 10 s until the process
+# exits, whenever the driver joins an existing cluster (ray.init on a new one turns usage stats off itself).
+# Without a Prometheus it logs a traceback each poll, and on Python 3.11 formatting a traceback parses source
+# with ast, which races with any other ast.parse in the process (CPython gh-106905): a later ONNX export in the
+# same process (a notebook, a test session) fails with "SystemError: AST constructor recursion depth mismatch".
+# Off unless the user sets it; RAY_DATA_USAGE_DISABLED=0 turns it back on.
+USAGE_SWITCH = "RAY_DATA_USAGE_DISABLED"
 
 
 def _tensors(arrays: list[np.ndarray]) -> np.ndarray:
@@ -112,6 +120,7 @@ def run(job: Job, runner: Runner | None, info: ModelInfo, todo: list[Input],
 
     if not todo:
         return
+    os.environ.setdefault(USAGE_SWITCH, "1")
     started = not ray.is_initialized()
     if started:
         # address None: RAY_ADDRESS when set, else a new cluster on this machine that ends with this process.
