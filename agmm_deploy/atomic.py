@@ -9,6 +9,7 @@ calibration cache) goes through ``atomic_write``: a uniquely named temporary fil
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -18,6 +19,11 @@ from typing import BinaryIO, Callable
 # only be read by setting it.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+# The temporary names atomic_write makes: "." + the destination's name + "." + mkstemp's 8 random characters +
+# ".tmp". A process killed between mkstemp and the rename (kill -9, a lost node) leaves one behind.
+TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -49,3 +55,21 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Writes ``data`` to ``path`` atomically (see ``atomic_write``); returns the path."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+def sweep_temporaries(folder: str | Path) -> int:
+    """Removes the temporary files killed writers left under ``folder`` (recursively); returns how many.
+
+    Only for a folder no one is writing to now (bulk prediction holds its run lock first): a live writer's
+    temporary file would go with the dead ones.
+    """
+    removed = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if TEMPORARY_NAME.match(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed

@@ -3,6 +3,9 @@ writes. The Ray engine's tests are in test_bulk_ray.py."""
 
 import errno
 import os
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -156,3 +159,37 @@ def test_unusable_arguments_exit_2(setup, tmp_path, capsys):
         predict_images(model, ["s3://bucket/images"], tmp_path / "o")
     assert main([str(model), str(images), "--out", str(tmp_path / "o"), "--overlap", "1"]) == 2
     assert "overlap=1.0 is invalid" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_another_holds_it(setup, tmp_path, capsys):
+    model, images = setup
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from agmm_deploy.bulk import run_lock\n"
+         f"with run_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = [str(model), str(images), "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"another run is writing to --out {tmp_path} (pid {holder.pid} on" in err
+        assert not pngs(tmp_path)  # refused before any work
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert main(argv) == 0 and len(pngs(tmp_path)) == len(TREE)  # the lock went with the holder
+
+
+def test_the_temporary_files_of_a_killed_run_are_swept_and_no_others(setup, tmp_path):
+    model, images = setup
+    predict_images(model, [images], tmp_path, device="cpu", progress=False)
+    # What a writer killed between mkstemp and the rename leaves: atomic_write's own temporary names.
+    stale = [tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=tmp_path / folder)[1]
+             for folder, name in (("a", "x.png"), ("b/c", "y.png"))]
+    (tmp_path / "a" / ".keep").write_text("the user's")
+    (tmp_path / "a" / "notes.tmp").write_text("the user's too")
+    lines = []
+    result = predict_images(model, [images], tmp_path, device="cpu", progress=False, on_start=lines.append)
+    assert result.resumed == len(TREE) and "2 temporary file(s) of a killed run removed" in lines[0]
+    assert not any(os.path.exists(path) for path in stale)
+    assert (tmp_path / "a" / ".keep").exists() and (tmp_path / "a" / "notes.tmp").exists()

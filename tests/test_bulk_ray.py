@@ -94,3 +94,4 @@ def test_kill_9_of_the_driver_mid_run_then_a_rerun_completes(cluster, setup, tmp
             image.load()  # a truncated PNG would raise here
             assert image.size == (96, 96) and image.mode == "P"
     assert len(pq.read_table(out / "manifest.parquet")) == 40
+    assert not list(out.rglob("*.tmp"))  # the killed run's temporary files swept by the rerun

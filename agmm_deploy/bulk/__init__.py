@@ -22,12 +22,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from agmm_deploy.atomic import sweep_temporaries
 from agmm_deploy.bulk.inputs import Input, InputError, collect_inputs
 from agmm_deploy.bulk.stages import FAILED, OK, SKIPPED, ModelInfo
 from agmm_deploy.transforms import DEFAULT_MAX_PIXELS, SLIDING_OVERLAP
@@ -142,6 +145,31 @@ def check_writable(out: Path) -> None:
                         "with room for a PNG per image") from None
 
 
+# Held (flock) by the run writing to a folder: a second run on the same --out is refused rather than interleaved,
+# and the first may sweep the temporary files a killed run left, none of them being a live writer's.
+LOCK_NAME = ".agmm-bulk.lock"
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Holds ``OUT/.agmm-bulk.lock`` while the block runs, or raises BulkError naming the run that holds it."""
+    import fcntl
+
+    with open(out / LOCK_NAME, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that did not say which"
+            raise BulkError(f"another run is writing to --out {out} ({holder}); wait for it to end, or give this "
+                            "one another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield  # the lock goes with the file's close, also when the process is killed
+
+
 def _load_model(job: Job, engine: str) -> tuple[Any, ModelInfo, str]:
     """(runner or None, ModelInfo, a line describing it), or BulkError for a model that cannot be used.
 
@@ -189,7 +217,7 @@ def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path,
     Raises:
         BulkError: unusable model, inputs or output folder, before any image is read.
     """
-    from agmm_deploy.bulk.manifest import ManifestWriter, completed_rows, manifest_row
+    from agmm_deploy.bulk.manifest import completed_rows
 
     job = Job(model=Path(model), out=Path(out), **settings)
     chosen = get_engine(engine)
@@ -202,12 +230,22 @@ def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path,
     except InputError as err:
         raise BulkError(str(err)) from None
     check_writable(job.out)
-    runner, info, described = _load_model(job, engine)
-    done = completed_rows(job.out, entries, info, job.overlay)
-    todo = [entry for entry in entries if entry.path not in done]
-    if on_start is not None:
-        on_start(f"{described}; {len(entries)} image(s) -> {job.out} with the {engine} engine; "
-                 f"{len(done)} already complete from an earlier run, skipped")
+    with run_lock(job.out):
+        swept = sweep_temporaries(job.out)
+        runner, info, described = _load_model(job, engine)
+        done = completed_rows(job.out, entries, info, job.overlay)
+        todo = [entry for entry in entries if entry.path not in done]
+        if on_start is not None:
+            on_start(f"{described}; {len(entries)} image(s) -> {job.out} with the {engine} engine; "
+                     f"{len(done)} already complete from an earlier run, skipped"
+                     + (f"; {swept} temporary file(s) of a killed run removed" if swept else ""))
+        return _run(job, chosen, runner, info, entries, done, todo, progress)
+
+
+def _run(job: Job, chosen: Engine, runner: Any, info: ModelInfo, entries: list[Input], done: dict[str, dict],
+         todo: list[Input], progress: bool) -> BulkResult:
+    from agmm_deploy.bulk.manifest import ManifestWriter, manifest_row
+
     writer = ManifestWriter(job.out, info, kept=list(done.values()))
     counts = {OK: 0, FAILED: 0, SKIPPED: 0}
     failures: list[str] = []
@@ -235,4 +273,4 @@ def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path,
 
 
 __all__ = ["BulkError", "BulkResult", "ENGINES", "Engine", "Job", "check_writable", "default_batch_size",
-           "get_engine", "predict_images"]
+           "get_engine", "predict_images", "run_lock"]
