@@ -155,8 +155,10 @@ def test_unusable_arguments_exit_2(setup, tmp_path, capsys):
     model, images = setup
     with pytest.raises(BulkError, match="no images in"):
         predict_images(model, [tmp_path], tmp_path / "o")
-    with pytest.raises(BulkError, match="is a URI"):
-        predict_images(model, ["s3://bucket/images"], tmp_path / "o")
+    with pytest.raises(BulkError, match="could not be read as a URI"):
+        predict_images(model, ["nosuch://bucket/images"], tmp_path / "o")
+    assert main([str(model), str(images), "--out", "s3://bucket/labels"]) == 2
+    assert "--out s3://bucket/labels is a URI; outputs go to a local folder" in capsys.readouterr().err
     assert main([str(model), str(images), "--out", str(tmp_path / "o"), "--overlap", "1"]) == 2
     assert "overlap=1.0 is invalid" in capsys.readouterr().err
 
@@ -193,3 +195,52 @@ def test_the_temporary_files_of_a_killed_run_are_swept_and_no_others(setup, tmp_
     assert result.resumed == len(TREE) and "2 temporary file(s) of a killed run removed" in lines[0]
     assert not any(os.path.exists(path) for path in stale)
     assert (tmp_path / "a" / ".keep").exists() and (tmp_path / "a" / "notes.tmp").exists()
+
+
+def test_file_uris_read_as_their_paths_with_the_same_checks(setup, tmp_path):
+    model, images = setup
+    local = predict_images(model, [images], tmp_path / "local", device="cpu", progress=False)
+    predict_images(model, [images.as_uri()], tmp_path / "uri", device="cpu", progress=False)
+    assert pngs(tmp_path / "uri") == pngs(tmp_path / "local") and len(pngs(tmp_path / "local")) == local.written
+    rows = pq.read_table(tmp_path / "uri" / "manifest.parquet").to_pylist()
+    assert all(row["path"].startswith("file:///") for row in rows)
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{(images / 'a' / 'x.png').as_uri()}\n{(images / 'b' / 'x.jpg').as_uri()}\n"
+                      "file:///proc/self/mem\n")
+    result = predict_images(model, [listed], tmp_path / "listed", device="cpu", progress=False)
+    assert (result.written, result.skipped) == (2, 1)
+    assert "a kernel file, not an image" in " ".join(result.failures)  # a URI gets no way round the checks
+    with pytest.raises(BulkError, match="does not exist"):
+        predict_images(model, [(tmp_path / "nowhere").as_uri()], tmp_path / "o")
+
+
+def test_s3_inputs_from_a_real_s3_endpoint(setup, tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server", reason="the S3 test needs moto[server] (the dev extra)")
+    import pyarrow.fs as pafs
+
+    model, images = setup
+    for name, value in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_EC2_METADATA_DISABLED="true",
+                            AWS_DEFAULT_REGION="us-east-1").items():
+        monkeypatch.setenv(name, value)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        bucket, _ = pafs.FileSystem.from_uri(f"s3://photos/{options}&allow_bucket_creation=true")
+        bucket.create_dir("photos")
+        for path in sorted(images.rglob("*.*")):
+            with bucket.open_output_stream(f"photos/tree/{path.relative_to(images).as_posix()}") as f:
+                f.write(path.read_bytes())
+        local = predict_images(model, [images], tmp_path / "local", device="cpu", progress=False)
+        result = predict_images(model, [f"s3://photos/tree{options}"], tmp_path / "s3", device="cpu",
+                                progress=False)
+        assert result.written == local.written == len(TREE)
+        assert pngs(tmp_path / "s3") == pngs(tmp_path / "local")
+        listed = tmp_path / "list.csv"
+        listed.write_text(f"path\ns3://photos/tree/a/y.jpg{options}\ns3://photos/tree/gone.png{options}\n")
+        result = predict_images(model, [listed], tmp_path / "listed", device="cpu", progress=False)
+        assert (result.written, result.skipped) == (1, 1) and "gone.png" in result.failures[0]
+        assert "does not exist" in result.failures[0]
+    finally:
+        server.stop()

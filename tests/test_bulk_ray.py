@@ -4,6 +4,7 @@ manifest, bad inputs, rerun and delete-three, and kill -9 of the driver mid-run.
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 
@@ -95,3 +96,56 @@ def test_kill_9_of_the_driver_mid_run_then_a_rerun_completes(cluster, setup, tmp
             assert image.size == (96, 96) and image.mode == "P"
     assert len(pq.read_table(out / "manifest.parquet")) == 40
     assert not list(out.rglob("*.tmp"))  # the killed run's temporary files swept by the rerun
+
+
+def test_file_uris_through_the_ray_workers(cluster, setup, tmp_path):
+    model, images = setup
+    settings = dict(device="cpu", progress=False, max_pixels=30000)
+    predict_images(model, [images], tmp_path / "local", **settings)
+    result = predict_images(model, [images.as_uri()], tmp_path / "ray", engine="ray", **settings)
+    assert result.written == len(TREE) and pngs(tmp_path / "ray") == pngs(tmp_path / "local")
+
+
+def _model_actor_pids() -> list[int]:
+    """The processes of this machine whose title names the Segmenter actor (ray::MapWorker(...Segmenter...))."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if title.startswith("ray::") and "Segmenter" in title:
+            pids.append(int(entry))
+    return pids
+
+
+def test_kill_9_of_the_model_actor_mid_run_is_replaced_and_its_inputs_retried(cluster, setup, tmp_path):
+    model, _ = setup
+    images = image_tree(tmp_path / "many", [(f"d{i % 4}/img{i:03d}.png", (96, 96)) for i in range(48)])
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_the_actor_once_outputs_appear() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            pids = _model_actor_pids()
+            if pids and out.exists() and len(pngs(out)) >= 3:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_actor_once_outputs_appear)
+    killer.start()
+    result = predict_images(model, [images], out, engine="ray", device="cpu", progress=False)
+    killer.join()
+    assert killed, "no model actor was found to kill"
+    assert (result.written, result.failed, result.skipped) == (48, 0, 0), result.failures
+    assert len(pngs(out)) == 48
+    for name in pngs(out):
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.size == (96, 96) and image.mode == "P"
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(rows) == len({row["path"] for row in rows}) == 48  # every input once, none lost, none twice
+    assert not list(out.rglob("*.tmp"))

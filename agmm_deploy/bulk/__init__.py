@@ -219,6 +219,9 @@ def predict_images(model: str | Path, inputs: list[str | Path], out: str | Path,
     """
     from agmm_deploy.bulk.manifest import completed_rows
 
+    if "://" in str(out):
+        raise BulkError(f"--out {out} is a URI; outputs go to a local folder or one every node mounts (inputs may "
+                        "be URIs), then copy them up, e.g. `aws s3 sync OUT s3://...`")
     job = Job(model=Path(model), out=Path(out), **settings)
     chosen = get_engine(engine)
     if (why := chosen.missing()) is not None:

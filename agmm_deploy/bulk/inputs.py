@@ -5,16 +5,24 @@ input tree: ``photos/2024/a.jpg`` given as the folder ``photos`` is ``2024/a`` a
 ``OUT/2024/a.png``. Same stems in different folders are different keys; two inputs with the same key (``a.jpg``
 beside ``a.png``) are refused before any work.
 
+An input may also be a URI of a file system pyarrow reads (``s3://bucket/photos``, ``gs://...``, ``hdfs://...``,
+``file:///data/photos``; credentials as pyarrow takes them, e.g. ``AWS_ACCESS_KEY_ID`` in the environment, and
+options such as ``?endpoint_override=host:9000&scheme=http`` for an S3-compatible store): a folder URI is listed
+recursively, and manifests may list URIs. Outputs are written under a local or mounted OUT.
+
     inputs = collect_inputs(["photos", "one.jpg", "list.txt"])
     image = read_input(inputs[0].path, max_pixels=64_000_000)
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import posixpath
 import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -63,10 +71,9 @@ def collect_inputs(items: list[str | Path]) -> list[Input]:
     """
     inputs: list[Input] = []
     for text in map(str, items):
-        if "://" in text:
-            raise InputError(f"{text} is a URI; this version reads local paths only (on a cluster, a file system "
-                             "every node mounts). Copy the images to a mounted folder, or list local paths in a "
-                             "manifest.")
+        if is_uri(text):
+            inputs += _uri_inputs(text)
+            continue
         item = Path(text)
         if item.is_dir():
             inputs += [Input(str(path), _key(path.relative_to(item))) for path in sorted(item.rglob("*"))
@@ -117,22 +124,99 @@ def _manifest_inputs(manifest: Path) -> list[Input]:
         raise InputError(f"manifest {manifest} does not exist; expected a .txt with a path per line, or a .csv "
                          f"or .parquet with a {MANIFEST_COLUMN!r} column")
     folder = manifest.parent.absolute()
-    paths = [Path(os.path.normpath(folder / entry)) for entry in read_manifest_paths(manifest)]
-    if not paths:
+    entries = read_manifest_paths(manifest)
+    if not entries:
         raise InputError(f"manifest {manifest} lists no paths")
-    # Keys relative to the manifest's folder, or to the entries' common folder when some lie outside it: a key
-    # never climbs out of OUT.
-    root = folder if all(p.is_relative_to(folder) for p in paths) else Path(os.path.commonpath(paths))
-    if root in paths:  # one entry, or an entry that is the common folder itself
-        root = root.parent
-    return [Input(str(p), _key(p.relative_to(root))) for p in paths]
+    keys: dict[str, str] = {}
+    paths = [Path(os.path.normpath(folder / entry)) for entry in entries if not is_uri(entry)]
+    if paths:
+        # Keys relative to the manifest's folder, or to the entries' common folder when some lie outside it: a
+        # key never climbs out of OUT.
+        root = folder if all(p.is_relative_to(folder) for p in paths) else Path(os.path.commonpath(paths))
+        if root in paths:  # one entry, or an entry that is the common folder itself
+            root = root.parent
+        keys.update((str(p), _key(p.relative_to(root))) for p in paths)
+    uris = [entry for entry in entries if is_uri(entry)]
+    if uris:  # keys relative to the URIs' common folder (bucket and path), as for local paths outside the folder
+        located = [PurePosixPath(_location(uri)) for uri in uris]
+        root = PurePosixPath(posixpath.commonpath([str(p) for p in located]))
+        if root in located:
+            root = root.parent
+        keys.update((uri, _key(p.relative_to(root))) for uri, p in zip(uris, located))
+    ordered = [entry if is_uri(entry) else str(Path(os.path.normpath(folder / entry))) for entry in entries]
+    return [Input(path, keys[path]) for path in ordered]
 
 
-def _key(relative: Path) -> str:
+def is_uri(text: str) -> bool:
+    return "://" in text
+
+
+def _location(uri: str) -> str:
+    """Bucket (or host) and path of a URI, without scheme, credentials or options: what keys derive from."""
+    parts = urlsplit(uri)
+    return parts.netloc.rsplit("@", 1)[-1] + parts.path
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(scheme: str, netloc: str, query: str):
+    """(pyarrow FileSystem, whether its paths start with the URI's host) for URIs of one scheme, host and options.
+
+    One file system per bucket and options, not per image: building an S3 one may ask the network for its region.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(f"{scheme}://{netloc}/" + (f"?{query}" if query else ""))
+    host = netloc.rsplit("@", 1)[-1]
+    return fs, bool(host) and path.lstrip("/").startswith(host)
+
+
+def open_uri(uri: str):
+    """(pyarrow FileSystem, its path for ``uri``).
+
+    Raises:
+        ValueError, OSError: pyarrow cannot make a file system of the URI (unknown scheme, bad options).
+    """
+    parts = urlsplit(uri)
+    fs, with_host = _filesystem(parts.scheme, parts.netloc, parts.query)
+    return fs, (_location(uri) if with_host else parts.path)
+
+
+def _uri_inputs(uri: str) -> list[Input]:
+    """The images of a file or folder URI (folders listed recursively), keys relative to it."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = open_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        else:
+            listed = []
+    except (OSError, ValueError) as err:
+        raise InputError(f"{uri} could not be read as a URI ({err}); expected one pyarrow's file systems read "
+                         "(s3://bucket/folder, gs://bucket/folder, hdfs://host/path, file:///path), with its "
+                         "credentials where pyarrow finds them (for S3, AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY)") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {uri} does not exist; expected an image file or a folder of images there")
+    if info.type != pafs.FileType.Directory:
+        return [Input(uri, _key(PurePosixPath(PurePosixPath(root).name)))]
+    parts = urlsplit(uri)
+    base = uri.split("?", 1)[0].rstrip("/")
+    query = f"?{parts.query}" if parts.query else ""
+    inputs = []
+    for entry in sorted(listed, key=lambda e: e.path):
+        relative = PurePosixPath(entry.path).relative_to(PurePosixPath(root))
+        if entry.type == pafs.FileType.File and relative.suffix.lower() in IMAGE_SUFFIXES and not _hidden(relative):
+            inputs.append(Input(f"{base}/{relative.as_posix()}{query}", _key(relative)))
+    return inputs
+
+
+def _key(relative: Path | PurePosixPath) -> str:
     return relative.with_suffix("").as_posix()
 
 
-def _hidden(relative: Path) -> bool:
+def _hidden(relative: Path | PurePosixPath) -> bool:
     """Dot files and folders (e.g. the temporary files of a run writing into the same tree)."""
     return any(part.startswith(".") for part in relative.parts)
 
@@ -144,7 +228,13 @@ def read_input(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         InputSkipped: not a regular file, a file of /proc, /sys or /dev (symlinks followed), or unreadable.
         ImageDecodeError: not a decodable image, or over ``max_pixels`` (see transforms.decode_image).
     """
-    real = os.path.realpath(path)
+    if is_uri(path):
+        parts = urlsplit(path)
+        if parts.scheme != "file":
+            return decode_image(_read_uri(path), max_pixels=max_pixels, name=path)
+        real = os.path.realpath(unquote(parts.path))  # file:// is this machine: the same checks as a path
+    else:
+        real = os.path.realpath(path)
     if any(real == root or real.startswith(root + os.sep) for root in SPECIAL_ROOTS):
         raise InputSkipped(f"{path} leads to {real}, a kernel file, not an image; it was not read")
     try:
@@ -161,3 +251,24 @@ def read_input(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     except OSError as err:  # permission denied, an I/O error, a file gone since it was listed
         raise InputSkipped(f"{path} could not be read ({err.strerror or err}); it was skipped") from None
     return decode_image(data, max_pixels=max_pixels, name=path)
+
+
+def _read_uri(uri: str) -> bytes:
+    """The bytes of the file at ``uri`` (at most MAX_FILE_BYTES), or InputSkipped saying why not."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = open_uri(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputSkipped(f"{uri} does not exist (any more); it was skipped")
+        if info.type != pafs.FileType.File:
+            raise InputSkipped(f"{uri} is not a file (a folder); it was not read")
+        if info.size is not None and info.size > MAX_FILE_BYTES:
+            raise InputSkipped(f"{uri} is {info.size} bytes; image files over {MAX_FILE_BYTES} bytes are not read")
+        with fs.open_input_stream(path) as f:
+            return f.read(MAX_FILE_BYTES + 1)
+    except InputSkipped:
+        raise
+    except (OSError, ValueError) as err:  # no permission, a network error, a bucket gone
+        raise InputSkipped(f"{uri} could not be read ({err}); it was skipped") from None

@@ -33,8 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", type=Path, help="checkpoint (.pt/.pth), model.onnx, model.engine, ...")
     parser.add_argument("images", nargs="+",
                         help="image files, folders (searched recursively) and manifests (.txt: a path per line; "
-                        ".csv/.parquet: a 'path' column)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+                        ".csv/.parquet: a 'path' column); also URIs pyarrow reads (s3://bucket/folder, gs://..., "
+                        "file:///...), in manifests too")
+    parser.add_argument("--out", required=True,
+                        help="output folder (local, or mounted on every node of a cluster; not a URI)")
     parser.add_argument("--engine", default="local", choices=[e.name for e in ENGINES],
                         help="local: one process, decoding and encoding overlapping the model (default); "
                         "ray: Ray Data on a cluster or this machine (pip install 'agmm-deploy[ray]')")
