@@ -46,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiled-size", default="256x512", help="HxW of the tiled images")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--engines", default="raw,today,local,ray")
+    parser.add_argument("--actors", type=int, default=None, help="model actors of the ray engine (default: its own)")
     parser.add_argument("--overlay", action="store_true", help="every method also writes overlays")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of all methods; each keeps its best")
     return parser
@@ -138,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             if "ray" in engines:
                 start = time.perf_counter()
                 result = predict_images(model, [work / "images"], work / f"ray{round_index}", engine="ray",
-                                        device=args.device, overlay=args.overlay, progress=False)
+                                        device=args.device, overlay=args.overlay, progress=False, actors=args.actors)
                 keep("ray", "mix", time.perf_counter() - start, f"(cluster start included; {result.summary()})")
+                if "raw" in engines:  # raw again after the longest method: each ratio is against the better of
+                    for name, paths in classes.items():  # the raw runs either side of it, not one that drifted
+                        keep("raw", name, min(raw_seconds(runner, paths, batch) for batch in (1, 8)), "(after)")
         counts = {name: len(paths) for name, paths in classes.items()}
         counts["mix"] = sum(counts.values())
         for per_class in seconds.values():

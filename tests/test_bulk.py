@@ -244,3 +244,21 @@ def test_s3_inputs_from_a_real_s3_endpoint(setup, tmp_path, monkeypatch):
         assert "does not exist" in result.failures[0]
     finally:
         server.stop()
+
+
+def test_the_ray_engines_decode_and_write_workers_start_without_torch():
+    # Ray imports this module in every decode and write worker; torch there would cost each worker seconds of
+    # CPU beside the model on a small machine (only the model actor needs it).
+    probe = "import sys, agmm_deploy.bulk.ray_data; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+
+
+def test_cpu_actors_are_single_threaded_one_per_core_up_to_eight_a_node():
+    from agmm_deploy.bulk.ray_data import cpu_actor_plan
+
+    assert cpu_actor_plan([2]) == (2, 1)
+    assert cpu_actor_plan([2, 2]) == (4, 1)
+    assert cpu_actor_plan([32]) == (8, 4)  # capped: each actor holds a model, so more cores mean more threads
+    assert cpu_actor_plan([16, 4]) == (12, 1)  # threads the smallest node can give every actor
+    assert cpu_actor_plan([0]) == (1, 1)

@@ -80,7 +80,7 @@ class Job:
         max_pixels: larger images are failed rows (checked from the header, before decoding).
         workers: decode/encode threads of the local engine (None: the CPU count).
         ray_address: the Ray cluster (None: RAY_ADDRESS, else a new one-machine cluster).
-        actors: model actors of the Ray engine (None: one per GPU, else CPUs // threads per runner).
+        actors: model actors of the Ray engine (None: one per GPU, else ray_data.cpu_actor_plan's).
         load_kwargs: passed to load_runner (raw state dicts: backbone=, num_classes=, dataset=, classes=).
     """
 

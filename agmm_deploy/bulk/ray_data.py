@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from agmm_deploy.bulk import BulkError, Job, default_batch_size
 from agmm_deploy.bulk.inputs import Input
 from agmm_deploy.bulk.stages import FAILED, OK, ModelInfo, decode_input, segment_each, write_outputs
-from agmm_deploy.runtime import Runner
+
+if TYPE_CHECKING:  # the decode and write workers import this module, and start faster without torch
+    from agmm_deploy.runtime import Runner
 
 # The CPU each decode/write task asks Ray for: half a core, so that tasks still run beside CPU actors that hold
 # a core each on a small machine (the actors' own threads do the heavy work).
 CPU_STAGE_CPUS = 0.5
 # Images per decode/write task batch.
 CPU_STAGE_BATCH = 8
+# Model actors per node on CPUs, at most: each holds a copy of the model and its activations.
+CPU_ACTORS_PER_NODE = 8
 _PASSED = ("index", "path", "key", "status", "error", "height", "width")
 _EMPTY_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)  # the image column of an input that failed to decode
 # Ray Data's usage collection starts a thread in the driver that polls Prometheus every 10 s until the process
@@ -113,6 +117,37 @@ def write_batch(batch: dict[str, np.ndarray], out: str, info: ModelInfo, overlay
     return rows
 
 
+def cpu_actor_plan(node_cpus: list[int]) -> tuple[int, int]:
+    """(actors, threads each) for the model on nodes with these CPU counts and no GPU.
+
+    One single-threaded actor per core, up to CPU_ACTORS_PER_NODE a node (then each takes more threads). Actors
+    that do not share threads do not wait for each other: a model on two threads stalls at every parallel
+    region's barrier whenever another process preempts one of them, which the decode and write tasks, the
+    driver and Ray's daemons do all the time on a small node (on the 2-core development machine two
+    single-threaded actors finished a 2-minute job 1.2x sooner than one actor on two threads).
+    """
+    per_node = [(cpus, min(cpus, CPU_ACTORS_PER_NODE)) for cpus in node_cpus if cpus >= 1]
+    if not per_node:
+        return 1, 1
+    return sum(actors for _, actors in per_node), min(cpus // actors for cpus, actors in per_node)
+
+
+def new_cluster_settings() -> dict[str, Any]:
+    """ray.init's arguments for the one-machine cluster the engine starts itself.
+
+    Ray runs its workers at niceness 15 so that its own daemons stay responsive. On a machine the run has to
+    itself that costs the model dearly: any nice-0 process (the driver, raylet, a shell) preempts one of the
+    actor's threads, and the others wait for it at each parallel region's barrier (on the 2-core development
+    machine the model ran 25-35 % slower in the actor than in a plain process). Workers here run at 0 unless
+    RAY_worker_niceness says otherwise. The dashboard is left out (a second of start and a process beside the
+    model); for it, start a cluster with `ray start --head` and pass --ray-address.
+    """
+    settings: dict[str, Any] = dict(include_dashboard=False)
+    if "RAY_worker_niceness" not in os.environ:
+        settings["_system_config"] = dict(worker_niceness=0)
+    return settings
+
+
 def run(job: Job, runner: Runner | None, info: ModelInfo, todo: list[Input],
         progress: bool = True) -> Iterator[tuple[Input, dict]]:
     """(input, row fields) for every input of ``todo``, as Ray hands the written batches back."""
@@ -124,8 +159,10 @@ def run(job: Job, runner: Runner | None, info: ModelInfo, todo: list[Input],
     started = not ray.is_initialized()
     if started:
         # address None: RAY_ADDRESS when set, else a new cluster on this machine that ends with this process.
+        new_cluster = job.ray_address is None and not os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(address=job.ray_address, logging_level="WARNING", log_to_driver=False)
+            ray.init(address=job.ray_address, logging_level="WARNING", log_to_driver=False,
+                     **(new_cluster_settings() if new_cluster else {}))
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise BulkError(f"cannot join the Ray cluster at {job.ray_address} ({err}); start one there with "
                             "`ray start --head`, or leave --ray-address and RAY_ADDRESS unset for a cluster on "
@@ -140,7 +177,6 @@ def run(job: Job, runner: Runner | None, info: ModelInfo, todo: list[Input],
 def _run(job: Job, info: ModelInfo, todo: list[Input], progress: bool) -> Iterator[tuple[Input, dict]]:
     import ray
     import ray.data
-    import torch
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     resources = ray.cluster_resources()
@@ -149,9 +185,13 @@ def _run(job: Job, info: ModelInfo, todo: list[Input], progress: bool) -> Iterat
     if on_gpu and gpus == 0:
         raise BulkError("--device cuda was asked for, but the Ray cluster has no GPUs "
                         f"(ray.cluster_resources(): {dict(resources)}); use --device cpu or auto")
-    threads = torch.get_num_threads()  # what one runner uses on a CPU: the cores of this machine
-    actors = job.actors or (gpus if on_gpu else max(1, cpus // threads))
-    threads_per_actor = 1 if on_gpu else max(1, cpus // actors)
+    if on_gpu:
+        actors, threads_per_actor = job.actors or gpus, 1
+    elif job.actors:
+        actors, threads_per_actor = job.actors, max(1, cpus // job.actors)
+    else:
+        actors, threads_per_actor = cpu_actor_plan([int(node["Resources"].get("CPU", 0))
+                                                    for node in ray.nodes() if node["Alive"]])
     batch_size = job.batch_size or default_batch_size("cuda" if on_gpu else "cpu")
     items = [dict(index=i, path=entry.path, key=entry.key) for i, entry in enumerate(todo)]
     blocks = min(len(items), max(4 * cpus, len(items) // 64))

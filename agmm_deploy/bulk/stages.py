@@ -5,21 +5,24 @@
     write_outputs(out, key, labels, ...)            -> the manifest row; the PNGs written atomically
 
 A label map is the indexed PNG ``agmm-predict`` has always written (pixel = class id, the model's palette).
+Only the model stage imports torch: the Ray engine's decode and write workers start without it (seconds of CPU
+per worker saved on a small machine).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from agmm_deploy.atomic import atomic_write_bytes
 from agmm_deploy.bulk.inputs import Input, InputSkipped, read_input
-from agmm_deploy.inference import chunks, image_windows, run_slices
-from agmm_deploy.runtime import Runner
 from agmm_deploy.transforms import SLIDING_OVERLAP, ImageDecodeError, encode_png, overlay, palette_png
+
+if TYPE_CHECKING:
+    from agmm_deploy.runtime import Runner
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
@@ -60,7 +63,6 @@ def decode_input(entry: Input, max_pixels: int) -> tuple[np.ndarray | None, dict
         return None, dict(status=FAILED, error=str(err))
 
 
-@torch.no_grad()
 def segment_group(runner: Runner, images: list[np.ndarray], batch_size: int,
                   overlap: float = SLIDING_OVERLAP) -> list[tuple[np.ndarray, int]]:
     """Label maps for images of any sizes, the model run on ``batch_size`` inputs of all of them at a time.
@@ -68,10 +70,16 @@ def segment_group(runner: Runner, images: list[np.ndarray], batch_size: int,
     Returns:
         (labels (H_i, W_i) uint8, model inputs the image used) per image.
     """
-    windows = [image_windows(runner, image, overlap=overlap, name=f"image {i}") for i, image in enumerate(images)]
-    for batch in chunks(windows, batch_size):
-        run_slices(runner.run, batch)
-    return [(w.labels().cpu().numpy(), w.count) for w in windows]
+    import torch
+
+    from agmm_deploy.inference import chunks, image_windows, run_slices
+
+    with torch.no_grad():
+        windows = [image_windows(runner, image, overlap=overlap, name=f"image {i}")
+                   for i, image in enumerate(images)]
+        for batch in chunks(windows, batch_size):
+            run_slices(runner.run, batch)
+        return [(w.labels().cpu().numpy(), w.count) for w in windows]
 
 
 def segment_each(runner: Runner, images: list[np.ndarray], batch_size: int,

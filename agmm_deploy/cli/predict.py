@@ -55,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                         help="ray engine: the cluster to join (default: RAY_ADDRESS, else a new one on this machine)")
     parser.add_argument("--actors", type=positive_int, default=None,
-                        help="ray engine: model actors (default: one per GPU, else the CPUs / threads per model)")
+                        help="ray engine: model actors (default: one per GPU; without GPUs one single-threaded actor per CPU, "
+                        "at most 8 a node)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--backbone", default=None, help="raw official state dicts only, e.g. resnet101")
     parser.add_argument("--num-classes", type=int, default=None, help="raw official state dicts only")
