@@ -123,8 +123,7 @@ def cpu_actor_plan(node_cpus: list[int]) -> tuple[int, int]:
     One single-threaded actor per core, up to CPU_ACTORS_PER_NODE a node (then each takes more threads). Actors
     that do not share threads do not wait for each other: a model on two threads stalls at every parallel
     region's barrier whenever another process preempts one of them, which the decode and write tasks, the
-    driver and Ray's daemons do all the time on a small node (on the 2-core development machine two
-    single-threaded actors finished a 2-minute job 1.2x sooner than one actor on two threads).
+    driver and Ray's daemons do all the time on a small node (measured: docs/benchmarks.md, "Bulk prediction").
     """
     per_node = [(cpus, min(cpus, CPU_ACTORS_PER_NODE)) for cpus in node_cpus if cpus >= 1]
     if not per_node:
@@ -137,8 +136,8 @@ def new_cluster_settings() -> dict[str, Any]:
 
     Ray runs its workers at niceness 15 so that its own daemons stay responsive. On a machine the run has to
     itself that costs the model dearly: any nice-0 process (the driver, raylet, a shell) preempts one of the
-    actor's threads, and the others wait for it at each parallel region's barrier (on the 2-core development
-    machine the model ran 25-35 % slower in the actor than in a plain process). Workers here run at 0 unless
+    actor's threads, and the others wait for it at each parallel region's barrier (docs/benchmarks.md, "Bulk
+    prediction"). Workers here run at 0 unless
     RAY_worker_niceness says otherwise. The dashboard is left out (a second of start and a process beside the
     model); for it, start a cluster with `ray start --head` and pass --ray-address.
     """
