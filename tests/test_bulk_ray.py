@@ -149,3 +149,26 @@ def test_kill_9_of_the_model_actor_mid_run_is_replaced_and_its_inputs_retried(cl
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(rows) == len({row["path"] for row in rows}) == 48  # every input once, none lost, none twice
     assert not list(out.rglob("*.tmp"))
+
+
+def test_without_an_address_the_engine_starts_its_own_cluster_with_workers_at_niceness_0(cluster, setup, tmp_path):
+    # The module's cluster is running on this machine; ray.init(address=None) would join it. The engine starts
+    # its own ("local"), whose workers run at niceness 0 so that nice-0 processes do not stall the model.
+    model, _ = setup
+    images = image_tree(tmp_path / "many", [(f"img{i:03d}.png", (96, 96)) for i in range(48)])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k != "RAY_worker_niceness"}
+    argv = [sys.executable, "-m", "agmm_deploy.cli.predict", str(model), str(images), "--out", str(tmp_path / "out"),
+            "--engine", "ray", "--device", "cpu", "--no-progress"]
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    niceness: set[int] = set()
+    while driver.poll() is None:
+        for pid in _model_actor_pids():
+            try:
+                niceness.add(os.getpriority(os.PRIO_PROCESS, pid))
+            except OSError:
+                pass
+        time.sleep(0.05)
+    output = driver.stdout.read()
+    assert driver.returncode == 0, output
+    assert "48 written" in output
+    assert niceness == {0}, (niceness, output)  # 15 would mean it joined the module's cluster (Ray's default)

@@ -137,9 +137,9 @@ def new_cluster_settings() -> dict[str, Any]:
     Ray runs its workers at niceness 15 so that its own daemons stay responsive. On a machine the run has to
     itself that costs the model dearly: any nice-0 process (the driver, raylet, a shell) preempts one of the
     actor's threads, and the others wait for it at each parallel region's barrier (docs/benchmarks.md, "Bulk
-    prediction"). Workers here run at 0 unless
-    RAY_worker_niceness says otherwise. The dashboard is left out (a second of start and a process beside the
-    model); for it, start a cluster with `ray start --head` and pass --ray-address.
+    prediction"). Workers here run at 0 unless RAY_worker_niceness says otherwise. The dashboard is left out (a
+    second of start and a process beside the model); for it, start a cluster with `ray start --head` and pass
+    --ray-address.
     """
     settings: dict[str, Any] = dict(include_dashboard=False)
     if "RAY_worker_niceness" not in os.environ:
@@ -157,11 +157,14 @@ def run(job: Job, runner: Runner | None, info: ModelInfo, todo: list[Input],
     os.environ.setdefault(USAGE_SWITCH, "1")
     started = not ray.is_initialized()
     if started:
-        # address None: RAY_ADDRESS when set, else a new cluster on this machine that ends with this process.
+        # address None: RAY_ADDRESS when set, else a new cluster on this machine that ends with this process
+        # ("local": not one a `ray start` left running here, which ray.init would otherwise join).
         new_cluster = job.ray_address is None and not os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(address=job.ray_address, logging_level="WARNING", log_to_driver=False,
-                     **(new_cluster_settings() if new_cluster else {}))
+            if new_cluster:
+                ray.init(address="local", logging_level="WARNING", log_to_driver=False, **new_cluster_settings())
+            else:
+                ray.init(address=job.ray_address, logging_level="WARNING", log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise BulkError(f"cannot join the Ray cluster at {job.ray_address} ({err}); start one there with "
                             "`ray start --head`, or leave --ray-address and RAY_ADDRESS unset for a cluster on "
