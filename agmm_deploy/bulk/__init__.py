@@ -152,22 +152,40 @@ LOCK_NAME = ".agmm-bulk.lock"
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """Holds ``OUT/.agmm-bulk.lock`` while the block runs, or raises BulkError naming the run that holds it."""
+    """Holds ``OUT/.agmm-bulk.lock`` while the block runs, or raises BulkError naming the run that holds it.
+
+    The file is removed when the block ends (a killed run leaves it, and the next run takes it over). A run
+    that opened the file just before another removed it would lock a file no longer there, so the lock counts
+    only once the path still leads to the file locked.
+    """
     import fcntl
 
-    with open(out / LOCK_NAME, "a+", encoding="utf-8") as f:
+    path = out / LOCK_NAME
+    while True:
+        f = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "a process that did not say which"
+            f.close()
             raise BulkError(f"another run is writing to --out {out} ({holder}); wait for it to end, or give this "
                             "one another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # removed by the run that just ended: lock the new one
+    with f:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        yield  # the lock goes with the file's close, also when the process is killed
+        try:
+            yield  # a killed process's lock goes with its files; the file stays for the next run
+        finally:
+            path.unlink(missing_ok=True)  # while still locked: no run can take the lock of a removed file
 
 
 def _load_model(job: Job, engine: str) -> tuple[Any, ModelInfo, str]:
