@@ -254,21 +254,18 @@ def read_input(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 
 def _read_uri(uri: str) -> bytes:
-    """The bytes of the file at ``uri`` (at most MAX_FILE_BYTES), or InputSkipped saying why not."""
-    import pyarrow.fs as pafs
+    """The bytes of the file at ``uri`` (at most MAX_FILE_BYTES), or InputSkipped saying why not.
 
+    One request per image (opened and read; no separate stat first): on an object store each costs a round trip.
+    """
     try:
         fs, path = open_uri(uri)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise InputSkipped(f"{uri} does not exist (any more); it was skipped")
-        if info.type != pafs.FileType.File:
-            raise InputSkipped(f"{uri} is not a file (a folder); it was not read")
-        if info.size is not None and info.size > MAX_FILE_BYTES:
-            raise InputSkipped(f"{uri} is {info.size} bytes; image files over {MAX_FILE_BYTES} bytes are not read")
         with fs.open_input_stream(path) as f:
-            return f.read(MAX_FILE_BYTES + 1)
-    except InputSkipped:
-        raise
-    except (OSError, ValueError) as err:  # no permission, a network error, a bucket gone
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise InputSkipped(f"{uri} does not exist (any more); it was skipped") from None
+    except (OSError, ValueError) as err:  # a folder, no permission, a network error, a bucket gone
         raise InputSkipped(f"{uri} could not be read ({err}); it was skipped") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InputSkipped(f"{uri} is over {MAX_FILE_BYTES} bytes; image files that large are not read")
+    return data
